@@ -1,0 +1,175 @@
+"""Robust aggregation rules and pre-aggregators, by registry name.
+
+``get("nnm+median", **params)`` builds a rule, with pre-aggregators chained in front by
+``+``; every keyword goes to the one stage whose factory takes it (``"nnm.f"``-style
+qualified names resolve ties). ``aggregate`` is the stateless, jitted convenience of the
+public surface.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_byz import ops
+from fedjax_byz.aggregators import coordinate
+from fedjax_byz.aggregators.base import (
+    Aggregator,
+    AggregatorContext,
+    PreAggregator,
+    compose,
+    no_weights,
+    stateless,
+)
+from fedjax_byz.registry import ConfigError, Entry, Registry
+
+__all__ = [
+    "Aggregator",
+    "AggregatorContext",
+    "PreAggregator",
+    "RULES",
+    "PRE",
+    "aggregate",
+    "check",
+    "compose",
+    "get",
+    "names",
+    "no_weights",
+    "pre_names",
+    "stages",
+    "stateless",
+]
+
+RULES = Registry("aggregator")
+PRE = Registry("pre-aggregator")
+
+
+def _half(n: int) -> int:
+    """Largest f with f < n/2."""
+    return (n - 1) // 2
+
+
+RULES.register("mean", coordinate.mean)
+RULES.register("median", coordinate.median, max_f=_half)
+RULES.register("trmean", coordinate.trmean, max_f=_half)
+
+
+def names() -> list[str]:
+    """Registered aggregation rules (pre-aggregators are listed by ``pre_names``)."""
+    return RULES.names(aliases=True)
+
+
+def pre_names() -> list[str]:
+    """Registered pre-aggregators, combined with a rule as ``"pre+rule"``."""
+    return PRE.names(aliases=True)
+
+
+def stages(name: str, field: str = "aggregator") -> list[Entry]:
+    """The registry entries of ``"pre+...+rule"``; one clear error for unknown parts."""
+    parts = str(name).split("+")
+    return [PRE.entry(p, field) for p in parts[:-1]] + [RULES.entry(parts[-1], field)]
+
+
+def route_params(
+    entries: list[Entry], params: Mapping[str, Any], field: str = "aggregator"
+) -> list[dict[str, Any]]:
+    """Sends each keyword to the stage whose factory accepts it."""
+    routed: list[dict[str, Any]] = [{} for _ in entries]
+    for key, value in params.items():
+        stage, _, short = key.rpartition(".")
+        idx = [
+            i
+            for i, e in enumerate(entries)
+            if short in e.defaults and (not stage or PRE.canonical(stage) == e.name
+                                        or RULES.canonical(stage) == e.name)
+        ]
+        if not idx:
+            allowed = sorted({k for e in entries for k in e.defaults})
+            raise ConfigError(
+                f"{field}: {'+'.join(e.name for e in entries)!r} has no parameter {key!r}; "
+                f"allowed: {allowed or 'none'}."
+            )
+        if len(idx) > 1:
+            options = [f"{entries[i].name}.{short}" for i in idx]
+            raise ConfigError(f"{field}: parameter {key!r} is ambiguous; use one of {options}.")
+        routed[idx[0]][short] = value
+    return routed
+
+
+def get(name: str, **params: Any) -> Aggregator:
+    """Builds the rule ``name`` (``"pre+...+rule"`` allowed) with ``params``."""
+    entries = stages(name)
+    built = [e.factory(**p) for e, p in zip(entries, route_params(entries, params), strict=True)]
+    return built[0] if len(built) == 1 else compose(*built)
+
+
+def check(name: str, n: int, f: int, params: Mapping[str, Any] | None = None,
+          field: str = "aggregator") -> None:
+    """Validates a rule for ``n`` clients and assumed ``f`` before any compilation."""
+    entries = stages(name, field)
+    routed = route_params(entries, params or {}, field)
+    if not 0 <= f < n:
+        raise ConfigError(f"{field}.f: the assumed number of Byzantine clients must be in "
+                          f"[0, {n - 1}] for n={n}, got {f}.")
+    m = n
+    for e, p in zip(entries[:-1], routed[:-1], strict=True):
+        m = e.factory(**p).out_rows(m)
+    max_f = entries[-1].meta.get("max_f")
+    if max_f is not None and f > max_f(m):
+        via = f" after {'+'.join(e.name for e in entries[:-1])} ({m} rows)" if m != n else ""
+        raise ConfigError(
+            f"{field}.f: {entries[-1].name!r} needs f <= {max_f(m)} for {m} rows{via}, "
+            f"got f={f}; lower the assumed f or use more clients."
+        )
+
+
+def _as_param(v):
+    if isinstance(v, bool | str) or v is None:
+        return v
+    return jnp.asarray(v, jnp.int32 if isinstance(v, int) else jnp.float32)
+
+
+@functools.lru_cache(maxsize=256)
+def _jitted(name: str, static: tuple[tuple[str, Any], ...]):
+    def run(G, f, key, numeric):
+        agg = get(name, **dict(static), **numeric)
+        ctx = AggregatorContext.create(f, key)
+        out, _, aux = agg.update(G, agg.init(G.shape[1]), ctx)
+        return out, aux
+
+    return jax.jit(run)
+
+
+def aggregate(name: str, updates, *, f, key=None, return_aux: bool = False, **hparams):
+    """Aggregates client updates with a registered rule, statelessly.
+
+    Args:
+      name: registry name, e.g. ``"median"`` or ``"nnm+median"``.
+      updates: ``f32[n, d]`` (numpy or jax) or a pytree whose leaves lead with ``n``.
+      f: number of Byzantine clients the server assumes (int or traced int32).
+      key: PRNG key for randomized rules; ``jax.random.key(0)`` when None.
+      return_aux: also return the rule's ``aux`` (``aux["weights"]: f32[n]``).
+      **hparams: override the paper defaults (e.g. ``tau=5.0`` for ``cclip``).
+
+    Returns:
+      The aggregate, ``f32[d]`` or one pytree like a single client's update.
+    """
+    G, unravel = ops.to_matrix(updates)
+    entries = stages(name)
+    routed = route_params(entries, hparams)
+    if isinstance(f, int):
+        check(name, G.shape[0], f, hparams)
+    static, numeric = {}, {}
+    for e, p in zip(entries, routed, strict=True):
+        s, num = e.split(p)
+        prefix = f"{e.name}." if len(entries) > 1 else ""
+        static.update({prefix + k: v for k, v in s.items()})
+        numeric.update({prefix + k: _as_param(v) for k, v in num.items()})
+    key = jax.random.key(0) if key is None else key
+    out, aux = _jitted(name, tuple(sorted(static.items())))(G, f, key, numeric)
+    out = unravel(out)
+    return (out, aux) if return_aux else out

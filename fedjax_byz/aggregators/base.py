@@ -1,0 +1,111 @@
+"""Types of robust aggregation rules and pre-aggregators, and their composition.
+
+A rule sees the update matrix and the number ``f`` of Byzantine clients the server
+assumes, never the Byzantine mask: the threat model is in the type. It is an optax-style
+pair of pure functions closing over its hyperparameters (which may be tracers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+State = Any
+Aux = dict[str, jax.Array]
+
+
+class AggregatorContext(struct.PyTreeNode):
+    """What the server knows when it aggregates.
+
+    Attributes:
+      f: int32 scalar, the number of Byzantine clients the rule assumes (may be traced).
+      key: PRNG key for randomized rules (DnC, bucketing, SignGuard).
+      round: int32 scalar, the communication round.
+    """
+
+    f: jax.Array
+    key: jax.Array
+    round: jax.Array
+
+    @classmethod
+    def create(cls, f=0, key=None, round=0) -> AggregatorContext:
+        key = jax.random.key(0) if key is None else key
+        return cls(jnp.asarray(f, jnp.int32), key, jnp.asarray(round, jnp.int32))
+
+
+class Aggregator(NamedTuple):
+    """A robust aggregation rule.
+
+    Attributes:
+      init: ``d -> state``.
+      update: ``(updates[n, d], state, ctx) -> (aggregate[d], state, aux)`` where
+        ``aux["weights"]: f32[n]`` is the weight each row received (summing to 1 for rules
+        that select or weight rows; NaN for coordinate-wise rules, which have none).
+    """
+
+    init: Callable[[int], State]
+    update: Callable[[jax.Array, State, AggregatorContext], tuple[jax.Array, State, Aux]]
+
+
+class PreAggregator(NamedTuple):
+    """A map ``[n, d] -> [m, d]`` applied before a rule (bucketing, NNM, ARC, clipping).
+
+    Attributes:
+      init: ``d -> state``.
+      update: ``(updates[n, d], state, ctx) -> (updates[m, d], state, mixing[m, n])``
+        where ``mixing`` expresses every output row as a combination of the input rows,
+        so the rule's weights can be traced back to clients (``weights @ mixing``).
+      out_rows: ``n -> m``, the number of output rows (static).
+    """
+
+    init: Callable[[int], State]
+    update: Callable[[jax.Array, State, AggregatorContext], tuple[jax.Array, State, jax.Array]]
+    out_rows: Callable[[int], int] = lambda n: n
+
+
+def stateless(
+    fn: Callable[[jax.Array, AggregatorContext], tuple[jax.Array, jax.Array]],
+) -> Aggregator:
+    """Wraps ``fn(updates, ctx) -> (aggregate, weights)`` as a stateless ``Aggregator``."""
+
+    def update(G, state, ctx):
+        out, weights = fn(G, ctx)
+        return out, state, {"weights": weights}
+
+    return Aggregator(lambda d: (), update)
+
+
+def no_weights(n: int) -> jax.Array:
+    """The ``aux["weights"]`` of a rule that does not weight whole rows."""
+    return jnp.full((n,), jnp.nan, jnp.float32)
+
+
+def compose(*stages: PreAggregator | Aggregator) -> Aggregator:
+    """Chains pre-aggregators in front of a rule: ``compose(nnm(), median())``.
+
+    The composite's ``aux["weights"]`` is the rule's weights mapped back through every
+    pre-aggregator's mixing matrix, i.e. the weight each original client received.
+    """
+    *pres, rule = stages
+
+    def init(d):
+        return tuple(s.init(d) for s in stages)
+
+    def update(G, state, ctx):
+        n = G.shape[0]
+        mixing = jnp.eye(n, dtype=G.dtype)
+        new_state = []
+        for i, (pre, s) in enumerate(zip(pres, state[:-1], strict=True)):
+            ctx_i = ctx.replace(key=jax.random.fold_in(ctx.key, i))
+            G, s, M = pre.update(G, s, ctx_i)
+            mixing = M @ mixing
+            new_state.append(s)
+        out, s, aux = rule.update(G, state[-1], ctx)
+        aux = dict(aux, weights=aux["weights"] @ mixing)
+        return out, (*new_state, s), aux
+
+    return Aggregator(init, update)

@@ -1,0 +1,80 @@
+"""Types of Byzantine attacks.
+
+An attack sees everything (the omniscient threat model of the papers): the update matrix
+with every client's honest update, the Byzantine mask, the server model and, for
+aggregation-aware attacks, the server's rule. It returns the matrix with the Byzantine
+rows replaced; honest rows come back bit-identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+State = Any
+
+
+class AttackContext(struct.PyTreeNode):
+    """What the attackers know in a round.
+
+    Attributes:
+      byz: bool[n], True for Byzantine rows.
+      round: int32 scalar, the communication round.
+      params: f32[d], the flattened server model (None outside a simulation).
+      aggregate: ``updates[n, d] -> f32[d]``, the server's rule with its current state,
+        for aggregation-aware attacks (None when the server's rule is unknown).
+    """
+
+    byz: jax.Array
+    round: jax.Array
+    params: jax.Array | None = None
+    aggregate: Callable[[jax.Array], jax.Array] | None = struct.field(
+        pytree_node=False, default=None
+    )
+
+    @classmethod
+    def create(cls, byz, round=0, params=None, aggregate=None) -> AttackContext:
+        return cls(jnp.asarray(byz, bool), jnp.asarray(round, jnp.int32), params, aggregate)
+
+    @property
+    def f(self) -> jax.Array:
+        """Number of Byzantine rows (traced)."""
+        return self.byz.sum().astype(jnp.int32)
+
+    @property
+    def honest(self) -> jax.Array:
+        """bool[n], True for honest rows."""
+        return ~self.byz
+
+
+class Attack(NamedTuple):
+    """A Byzantine attack.
+
+    Attributes:
+      init: ``d -> state``.
+      apply: ``(key, updates[n, d], state, ctx) -> (updates[n, d], state)``.
+      relabel: for data-level attacks, ``(labels, num_classes) -> labels`` applied to the
+        Byzantine clients' examples during local training; None otherwise.
+    """
+
+    init: Callable[[int], State]
+    apply: Callable[[jax.Array, jax.Array, State, AttackContext], tuple[jax.Array, State]]
+    relabel: Callable[[jax.Array, int], jax.Array] | None = None
+
+
+def replace_byzantine(G: jax.Array, byz: jax.Array, malicious: jax.Array) -> jax.Array:
+    """Rows of ``malicious`` (``[d]`` broadcast, or ``[n, d]``) where ``byz``, else ``G``."""
+    return jnp.where(byz[:, None], malicious, G)
+
+
+def stateless(fn: Callable[[jax.Array, jax.Array, AttackContext], jax.Array]) -> Attack:
+    """Wraps ``fn(key, updates, ctx) -> malicious ([d] or [n, d])`` as an ``Attack``."""
+
+    def apply(key, G, state, ctx):
+        return replace_byzantine(G, ctx.byz, fn(key, G, ctx)), state
+
+    return Attack(lambda d: (), apply)
