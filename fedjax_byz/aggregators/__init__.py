@@ -84,8 +84,8 @@ def route_params(
         idx = [
             i
             for i, e in enumerate(entries)
-            if short in e.defaults and (not stage or PRE.canonical(stage) == e.name
-                                        or RULES.canonical(stage) == e.name)
+            if short in e.defaults
+            and (not stage or PRE.canonical(stage) == e.name or RULES.canonical(stage) == e.name)
         ]
         if not idx:
             allowed = sorted({k for e in entries for k in e.defaults})
@@ -107,14 +107,17 @@ def get(name: str, **params: Any) -> Aggregator:
     return built[0] if len(built) == 1 else compose(*built)
 
 
-def check(name: str, n: int, f: int, params: Mapping[str, Any] | None = None,
-          field: str = "aggregator") -> None:
+def check(
+    name: str, n: int, f: int, params: Mapping[str, Any] | None = None, field: str = "aggregator"
+) -> None:
     """Validates a rule for ``n`` clients and assumed ``f`` before any compilation."""
     entries = stages(name, field)
     routed = route_params(entries, params or {}, field)
     if not 0 <= f < n:
-        raise ConfigError(f"{field}.f: the assumed number of Byzantine clients must be in "
-                          f"[0, {n - 1}] for n={n}, got {f}.")
+        raise ConfigError(
+            f"{field}.f: the assumed number of Byzantine clients must be in "
+            f"[0, {n - 1}] for n={n}, got {f}."
+        )
     m = n
     for e, p in zip(entries[:-1], routed[:-1], strict=True):
         m = e.factory(**p).out_rows(m)

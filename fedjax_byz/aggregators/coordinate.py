@@ -50,4 +50,3 @@ def trmean() -> Aggregator:
         return ops.weighted_sum(w, S), no_weights(n)
 
     return stateless(fn)
-

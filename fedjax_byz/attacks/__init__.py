@@ -90,10 +90,16 @@ def attack(name: str, updates, byz, *, key=None, aggregator=None, **hparams):
     entry = ATTACKS.entry(name)
     entry.check_params(hparams, "attack")
     static, numeric = entry.split(hparams)
-    agg_name, agg_params = (aggregator, {}) if isinstance(aggregator, str) or aggregator is None \
-        else aggregator
+    agg_name, agg_params = (
+        (aggregator, {}) if isinstance(aggregator, str) or aggregator is None else aggregator
+    )
     key = jax.random.key(0) if key is None else key
     run = _jitted(entry.name, tuple(sorted(static.items())), agg_name)
-    out = run(G, jnp.asarray(byz, bool), key, {k: _as_param(v) for k, v in numeric.items()},
-              {k: _as_param(v) for k, v in dict(agg_params).items()})
+    out = run(
+        G,
+        jnp.asarray(byz, bool),
+        key,
+        {k: _as_param(v) for k, v in numeric.items()},
+        {k: _as_param(v) for k, v in dict(agg_params).items()},
+    )
     return unravel(out)
