@@ -1,0 +1,160 @@
+"""``fedjax-byz``: run experiments and list what is registered."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedjax_byz.registry import ConfigError
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def _label(values: dict[str, Any]) -> str:
+    def short(v):
+        if isinstance(v, dict):
+            extra = ",".join(f"{k}={x}" for k, x in v.items() if k != "name")
+            return f"{v.get('name', '')}({extra})" if extra else str(v.get("name", v))
+        return str(v)
+
+    return " ".join(f"{k.split('.')[-1]}={short(v)}" for k, v in values.items()) or "run"
+
+
+def summary_table(results: list[dict[str, Any]]) -> str:
+    """A markdown table of best/final accuracy; attack × aggregator when that is the grid."""
+    axes = list(results[0]["grid"]) if results else []
+    if set(axes) <= {"attack", "aggregator", "attack.name", "aggregator.name"} and len(axes) == 2:
+        row_key = next(a for a in axes if a.startswith("attack"))
+        col_key = next(a for a in axes if a.startswith("aggregator"))
+        short = lambda r, k: _label({k: r["grid"][k]}).split("=", 1)[1]  # noqa: E731
+        rows = list(dict.fromkeys(short(r, row_key) for r in results))
+        cols = list(dict.fromkeys(short(r, col_key) for r in results))
+        cell = {(short(r, row_key), short(r, col_key)): r for r in results}
+        lines = ["| attack \\ rule | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for a in rows:
+            vals = [f"{100 * cell[a, c]['best_acc']:.1f}" if (a, c) in cell else "" for c in cols]
+            lines.append(f"| {a} | " + " | ".join(vals) + " |")
+        return "best test accuracy (%)\n\n" + "\n".join(lines)
+    lines = [
+        "| run | best acc (%) | final acc (%) | s/round | compile s |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {_label(r['grid'])} | {100 * r['best_acc']:.1f} | "
+            f"{100 * r['final_acc']:.1f} | {r['seconds_per_round']:.4f} | "
+            f"{r['compile_time']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_accuracy(results: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Test accuracy against round, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        ax.plot(r["eval_rounds"], [100 * a for a in r["test_acc"]], label=_label(r["grid"]))
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(results) > 1:
+        ax.legend(fontsize=7, ncol=2 if len(results) > 8 else 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def cmd_run(args) -> int:
+    from fedjax_byz import sim
+
+    raw = sim.load_yaml(args.config, args.profile)
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        raw = sim.config.set_path(raw, key, _parse_value(value))
+    cells = sim.expand(raw)
+    configs = [sim.from_dict(cell) for cell, _ in cells]
+    for cfg in configs:  # every cell is checked before anything compiles
+        sim.validate(cfg)
+    sim.enable_compilation_cache()
+    name = configs[0].name
+    out = Path(args.out or Path("runs") / name)
+    results = []
+    for cfg, (_, grid) in zip(configs, cells, strict=True):
+        if len(cells) > 1:
+            print(f"[{len(results) + 1}/{len(cells)}] {_label(grid)}", flush=True)
+        result = sim.simulate(cfg, progress=not args.quiet)
+        result["grid"] = grid
+        results.append(result)
+    table = summary_table(results)
+    print(f"\n{name}: {len(results)} run(s), results in {out}/\n\n{table}\n")
+    sim.save_json({"name": name, "runs": results}, out / "results.json")
+    (out / "summary.md").write_text(f"# {name}\n\n{table}\n")
+    plot_accuracy(results, out / "accuracy.png", name)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from fedjax_byz import aggregators, attacks, data, models
+
+    sections = [
+        ("attacks", attacks.ATTACKS),
+        ("aggregators", aggregators.RULES),
+        ("pre-aggregators (combine as 'pre+rule')", aggregators.PRE),
+        ("datasets", data.DATASETS),
+        ("partitioners", data.PARTITIONERS),
+        ("models", models.MODELS),
+    ]
+    for title, registry in sections:
+        print(f"{title}:")
+        aliases = {}
+        for alias in registry.names(aliases=True):
+            if alias not in registry.names():
+                aliases.setdefault(registry.canonical(alias), []).append(alias)
+        for name in registry.names():
+            entry = registry.entry(name)
+            defaults = {k: v for k, v in entry.defaults.items() if k not in ("num_classes",)}
+            params = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
+            alias = f" (alias {', '.join(aliases[name])})" if name in aliases else ""
+            print(f"  {name}{alias}({params})\n      {entry.doc}")
+        print()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedjax-byz", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the experiment(s) of a YAML config")
+    run.add_argument("config")
+    run.add_argument("--out", help="output folder (default runs/<name>)")
+    run.add_argument("--profile", help="apply the config's profiles.<name> overrides (e.g. cpu)")
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set server.rounds=10",
+    )
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(fn=cmd_run)
+    lst = sub.add_parser("list", help="list attacks, aggregators, datasets, models, partitioners")
+    lst.set_defaults(fn=cmd_list)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Partitioners: pure functions ``(labels, n, seed, ...) -> list of n index arrays``.
+
+Every training example goes to exactly one client (``natural`` may leave writers out
+when fewer clients than writers are asked for); the same arguments give the same split.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedjax_byz.registry import ConfigError, Registry
+
+PARTITIONERS = Registry("partition")
+
+
+def _split_by_fractions(idx: np.ndarray, fractions: np.ndarray) -> list[np.ndarray]:
+    """Cuts ``idx`` into ``len(fractions)`` consecutive pieces of those shares."""
+    cuts = np.round(np.cumsum(fractions)[:-1] * len(idx)).astype(int)
+    return np.split(idx, cuts)
+
+
+def _gather(pieces: list[list[np.ndarray]], n: int) -> list[np.ndarray]:
+    return [np.sort(np.concatenate([p[i] for p in pieces])).astype(np.int64) for i in range(n)]
+
+
+@PARTITIONERS.register("iid")
+def iid(labels: np.ndarray, n: int, seed: int = 0) -> list[np.ndarray]:
+    """Uniformly shuffled, equal-size (±1) shards."""
+    rng = np.random.default_rng(seed)
+    return [np.sort(p) for p in np.array_split(rng.permutation(len(labels)), n)]
+
+
+@PARTITIONERS.register("dirichlet")
+def dirichlet(labels: np.ndarray, n: int, seed: int = 0, beta: float = 0.5) -> list[np.ndarray]:
+    """Label skew by a Dirichlet draw per class (STRIKE paper, appendix D.1).
+
+    For each class ``c`` draw ``q_c ~ Dir_n(β)`` and give client ``i`` a ``(q_c)_i`` share of
+    class ``c``'s examples. Small β concentrates every class on few clients; β → ∞
+    approaches IID. Clients may receive no example at small β.
+    """
+    rng = np.random.default_rng(seed)
+    pieces = []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        pieces.append(_split_by_fractions(idx, rng.dirichlet(np.full(n, beta))))
+    return _gather(pieces, n)
+
+
+@PARTITIONERS.register("shards")
+def shards(
+    labels: np.ndarray, n: int, seed: int = 0, s: float = 0.5, shards_per_client: int = 2
+) -> list[np.ndarray]:
+    """SignGuard paper's non-IID split (Section V-B): an ``s`` share spread IID, the rest
+    sorted by label into ``n·shards_per_client`` shards, each client taking
+    ``shards_per_client`` of them at random. Smaller ``s`` is more skewed.
+    """
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(labels))
+    cut = int(round(s * len(labels)))
+    iid_part = np.array_split(perm[:cut], n)
+    rest = perm[cut:]
+    rest = rest[np.argsort(labels[rest], kind="stable")]
+    shard_list = np.array_split(rest, n * shards_per_client)
+    owner = rng.permutation(n * shards_per_client) % n
+    sharded = [
+        np.concatenate([shard_list[j] for j in np.flatnonzero(owner == i)]) for i in range(n)
+    ]
+    return _gather([iid_part, sharded], n)
+
+
+@PARTITIONERS.register("natural")
+def natural(
+    labels: np.ndarray, n: int, seed: int = 0, groups: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """The source's own clients (e.g. FEMNIST writers); ``n`` of them, chosen at random
+    (seeded) when the source has more."""
+    if groups is None:
+        raise ConfigError(
+            "data.partition: 'natural' needs a source with natural clients "
+            "(femnist); use iid, dirichlet or shards."
+        )
+    ids = np.unique(groups)
+    if n > len(ids):
+        raise ConfigError(
+            f"data.num_clients: the source has {len(ids)} natural clients, asked for {n}."
+        )
+    chosen = np.sort(np.random.default_rng(seed).choice(ids, n, replace=False))
+    return [np.flatnonzero(groups == g) for g in chosen]
+
+
+def partition(name: str, labels: np.ndarray, n: int, seed: int = 0, **params) -> list[np.ndarray]:
+    """Splits ``labels``' examples among ``n`` clients with the partitioner ``name``."""
+    entry = PARTITIONERS.entry(name, "data.partition")
+    entry.check_params(params, "data")
+    if n < 1:
+        raise ConfigError(f"data.num_clients: must be a positive integer, got {n}.")
+    if name == "dirichlet" and not params.get("beta", 0.5) > 0:
+        raise ConfigError(
+            f"data.beta: the Dirichlet concentration must be > 0, got {params['beta']}."
+        )
+    if name == "shards" and not 0 <= params.get("s", 0.5) <= 1:
+        raise ConfigError(f"data.s: the IID share must be in [0, 1], got {params['s']}.")
+    return entry.factory(np.asarray(labels), n, seed, **params)

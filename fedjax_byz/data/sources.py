@@ -1,0 +1,258 @@
+"""Where examples come from: bundled digits, image folders/zips, TFDS, LEAF FEMNIST, synthetic.
+
+Every source returns a ``Dataset`` of numpy arrays (images as ``[N, H, W, C]``, uint8 or
+float32) that the partitioners split among clients. Sources are registered by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from fedjax_byz.registry import ConfigError, Registry
+
+DATASETS = Registry("dataset")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """A labelled train/test split.
+
+    Attributes:
+      name: where it came from.
+      x_train: ``[N, H, W, C]`` images (uint8 or float32).
+      y_train: int32 ``[N]`` labels in ``[0, num_classes)``.
+      x_test: ``[N_test, H, W, C]``.
+      y_test: int32 ``[N_test]``.
+      num_classes: number of classes ``C``.
+      groups: int32 ``[N]`` natural client of every training example (e.g. the FEMNIST
+        writer), or None when the source has none.
+      mean: per-channel mean of the training pixels (float32 ``[C]``), for normalisation.
+      std: per-channel standard deviation (float32 ``[C]``).
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    groups: np.ndarray | None = None
+    mean: np.ndarray = dataclasses.field(default=None)
+    std: np.ndarray = dataclasses.field(default=None)
+
+    def __post_init__(self):
+        if self.mean is None:
+            axes = tuple(range(self.x_train.ndim - 1))
+            x = self.x_train.astype(np.float64)
+            object.__setattr__(self, "mean", x.mean(axes).astype(np.float32))
+            object.__setattr__(self, "std", np.maximum(x.std(axes), 1e-6).astype(np.float32))
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def _as_images(x: np.ndarray) -> np.ndarray:
+    """Adds a channel axis to ``[N, H, W]`` grey images."""
+    return x[..., None] if x.ndim == 3 else x
+
+
+@DATASETS.register("digits")
+def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """scikit-learn's bundled handwritten digits: 1,797 8×8 images, 10 classes.
+
+    A stratified ``test_fraction`` is held out (seeded), the rest is for the clients.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    x = _as_images(bunch.images.astype(np.float32))
+    y = bunch.target.astype(np.int32)
+    xtr, xte, ytr, yte = train_test_split(
+        x, y, test_size=test_fraction, random_state=seed, stratify=y
+    )
+    return Dataset("digits", xtr, ytr, xte, yte, 10)
+
+
+@DATASETS.register("synthetic")
+def synthetic(
+    num_train: int = 1000,
+    num_test: int = 200,
+    num_classes: int = 10,
+    shape: tuple[int, ...] = (8, 8, 1),
+    separation: float = 2.0,
+    seed: int = 0,
+) -> Dataset:
+    """Gaussian class clusters ``x = separation·μ_y + ε``, ``ε ~ N(0, I)``, for tests."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((num_classes, *shape)).astype(np.float32)
+
+    def draw(m):
+        y = rng.integers(0, num_classes, m).astype(np.int32)
+        x = separation * centers[y] + rng.standard_normal((m, *shape)).astype(np.float32)
+        return x, y
+
+    (xtr, ytr), (xte, yte) = draw(num_train), draw(num_test)
+    return Dataset("synthetic", xtr, ytr, xte, yte, num_classes)
+
+
+def _cache_file(path: Path, cache_dir: str | None) -> Path:
+    """``<data>.npz`` beside the data when writable, else under the user's cache dir."""
+    stat = path.stat()
+    tag = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    name = f"{path.name}.{tag.hexdigest()[:10]}.npz"
+    if cache_dir is None and os.access(path.parent, os.W_OK):
+        return path.parent / name
+    root = Path(cache_dir or os.environ.get("FEDJAX_BYZ_CACHE", "~/.cache/fedjax_byz"))
+    root = root.expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root / name
+
+
+def _read_image_folder(path: Path) -> dict[str, np.ndarray]:
+    """Decodes ``split/<class>/*.{png,jpg}`` from a directory or a ``.zip``."""
+    from PIL import Image
+
+    if path.is_dir():
+        files = [p.relative_to(path).as_posix() for p in path.rglob("*")]
+
+        def read(name):
+            return (path / name).read_bytes()
+    else:
+        archive = zipfile.ZipFile(path)
+        files = archive.namelist()
+        read = archive.read
+    entries = []
+    for name in files:
+        parts = name.split("/")
+        if len(parts) >= 3 and parts[-1].lower().endswith(IMAGE_SUFFIXES):
+            entries.append((parts[-3], parts[-2], name))
+    if not entries:
+        raise ConfigError(f"data.path: {path} holds no split/<class>/*.png|jpg images.")
+    classes = sorted({c for _, c, _ in entries})
+    arrays = {"classes": np.array(classes)}
+    for split in sorted({s for s, _, _ in entries}):
+        chosen = sorted((c, n) for s, c, n in entries if s == split)
+        images = [np.asarray(Image.open(io.BytesIO(read(n))).convert("RGB")) for _, n in chosen]
+        arrays[f"x_{split}"] = np.stack(images).astype(np.uint8)
+        arrays[f"y_{split}"] = np.array([classes.index(c) for c, _ in chosen], np.int32)
+    return arrays
+
+
+@DATASETS.register("imagefolder")
+def imagefolder(path: str = "", grayscale: bool = False, cache_dir: str | None = None) -> Dataset:
+    """Images laid out as ``train/<class>/*.jpg`` and ``test/<class>/*.jpg``.
+
+    ``path`` is a directory or a ``.zip`` (e.g. ``../shared/datasets/cifar10_jpeg.zip``).
+    Classes are the sorted folder names. Images are decoded once and cached as arrays in
+    ``<path>.<hash>.npz`` beside the data, or under ``cache_dir`` /
+    ``$FEDJAX_BYZ_CACHE`` / ``~/.cache/fedjax_byz`` when that folder is read-only.
+    """
+    p = Path(path).expanduser()
+    if not path or not p.exists():
+        raise ConfigError(f"data.path: image folder or zip {path!r} does not exist.")
+    cache = _cache_file(p, cache_dir)
+    if cache.exists():
+        arrays = dict(np.load(cache))
+    else:
+        arrays = _read_image_folder(p)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, cache)
+    for split in ("train", "test"):
+        if f"x_{split}" not in arrays:
+            raise ConfigError(f"data.path: {path} has no {split!r} split folder.")
+    x_tr, x_te = arrays["x_train"], arrays["x_test"]
+    if grayscale:
+        w = np.array([0.299, 0.587, 0.114], np.float32)
+        x_tr, x_te = (np.round(x @ w)[..., None].astype(np.uint8) for x in (x_tr, x_te))
+    return Dataset(p.stem, x_tr, arrays["y_train"], x_te, arrays["y_test"], len(arrays["classes"]))
+
+
+TFDS_NAMES = ("mnist", "fashion_mnist", "cifar10", "svhn_cropped", "emnist")
+
+
+@DATASETS.register("tfds")
+def tfds(name: str = "mnist", data_dir: str | None = None) -> Dataset:
+    """A TensorFlow Datasets image classification set (``mnist``, ``fashion_mnist``,
+    ``cifar10``, ``svhn_cropped``, ``emnist``), loaded whole as numpy.
+
+    Needs the ``tfds`` extra (``pip install 'fedjax_byz[tfds]'``) and, the first time, the
+    internet (or a prepared ``data_dir``).
+    """
+    if name not in TFDS_NAMES:
+        raise ConfigError(f"data.name: unknown TFDS dataset {name!r}; allowed: {TFDS_NAMES}.")
+    try:
+        import tensorflow_datasets as tfds_lib
+    except ImportError as e:
+        raise ConfigError(
+            "data.source: 'tfds' needs tensorflow-datasets; "
+            "install it with pip install 'fedjax_byz[tfds]'."
+        ) from e
+    splits, info = tfds_lib.load(
+        name,
+        split=["train", "test"],
+        batch_size=-1,
+        as_supervised=True,
+        data_dir=data_dir,
+        with_info=True,
+    )
+    (xtr, ytr), (xte, yte) = tfds_lib.as_numpy(splits)
+    num_classes = info.features["label"].num_classes
+    return Dataset(
+        name,
+        _as_images(np.asarray(xtr)),
+        np.asarray(ytr, np.int32),
+        _as_images(np.asarray(xte)),
+        np.asarray(yte, np.int32),
+        num_classes,
+    )
+
+
+def _read_leaf(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    xs, ys, users = [], [], []
+    for file in sorted(folder.glob("*.json")):
+        blob = json.loads(file.read_text())
+        for user in blob["users"]:
+            data = blob["user_data"][user]
+            xs.append(np.asarray(data["x"], np.float32).reshape(-1, 28, 28, 1))
+            ys.append(np.asarray(data["y"], np.int32))
+            users.extend([user] * len(data["y"]))
+    if not xs:
+        raise ConfigError(f"data.path: no LEAF *.json files in {folder}.")
+    return np.concatenate(xs), np.concatenate(ys), users
+
+
+@DATASETS.register("femnist")
+def femnist(path: str = "", num_classes: int = 62) -> Dataset:
+    """LEAF FEMNIST (Caldas et al., 2018) from its JSON files, grouped by writer.
+
+    ``path`` holds ``train/*.json`` and ``test/*.json`` as LEAF's preprocessing writes
+    them (``{"users": [...], "user_data": {user: {"x": [[784 floats]], "y": [...]}}}``).
+    ``groups`` maps every training example to its writer, for the ``natural`` partition.
+    """
+    root = Path(path).expanduser()
+    if not path or not (root / "train").is_dir() or not (root / "test").is_dir():
+        raise ConfigError(f"data.path: {path!r} must hold LEAF train/ and test/ folders.")
+    xtr, ytr, users = _read_leaf(root / "train")
+    xte, yte, _ = _read_leaf(root / "test")
+    writers = {u: i for i, u in enumerate(dict.fromkeys(users))}
+    groups = np.array([writers[u] for u in users], np.int32)
+    return Dataset("femnist", xtr, ytr, xte, yte, num_classes, groups)
+
+
+def load(source: str, **params) -> Dataset:
+    """Loads the dataset registered as ``source`` with ``params``."""
+    entry = DATASETS.entry(source, "data.source")
+    entry.check_params(params, "data")
+    return entry.factory(**params)

@@ -1,0 +1,21 @@
+"""The simulator: configs, the compiled round program, and ``simulate``."""
+
+from fedjax_byz.sim.config import Config, expand, from_dict, load_yaml, validate
+from fedjax_byz.sim.program import HParams, ServerState, StaticConfig, make_program
+from fedjax_byz.sim.run import client_data, enable_compilation_cache, save_json, simulate
+
+__all__ = [
+    "Config",
+    "HParams",
+    "ServerState",
+    "StaticConfig",
+    "client_data",
+    "enable_compilation_cache",
+    "expand",
+    "from_dict",
+    "load_yaml",
+    "make_program",
+    "save_json",
+    "simulate",
+    "validate",
+]

@@ -1,0 +1,326 @@
+"""Experiment configuration: YAML -> frozen dataclasses, validated before any compilation.
+
+A config has the sections ``data``, ``model``, ``train`` (local training), ``server``,
+``attack`` and ``aggregator``. Keys a section does not define are that section's
+component's parameters: ``attack: {name: lie, num_byzantine: 4, z: 1.5}`` gives ``lie`` the
+keyword ``z`` (``params: {...}`` is accepted too). A list anywhere is a grid (see
+``expand``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedjax_byz import aggregators, attacks, data, models
+from fedjax_byz.registry import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where client data comes from and how it is split.
+
+    ``params`` go to the source (e.g. ``path`` for ``imagefolder``/``femnist``, ``name``
+    for ``tfds``); ``beta`` is used by ``dirichlet``, ``s``/``shards_per_client`` by
+    ``shards``.
+    """
+
+    source: str = "digits"
+    partition: str = "iid"
+    num_clients: int = 20
+    beta: float = 0.5
+    s: float = 0.5
+    shards_per_client: int = 2
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str = "mlp"
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Local training: SGD with momentum, weight decay and gradient-norm clipping.
+
+    Exactly one of ``local_epochs`` (E passes over the client's own examples) and
+    ``local_steps`` (K mini-batch steps) is used; ``local_steps`` wins when set.
+    ``clip_norm: null`` disables clipping.
+    """
+
+    local_epochs: int = 1
+    local_steps: int | None = None
+    batch_size: int = 32
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    clip_norm: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Rounds and the server's optimizer (``w ← w − lr·(momentum-averaged aggregate)``)."""
+
+    rounds: int = 50
+    lr: float = 1.0
+    momentum: float = 0.0
+    clients_per_round: int | None = None
+    eval_every: int = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+    name: str = "none"
+    num_byzantine: int = 0
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class AggregatorConfig:
+    """The server's rule; ``assumed_byzantine: null`` assumes the true number."""
+
+    name: str = "mean"
+    assumed_byzantine: int | None = None
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One experiment.
+
+    ``client_parallelism`` is how many clients train at once: ``"auto"`` runs them one
+    after another inside the compiled round on CPU (``lax.map``, fastest there) and all
+    together on accelerators (``vmap``); an integer chunks the clients.
+    """
+
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    server: ServerConfig = ServerConfig()
+    attack: AttackConfig = AttackConfig()
+    aggregator: AggregatorConfig = AggregatorConfig()
+    client_parallelism: int | str = "auto"
+
+    @property
+    def participants(self) -> int:
+        return self.server.clients_per_round or self.data.num_clients
+
+    @property
+    def assumed_byzantine(self) -> int:
+        a = self.aggregator.assumed_byzantine
+        return self.attack.num_byzantine if a is None else a
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "server": ServerConfig,
+    "attack": AttackConfig,
+    "aggregator": AggregatorConfig,
+}
+
+
+def _plain(x):
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, tuple | list):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _section(name: str, cls, raw: Any):
+    if raw is None:
+        return cls()
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{name}: expected a mapping of settings, got {raw!r}.")
+    fields = _fields(cls)
+    known = {k: v for k, v in raw.items() if k in fields and k != "params"}
+    extra = {k: v for k, v in raw.items() if k not in fields}
+    if "params" in fields:
+        params = dict(raw.get("params") or {})
+        params.update(extra)
+        known["params"] = params
+    elif extra:
+        key = sorted(extra)[0]
+        raise ConfigError(f"{name}.{key}: unknown setting; allowed: {sorted(fields)}.")
+    return cls(**known)
+
+
+def from_dict(raw: Mapping[str, Any]) -> Config:
+    """Builds a ``Config`` from plain values (one grid cell: no lists where numbers go)."""
+    raw = dict(raw or {})
+    top = _fields(Config)
+    for key in raw:
+        if key not in top and key != "profiles":
+            raise ConfigError(f"{key}: unknown section; allowed: {sorted(top)}.")
+    kwargs = {k: _section(k, cls, raw.get(k)) for k, cls in SECTIONS.items()}
+    for key in ("name", "seed", "client_parallelism"):
+        if key in raw:
+            kwargs[key] = raw[key]
+    return Config(**kwargs)
+
+
+def load_yaml(path: str | Path, profile: str | None = None) -> dict[str, Any]:
+    """Reads a YAML config; ``profile`` overlays ``profiles: {name: {...}}`` on top."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config: file {str(path)!r} does not exist.")
+    raw = yaml.safe_load(p.read_text()) or {}
+    profiles = raw.pop("profiles", {}) or {}
+    if profile is not None:
+        if profile not in profiles:
+            raise ConfigError(
+                f"profile: {path} has no profile {profile!r}; "
+                f"allowed: {sorted(profiles) or 'none'}."
+            )
+        raw = merge(raw, profiles[profile])
+    return raw
+
+
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merges ``over`` into ``base`` (mappings merge, everything else replaces)."""
+    out = dict(base)
+    for k, v in (over or {}).items():
+        out[k] = (
+            merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+        )
+    return out
+
+
+def set_path(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """Returns ``raw`` with ``a.b.c = value`` (for ``--set`` on the command line)."""
+    head, *rest = dotted.split(".")
+    out = dict(raw)
+    out[head] = set_path(dict(out.get(head) or {}), ".".join(rest), value) if rest else value
+    return out
+
+
+# Settings whose value is itself a list; a list of lists makes them a grid axis.
+LIST_VALUED = frozenset({"hidden", "channels", "widths", "shape"})
+
+
+def grid_axes(raw: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[tuple, list]]:
+    """Every ``(path, values)`` where the config holds a list, i.e. a grid axis."""
+    axes = []
+    for k, v in raw.items():
+        path = (*prefix, k)
+        if isinstance(v, Mapping):
+            axes += grid_axes(v, path)
+        elif isinstance(v, list):
+            if k in LIST_VALUED and not (v and isinstance(v[0], list)):
+                continue
+            if not v:
+                raise ConfigError(f"{'.'.join(path)}: an empty list gives an empty grid.")
+            axes.append((path, v))
+    return axes
+
+
+def _set(raw: Mapping[str, Any], path: tuple, value: Any) -> dict[str, Any]:
+    return set_path(dict(raw), ".".join(path), value)
+
+
+def expand(raw: Mapping[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The grid's cells: ``[(cell_raw, {dotted_path: value}), ...]`` in product order."""
+    axes = grid_axes(raw)
+    cells = []
+    for values in itertools.product(*(v for _, v in axes)):
+        cell = dict(raw)
+        for (path, _), value in zip(axes, values, strict=True):
+            cell = _set(cell, path, value)
+        cells.append((cell, {".".join(p): v for (p, _), v in zip(axes, values, strict=True)}))
+    return cells
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Raises one ``ConfigError`` for the first setting that cannot work."""
+    d, t, s, a = cfg.data, cfg.train, cfg.server, cfg.attack
+    data.DATASETS.entry(d.source, "data.source").check_params(d.params, "data")
+    data.PARTITIONERS.entry(d.partition, "data.partition")
+    _require(
+        isinstance(d.num_clients, int) and d.num_clients >= 1,
+        "data.num_clients",
+        f"must be a positive integer, got {d.num_clients!r}.",
+    )
+    if d.partition == "dirichlet":
+        _require(d.beta > 0, "data.beta", f"the Dirichlet concentration must be > 0, got {d.beta}.")
+    if d.partition == "shards":
+        _require(0 <= d.s <= 1, "data.s", f"the IID share must be in [0, 1], got {d.s}.")
+    models.MODELS.entry(cfg.model.name, "model.name").check_params(cfg.model.params, "model")
+    _require(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}.")
+    if t.local_steps is None:
+        _require(
+            t.local_epochs >= 1,
+            "train.local_epochs",
+            f"must be >= 1, got {t.local_epochs} (or set train.local_steps).",
+        )
+    else:
+        _require(t.local_steps >= 1, "train.local_steps", f"must be >= 1, got {t.local_steps}.")
+    _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}.")
+    _require(0 <= t.momentum < 1, "train.momentum", f"must be in [0, 1), got {t.momentum}.")
+    _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}.")
+    _require(
+        t.clip_norm is None or t.clip_norm > 0,
+        "train.clip_norm",
+        f"must be > 0 or null (no clipping), got {t.clip_norm}.",
+    )
+    _require(s.rounds >= 1, "server.rounds", f"must be >= 1, got {s.rounds}.")
+    _require(
+        s.eval_every >= 1 and s.rounds % s.eval_every == 0,
+        "server.eval_every",
+        f"must be a positive divisor of server.rounds ({s.rounds}), got {s.eval_every}.",
+    )
+    _require(s.lr > 0, "server.lr", f"must be > 0, got {s.lr}.")
+    _require(0 <= s.momentum < 1, "server.momentum", f"must be in [0, 1), got {s.momentum}.")
+    m = s.clients_per_round
+    _require(
+        m is None or 1 <= m <= d.num_clients,
+        "server.clients_per_round",
+        f"must be between 1 and data.num_clients ({d.num_clients}), got {m}.",
+    )
+    attacks.ATTACKS.entry(a.name, "attack.name").check_params(a.params, "attack")
+    _require(
+        0 <= a.num_byzantine < d.num_clients,
+        "attack.num_byzantine",
+        f"must be in [0, {d.num_clients - 1}] for {d.num_clients} clients, got {a.num_byzantine}.",
+    )
+    aggregators.check(
+        cfg.aggregator.name,
+        cfg.participants,
+        cfg.assumed_byzantine,
+        cfg.aggregator.params,
+        "aggregator",
+    )
+    cp = cfg.client_parallelism
+    _require(
+        cp == "auto" or (isinstance(cp, int) and cp >= 1),
+        "client_parallelism",
+        f"must be 'auto' or a positive integer, got {cp!r}.",
+    )
+
+
+def local_steps_max(cfg: Config, m_max: int) -> int:
+    """Most local steps any client takes (the static trip-count bound)."""
+    t = cfg.train
+    return t.local_steps or t.local_epochs * math.ceil(max(m_max, 1) / t.batch_size)

@@ -1,0 +1,302 @@
+"""The compiled federated-learning program: static structure, traced hyperparameters.
+
+``make_program(static)`` returns pure functions ``init(key, hp, data)`` and
+``run(state, hp, data, periods)``; one round is
+
+  1. sample the participating clients (all, or ``m`` of ``n``);
+  2. local training of every participant (one mapped client function);
+  3. updates ``g_i = w − w_i`` as ``f32[m, d]``;
+  4. the attack replaces the Byzantine rows;
+  5. non-finite rows are dropped (zeroed and counted), the rule aggregates;
+  6. the server applies the aggregate through optax (momentum optional).
+
+Rounds run as nested ``lax.scan``s: ``eval_every`` rounds, then an evaluation on the
+test set, repeated ``periods`` times per call. Everything numeric (learning rates, the
+true and assumed ``f``, attack and rule knobs) lives in ``HParams`` and may be batched
+with ``vmap`` by a sweep without recompiling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax import lax
+
+from fedjax_byz import aggregators, attacks, models, ops
+from fedjax_byz.data import ClientData
+from fedjax_byz.sim.client import local_optimizer, make_client_update, map_clients
+from fedjax_byz.sim.config import Config
+
+EVAL_BATCH = 500
+
+
+def _number(v: Any) -> jax.Array:
+    return jnp.asarray(v, jnp.int32 if isinstance(v, int | np.integer) else jnp.float32)
+
+
+class HParams(struct.PyTreeNode):
+    """The numbers of an experiment, as arrays (a sweep batches them with ``vmap``).
+
+    Attributes:
+      client_lr, client_momentum, weight_decay, clip_norm: local SGD (``clip_norm = inf``
+        disables clipping).
+      server_lr, server_momentum: the server's optimizer.
+      num_byzantine: int32, the true number of Byzantine clients.
+      assumed_byzantine: int32, the ``f`` the rule assumes.
+      attack: the attack's numeric parameters (e.g. ``{"z": 1.5}``).
+      aggregator: the rule's numeric parameters (e.g. ``{"tau": 10.0}``).
+    """
+
+    client_lr: jax.Array
+    client_momentum: jax.Array
+    weight_decay: jax.Array
+    clip_norm: jax.Array
+    server_lr: jax.Array
+    server_momentum: jax.Array
+    num_byzantine: jax.Array
+    assumed_byzantine: jax.Array
+    attack: Mapping[str, jax.Array]
+    aggregator: Mapping[str, jax.Array]
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> HParams:
+        """The one constructor: fixes dtypes (int32 counts, float32 reals)."""
+        t, s = cfg.train, cfg.server
+        f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+        _, atk_num = attacks.ATTACKS.entry(cfg.attack.name).split(cfg.attack.params)
+        _, agg_num = split_aggregator_params(cfg.aggregator.name, cfg.aggregator.params)
+        return cls(
+            client_lr=f32(t.lr),
+            client_momentum=f32(t.momentum),
+            weight_decay=f32(t.weight_decay),
+            clip_norm=f32(np.inf if t.clip_norm is None else t.clip_norm),
+            server_lr=f32(s.lr),
+            server_momentum=f32(s.momentum),
+            num_byzantine=jnp.asarray(cfg.attack.num_byzantine, jnp.int32),
+            assumed_byzantine=jnp.asarray(cfg.assumed_byzantine, jnp.int32),
+            attack={k: _number(v) for k, v in atk_num.items() if v is not None},
+            aggregator={k: _number(v) for k, v in agg_num.items() if v is not None},
+        )
+
+
+def split_aggregator_params(name: str, params: Mapping[str, Any]):
+    """(static, numeric) parameters of a possibly composite rule, keys as given."""
+    entries = aggregators.stages(name)
+    routed = aggregators.route_params(entries, params)
+    static, numeric = {}, {}
+    for key in params:
+        short = key.rpartition(".")[2]
+        owner = next(e for e, r in zip(entries, routed, strict=True) if short in r)
+        (static if short in owner.static else numeric)[key] = params[key]
+    return static, numeric
+
+
+def _frozen(d: Mapping[str, Any]) -> tuple:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticConfig:
+    """Everything that shapes the compiled program (hashable)."""
+
+    model: str
+    model_params: tuple
+    num_classes: int
+    input_shape: tuple[int, ...]
+    num_clients: int
+    participants: int
+    eval_every: int
+    batch_size: int
+    local_epochs: int
+    local_steps: int | None
+    attack: str
+    attack_static: tuple
+    aggregator: str
+    aggregator_static: tuple
+    client_parallelism: int
+
+    @classmethod
+    def from_config(cls, cfg: Config, num_classes: int, input_shape) -> StaticConfig:
+        cp = cfg.client_parallelism
+        if cp == "auto":
+            cp = 1 if jax.default_backend() == "cpu" else cfg.participants
+        atk_static, _ = attacks.ATTACKS.entry(cfg.attack.name).split(cfg.attack.params)
+        agg_static, _ = split_aggregator_params(cfg.aggregator.name, cfg.aggregator.params)
+        return cls(
+            model=cfg.model.name,
+            model_params=_frozen(cfg.model.params),
+            num_classes=num_classes,
+            input_shape=tuple(input_shape),
+            num_clients=cfg.data.num_clients,
+            participants=cfg.participants,
+            eval_every=cfg.server.eval_every,
+            batch_size=cfg.train.batch_size,
+            local_epochs=cfg.train.local_epochs,
+            local_steps=cfg.train.local_steps,
+            attack=cfg.attack.name,
+            attack_static=_frozen(atk_static),
+            aggregator=cfg.aggregator.name,
+            aggregator_static=_frozen(agg_static),
+            client_parallelism=int(cp),
+        )
+
+
+class ServerState(struct.PyTreeNode):
+    """The carry of the round loop."""
+
+    params: Any
+    opt_state: Any
+    agg_state: Any
+    attack_state: Any
+    byz: jax.Array  # bool[n], fixed for the run
+    key: jax.Array
+    round: jax.Array  # int32
+
+
+class Program(NamedTuple):
+    """The pure functions of one experiment structure."""
+
+    init: Any  # (key, hp, data) -> ServerState
+    run: Any  # (state, hp, data, periods) -> (state, (round_metrics, eval_metrics))
+    evaluate: Any  # (params, data) -> (accuracy, loss)
+    model: models.Model
+
+
+def server_optimizer(hp: HParams) -> optax.GradientTransformation:
+    """``w ← w − lr·v``, ``v ← μ·v + aggregate`` (μ = 0 is plain ``w − lr·g``)."""
+    return optax.chain(optax.trace(decay=hp.server_momentum), optax.scale(-hp.server_lr))
+
+
+def make_program(static: StaticConfig) -> Program:
+    """Builds the program for ``static``; nothing is compiled until it is called."""
+    model = models.get(
+        static.model, static.num_classes, static.input_shape, **dict(static.model_params)
+    )
+    n, m = static.num_clients, static.participants
+
+    def build(hp: HParams):
+        attack = attacks.get(static.attack, **dict(static.attack_static), **hp.attack)
+        rule = aggregators.get(static.aggregator, **dict(static.aggregator_static), **hp.aggregator)
+        return attack, rule
+
+    def init(key, hp, data: ClientData) -> ServerState:
+        k_model, k_byz, k_run = jax.random.split(key, 3)
+        params = model.init(k_model)
+        d = jax.flatten_util.ravel_pytree(params)[0].shape[0]
+        attack, rule = build(hp)
+        byz = ops.ranks(jax.random.uniform(k_byz, (n,))) < hp.num_byzantine
+        return ServerState(
+            params=params,
+            opt_state=server_optimizer(hp).init(params),
+            agg_state=rule.init(d),
+            attack_state=attack.init(d),
+            byz=byz,
+            key=k_run,
+            round=jnp.zeros((), jnp.int32),
+        )
+
+    def evaluate(params, data: ClientData):
+        N = data.x_test.shape[0]
+        nb = -(-N // EVAL_BATCH)
+        pad = nb * EVAL_BATCH - N
+        xs = jnp.pad(data.x_test, ((0, pad),) + ((0, 0),) * (data.x_test.ndim - 1))
+        ys = jnp.pad(data.y_test, (0, pad))
+        valid = jnp.arange(nb * EVAL_BATCH) < N
+        shape = (nb, EVAL_BATCH)
+
+        def batch(args):
+            x, y, v = args
+            logits = model.apply(params, data.normalize(x))
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+            return jnp.sum((logits.argmax(-1) == y) * v), jnp.sum(loss * v)
+
+        correct, loss = lax.map(
+            batch, (xs.reshape(shape + xs.shape[1:]), ys.reshape(shape), valid.reshape(shape))
+        )
+        return correct.sum() / N, loss.sum() / N
+
+    def round_step(state: ServerState, hp: HParams, data: ClientData):
+        attack, rule = build(hp)
+        key, k_sample, k_train, k_attack, k_agg = jax.random.split(state.key, 5)
+        if m == n:
+            idx = jnp.arange(n)
+            x, y, counts = data.x, data.y, data.counts
+        else:
+            idx = jax.random.choice(k_sample, n, (m,), replace=False)
+            x, y, counts = data.x[idx], data.y[idx], data.counts[idx]
+        byz = state.byz[idx]
+        if attack.relabel is not None:
+            y = jnp.where(byz[:, None], attack.relabel(y, data.num_classes), y)
+
+        opt = local_optimizer(hp.client_lr, hp.client_momentum, hp.weight_decay, hp.clip_norm)
+        client_update = make_client_update(
+            model.apply,
+            data.normalize,
+            batch_size=static.batch_size,
+            local_epochs=static.local_epochs,
+            local_steps=static.local_steps,
+        )
+        G, losses = map_clients(  # [m, d], [m]
+            lambda xi, yi, ci, ki: client_update(state.params, xi, yi, ci, ki, opt),
+            (x, y, counts, jax.random.split(k_train, m)),
+            static.client_parallelism,
+        )
+
+        flat_params, unravel = jax.flatten_util.ravel_pytree(state.params)
+        agg_ctx = aggregators.AggregatorContext(hp.assumed_byzantine, k_agg, state.round)
+
+        def server_rule(U):
+            return rule.update(U, state.agg_state, agg_ctx)[0]
+
+        atk_ctx = attacks.AttackContext(byz, state.round, flat_params, server_rule)
+        G, attack_state = attack.apply(k_attack, G, state.attack_state, atk_ctx)
+
+        finite = jnp.isfinite(
+            G @ jnp.ones(G.shape[1], G.dtype)
+        )  # [m]: any NaN/inf poisons its row sum
+        G = jnp.where(finite[:, None], G, 0.0)
+        aggregate, agg_state, aux = rule.update(G, state.agg_state, agg_ctx)
+
+        grads = unravel(aggregate)
+        updates, opt_state = server_optimizer(hp).update(grads, state.opt_state, state.params)
+        honest = ~byz
+        mu_h = ops.masked_mean(G, honest)
+        metrics = {
+            "train_loss": jnp.sum(losses * honest) / jnp.maximum(honest.sum(), 1),
+            "byz_weight": jnp.sum(aux["weights"] * byz),
+            "agg_error": jnp.linalg.norm(aggregate - mu_h),
+            "agg_norm": jnp.linalg.norm(aggregate),
+            "nonfinite": jnp.sum(~finite),
+        }
+        new_state = ServerState(
+            params=optax.apply_updates(state.params, updates),
+            opt_state=opt_state,
+            agg_state=agg_state,
+            attack_state=attack_state,
+            byz=state.byz,
+            key=key,
+            round=state.round + 1,
+        )
+        return new_state, metrics
+
+    def period(state, hp, data):
+        state, round_metrics = lax.scan(
+            lambda s, _: round_step(s, hp, data), state, None, length=static.eval_every
+        )
+        acc, loss = evaluate(state.params, data)
+        return state, (round_metrics, {"test_acc": acc, "test_loss": loss})
+
+    def run(state, hp, data, periods: int):
+        state, (rm, em) = lax.scan(lambda s, _: period(s, hp, data), state, None, length=periods)
+        rm = jax.tree.map(lambda a: a.reshape(-1), rm)  # [periods * eval_every]
+        return state, (rm, em)
+
+    return Program(init, run, evaluate, model)
