@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_byz import ops
-from fedjax_byz.attacks import basic, statistical
+from fedjax_byz.attacks import adaptive, basic, byzmean, fang, mimic, search, statistical, strike
 from fedjax_byz.attacks.base import Attack, AttackContext, replace_byzantine, stateless
 from fedjax_byz.registry import Registry
 
@@ -29,8 +29,24 @@ ATTACKS.register("none", basic.none)
 ATTACKS.register("bitflip", basic.bitflip, aliases=("signflip",))
 ATTACKS.register("labelflip", basic.labelflip)
 ATTACKS.register("gaussian", basic.gaussian)
-ATTACKS.register("lie", statistical.lie, aliases=("alie",))
-ATTACKS.register("ipm", statistical.ipm)
+ATTACKS.register("noise", basic.noise)
+ATTACKS.register("zero", basic.zero)
+ATTACKS.register("nan", basic.nan)
+ATTACKS.register("inf", basic.inf)
+ATTACKS.register("lie", statistical.lie, static=("knowledge",), aliases=("alie",))
+ATTACKS.register("ipm", statistical.ipm, static=("knowledge",))
+ATTACKS.register("minmax", search.minmax, static=("direction", "knowledge"))
+ATTACKS.register("minsum", search.minsum, static=("direction", "knowledge"))
+ATTACKS.register("mimic", mimic.mimic)
+ATTACKS.register("byzmean", byzmean.byzmean, static=("knowledge",))
+ATTACKS.register("strike", strike.strike)
+ATTACKS.register("fang", fang.fang, static=("rule",))
+ATTACKS.register("adaptive-lie", adaptive.adaptive_lie, static=("evals", "knowledge", "batch"))
+ATTACKS.register("adaptive-ipm", adaptive.adaptive_ipm, static=("evals", "knowledge", "batch"))
+ATTACKS.register("adaptive-strike", adaptive.adaptive_strike, static=("evals", "batch"))
+ATTACKS.register(
+    "adaptive-byzmean", adaptive.adaptive_byzmean, static=("evals", "knowledge", "batch")
+)
 
 
 def names() -> list[str]:

@@ -1,8 +1,14 @@
-"""Attacks that need no statistics of the honest updates."""
+"""Attacks that need no statistics of the honest updates.
+
+Defaults follow the SignGuard paper (Xu et al., "SignGuard: Byzantine-robust federated
+learning through collaborative malicious gradient filtering", Sec. V-A): random and
+noise attacks with σ = 0.5, sign flipping without scaling, label flipping ``l -> C−1−l``.
+"""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from fedjax_byz.attacks.base import Attack, stateless
@@ -14,7 +20,13 @@ def none() -> Attack:
 
 
 def bitflip() -> Attack:
-    """Each Byzantine client sends the negation of its own honest update, ``−g_i``."""
+    """Sign flipping: each Byzantine client sends ``−g_i``, its own honest update negated.
+
+    SignGuard paper ("Sign-flipping", ``g_m = −g_b``) and STRIKE paper (appendix D.1,
+    "BitFlip", ``−∇L_i(w^t)``). ByzFL's ``SignFlipping`` differs: every Byzantine client
+    sends the negated *mean* of the honest updates, ``−μ_H`` (use ``ipm`` with ε = 1).
+    Registered alias: ``signflip``.
+    """
     return stateless(lambda key, G, ctx: -G)
 
 
@@ -22,15 +34,51 @@ def labelflip() -> Attack:
     """Data-level label flipping: Byzantine clients train on ``y -> C − 1 − y``.
 
     The update matrix is left as trained; the poisoning happens in local training
-    (STRIKE paper, appendix D.1, "LabelFlip").
+    (STRIKE paper, appendix D.1, "LabelFlip"; SignGuard paper, Sec. V-A).
     """
     return none()._replace(relabel=lambda y, num_classes: num_classes - 1 - y)
 
 
 def gaussian(sigma: ArrayLike = 0.5) -> Attack:
-    """Byzantine rows are pure noise ``N(0, σ² I)``; σ = 0.5 by default."""
+    """Random attack: every Byzantine row is independent noise ``N(0, σ² I)``.
+
+    Args:
+      sigma: noise scale; 0.5 as in the SignGuard paper ("Random Attack", Sec. V-A).
+    """
 
     def fn(key, G, ctx):
         return sigma * jax.random.normal(key, G.shape, G.dtype)
 
     return stateless(fn)
+
+
+def noise(sigma: ArrayLike = 0.5) -> Attack:
+    """Noise attack: each Byzantine client sends ``g_i + N(0, σ² I)``, its own update plus noise.
+
+    Args:
+      sigma: noise scale; 0.5 as in the SignGuard paper ("Noise Attack", Sec. V-A).
+    """
+
+    def fn(key, G, ctx):
+        return G + sigma * jax.random.normal(key, G.shape, G.dtype)
+
+    return stateless(fn)
+
+
+def _constant(value: float) -> Attack:
+    return stateless(lambda key, G, ctx: jnp.full(G.shape[1:], value, G.dtype))
+
+
+def zero() -> Attack:
+    """Byzantine rows are all zeros (a crashed or silent client)."""
+    return _constant(0.0)
+
+
+def nan() -> Attack:
+    """Byzantine rows are all NaN (a numerical fault; tests the server's non-finite guard)."""
+    return _constant(float("nan"))
+
+
+def inf() -> Attack:
+    """Byzantine rows are all +inf (an overflow; ByzFL's ``Inf`` attack)."""
+    return _constant(float("inf"))

@@ -1,38 +1,93 @@
-"""Attacks built from statistics of the honest updates (μ_H, σ_H)."""
+"""Attacks built from coordinate-wise statistics of known updates (μ, σ).
+
+Notation: H = honest rows (``~byz``), B = Byzantine rows. μ_R and σ_R are the
+coordinate-wise mean and standard deviation (ddof=1) of the rows R the attackers know:
+``knowledge="omniscient"`` (R = H, every honest update; the default, as in Baruch et al.
+and Xie et al.) or ``"byzantine"`` (R = B, the Byzantine clients' own honest updates:
+the "non-omniscient" column of Table 3 of Errami et al., "Stress-Testing Byzantine
+Defenses under Data Heterogeneity").
+"""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtri
 from jax.typing import ArrayLike
 
 from fedjax_byz import ops
-from fedjax_byz.attacks.base import Attack, stateless
+from fedjax_byz.attacks.base import Attack, AttackContext, stateless
+from fedjax_byz.registry import ConfigError
+
+KNOWLEDGE = ("omniscient", "byzantine")
 
 
-def lie_default_z(n: ArrayLike, f: ArrayLike) -> jnp.ndarray:
-    """Baruch et al.'s ``z_max``: ``s = ⌊n/2 + 1⌋ − f``, ``z = Φ⁻¹((n − s)/n)``."""
+def check_knowledge(knowledge: str) -> None:
+    """Raises ``ConfigError`` unless ``knowledge`` is one of ``KNOWLEDGE``."""
+    if knowledge not in KNOWLEDGE:
+        raise ConfigError(
+            f"attack.params.knowledge: must be one of {list(KNOWLEDGE)}, got {knowledge!r}."
+        )
+
+
+def known_rows(ctx: AttackContext, knowledge: str) -> jax.Array:
+    """``bool[n]``: the rows whose honest updates the attackers use (H or B)."""
+    return ctx.honest if knowledge == "omniscient" else ctx.byz
+
+
+def mean_std(G: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(μ_R, σ_R)`` of the rows ``rows`` of ``G [n, d]``, σ with ddof=1. ``-> [d], [d]``."""
+    mu = ops.masked_mean(G, rows)
+    return mu, ops.masked_std(G, rows, mu, ddof=1)
+
+
+def lie_default_z(n: ArrayLike, f: ArrayLike) -> jax.Array:
+    """Baruch et al.'s ``z_max``: ``s = ⌊n/2 + 1⌋ − f``, ``z = Φ⁻¹((n − s)/n)``.
+
+    (The SignGuard paper's Eq. 2 states a different variant, ``Φ(z) < (n − ⌊n/2 + 1⌋) /
+    (n − f)``; pass ``z`` explicitly to use it.)
+    """
     s = jnp.floor(n / 2 + 1) - f
     return ndtri((n - s) / n)
 
 
-def lie(z: ArrayLike | None = None) -> Attack:
-    """A Little Is Enough (Baruch et al., NeurIPS 2019): send ``μ_H − z·σ_H``.
+def lie(z: ArrayLike | None = None, *, knowledge: str = "omniscient") -> Attack:
+    """A Little Is Enough (Baruch et al., NeurIPS 2019): every Byzantine row sends ``μ_R − z·σ_R``.
 
-    μ_H and σ_H (ddof=1) are the coordinate-wise mean and standard deviation of the
-    honest updates. ``z=None`` uses the paper's ``z_max`` (``lie_default_z``); the STRIKE
-    paper's Table 3 uses z = 1.5.
+    Args:
+      z: attack strength (may be traced). None uses Baruch et al.'s ``z_max``
+        (``lie_default_z(n, f)``). Published settings: 1.5 (STRIKE paper, Table 3),
+        0.3 (SignGuard paper), 0–10 calibrated for heterogeneity (Errami et al.; z = 8).
+      knowledge: ``"omniscient"`` (statistics over H) or ``"byzantine"`` (over B); see
+        the module docstring.
+
+    The minus sign follows the issue's definition, the SignGuard paper (Eq. 1), the
+    STRIKE paper (appendix D.1) and Errami et al. (Table 3); ByzFL's ``ALittleIsEnough``
+    sends ``μ + τσ`` (equal to ``z = −τ`` here). σ uses ddof=1, as ByzFL does.
     """
+    check_knowledge(knowledge)
 
     def fn(key, G, ctx):
-        mu = ops.masked_mean(G, ctx.honest)
-        sigma = ops.masked_std(G, ctx.honest, mu)
+        mu, sigma = mean_std(G, known_rows(ctx, knowledge))
         zz = lie_default_z(G.shape[0], ctx.f) if z is None else z
         return mu - zz * sigma
 
     return stateless(fn)
 
 
-def ipm(eps: ArrayLike = 0.1) -> Attack:
-    """Inner Product Manipulation (Xie et al., UAI 2020): send ``−ε·μ_H``; ε = 0.1."""
-    return stateless(lambda key, G, ctx: -eps * ops.masked_mean(G, ctx.honest))
+def ipm(eps: ArrayLike = 0.1, *, knowledge: str = "omniscient") -> Attack:
+    """Inner Product Manipulation (Xie et al., UAI 2020): every Byzantine row sends ``−ε·μ_R``.
+
+    Args:
+      eps: ε, attack strength (may be traced); 0.1 as in Xie et al. and the STRIKE paper
+        (Table 3); Errami et al. calibrate ε = 2.5 for heterogeneous data; ByzFL's
+        ``InnerProductManipulation`` defaults to τ = 2.
+      knowledge: ``"omniscient"`` (μ over H) or ``"byzantine"`` (over B, Errami et al.
+        Table 3).
+    """
+    check_knowledge(knowledge)
+
+    def fn(key, G, ctx):
+        return -eps * ops.masked_mean(G, known_rows(ctx, knowledge))
+
+    return stateless(fn)

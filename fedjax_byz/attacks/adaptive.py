@@ -1,0 +1,130 @@
+"""Adaptive attacks: calibrate an attack's strength every round against the server's rule.
+
+ByzFL's ``Optimal_ALittleIsEnough`` / ``Optimal_InnerProductManipulation`` (Allouah et al.,
+"Fixing by mixing", AISTATS 2023) and the calibration of Errami et al. ("Stress-Testing
+Byzantine Defenses under Data Heterogeneity", Sec. 2) choose the strength that moves the
+robust aggregate farthest from the honest mean. Here the candidate strengths are a fixed
+grid evaluated in one ``vmap`` over the server's rule (``ctx.aggregate``), so the whole
+search is one XLA program: the statistics that do not depend on the strength (μ, σ, the
+searches of Min-Max or STRIKE) are computed once, outside the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from fedjax_byz import ops
+from fedjax_byz.attacks.base import Attack
+from fedjax_byz.attacks.byzmean import byzmean
+from fedjax_byz.attacks.statistical import ipm, lie
+from fedjax_byz.attacks.strike import strike
+from fedjax_byz.registry import ConfigError
+
+
+def adaptive(
+    build: Callable[[jax.Array], Attack],
+    *,
+    evals: int = 20,
+    lo: ArrayLike = 0.0,
+    hi: ArrayLike = 10.0,
+    batch: int | None = None,
+) -> Attack:
+    """Wraps ``build(strength) -> Attack`` with a per-round strength calibration.
+
+    Every round, for each strength ``s`` of ``linspace(lo, hi, evals)``, the Byzantine rows
+    are crafted with ``build(s)`` and the server's rule aggregates the result; the
+    strength maximising ``‖aggregate − μ_H‖₂`` (ByzFL's objective) is applied (ties: the
+    smallest). Needs ``ctx.aggregate`` (``fb.attack(..., aggregator=...)`` or the
+    simulator).
+
+    Args:
+      build: strength -> attack; the strength may be a tracer.
+      evals: grid size, static; 20 matches ByzFL's default evaluation budget.
+      lo, hi: grid bounds (may be traced).
+      batch: None evaluates the whole grid in one ``vmap`` (memory ``evals·n·d``);
+        an integer evaluates it in vmapped chunks of that size (``lax.map``).
+    """
+
+    def init(d):
+        return build(jnp.asarray(lo, jnp.float32)).init(d)
+
+    def apply(key, G, state, ctx):
+        if ctx.aggregate is None:
+            raise ConfigError(
+                "attack: adaptive attacks calibrate against the server's rule; pass "
+                "aggregator=... (the simulator does this)."
+            )
+        mu = ops.masked_mean(G, ctx.honest)
+
+        def damage(s):
+            attack = build(s)
+            crafted, _ = attack.apply(key, G, state, ctx)
+            return jnp.linalg.norm(ctx.aggregate(crafted) - mu)
+
+        grid = jnp.linspace(lo, hi, evals, dtype=jnp.float32)
+        scores = (
+            jax.vmap(damage)(grid) if batch is None else jax.lax.map(damage, grid, batch_size=batch)
+        )
+        return build(grid[jnp.argmax(scores)]).apply(key, G, state, ctx)
+
+    return Attack(init, apply)
+
+
+def adaptive_lie(
+    evals: int = 20,
+    lo: ArrayLike = 0.0,
+    hi: ArrayLike = 10.0,
+    *,
+    knowledge: str = "omniscient",
+    batch: int | None = None,
+) -> Attack:
+    """ALIE with z calibrated on ``linspace(lo, hi, evals)`` (ByzFL's Optimal ALIE).
+
+    Defaults: 20 evaluations (ByzFL) over z ∈ [0, 10], the range Errami et al. sweep.
+    """
+    return adaptive(lambda z: lie(z, knowledge=knowledge), evals=evals, lo=lo, hi=hi, batch=batch)
+
+
+def adaptive_ipm(
+    evals: int = 20,
+    lo: ArrayLike = 0.0,
+    hi: ArrayLike = 10.0,
+    *,
+    knowledge: str = "omniscient",
+    batch: int | None = None,
+) -> Attack:
+    """IPM with ε calibrated on ``linspace(lo, hi, evals)`` (ByzFL's Optimal IPM).
+
+    Defaults: 20 evaluations (ByzFL) over ε ∈ [0, 10], the range Errami et al. sweep.
+    """
+    return adaptive(lambda e: ipm(e, knowledge=knowledge), evals=evals, lo=lo, hi=hi, batch=batch)
+
+
+def adaptive_strike(
+    evals: int = 8,
+    lo: ArrayLike = 0.25,
+    hi: ArrayLike = 2.0,
+    *,
+    batch: int | None = None,
+) -> Attack:
+    """STRIKE with ν calibrated every round; defaults are the STRIKE paper's sweep
+    ν ∈ {0.25, 0.5, …, 2} (appendix D.1), which it tunes per run rather than per round."""
+    return adaptive(strike, evals=evals, lo=lo, hi=hi, batch=batch)
+
+
+def adaptive_byzmean(
+    evals: int = 20,
+    lo: ArrayLike = 0.0,
+    hi: ArrayLike = 10.0,
+    *,
+    knowledge: str = "omniscient",
+    batch: int | None = None,
+) -> Attack:
+    """ByzMean with its LIE target's z calibrated on ``linspace(lo, hi, evals)``."""
+    return adaptive(
+        lambda z: byzmean(z, knowledge=knowledge), evals=evals, lo=lo, hi=hi, batch=batch
+    )
