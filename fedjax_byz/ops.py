@@ -33,7 +33,7 @@ def masked_std(
     """Coordinate-wise standard deviation of the masked rows (``ddof=1`` by default)."""
     w = mask.astype(G.dtype)
     mean = masked_mean(G, mask) if mean is None else mean
-    var = weighted_sum(w, jnp.square(G - mean)) / jnp.maximum(w.sum() - ddof, 1.0)
+    var = weighted_sum(w, jnp.square(G - mean[None, :])) / jnp.maximum(w.sum() - ddof, 1.0)
     return jnp.sqrt(var)
 
 
@@ -73,7 +73,7 @@ def pairwise_sq_dists(G: jax.Array) -> jax.Array:
     Rows are centred on their mean first, which leaves distances unchanged and keeps the
     Gram formulation accurate when updates share a large common component.
     """
-    Gc = G - weighted_sum(jnp.full(G.shape[0], 1.0 / G.shape[0]), G)
+    Gc = G - weighted_sum(jnp.full(G.shape[0], 1.0 / G.shape[0]), G)[None, :]
     return sq_dists_from_gram(gram(Gc))
 
 
