@@ -68,7 +68,7 @@ class Attack(NamedTuple):
 
 def replace_byzantine(G: jax.Array, byz: jax.Array, malicious: jax.Array) -> jax.Array:
     """Rows of ``malicious`` (``[d]`` broadcast, or ``[n, d]``) where ``byz``, else ``G``."""
-    return jnp.where(byz[:, None], malicious, G)
+    return jnp.where(byz[:, None], jnp.broadcast_to(malicious, G.shape), G)
 
 
 def stateless(fn: Callable[[jax.Array, jax.Array, AttackContext], jax.Array]) -> Attack:

@@ -31,7 +31,9 @@ def byzmean_of(target: Attack) -> Attack:
         first = ctx.byz & (jnp.cumsum(ctx.byz) <= m1)
         honest_sum = ops.weighted_sum(ctx.honest, G)
         rest = ((G.shape[0] - m1) * t - honest_sum) / jnp.maximum(f - m1, 1).astype(G.dtype)
-        return replace_byzantine(G, ctx.byz, jnp.where(first[:, None], t, rest)), state
+        return replace_byzantine(
+            G, ctx.byz, jnp.where(first[:, None], t[None, :], rest[None, :])
+        ), state
 
     return Attack(target.init, apply)
 

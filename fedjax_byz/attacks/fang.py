@@ -49,7 +49,7 @@ def _trmean_attack(b: ArrayLike) -> Attack:
         grow = (s > 0) == (edge <= 0)
         far = jnp.where(grow, b * edge, edge / b)
         u = jax.random.uniform(key, G.shape, G.dtype)
-        return edge + u * (far - edge)
+        return edge[None, :] + u * (far - edge)[None, :]
 
     return stateless(fn)
 

@@ -21,7 +21,7 @@ def principal_client(G: jax.Array, honest: jax.Array) -> jax.Array:
     (Karimireddy et al.'s code fixes it by a random start of their power iteration), so
     the client with the largest ``|⟨x_i, z⟩|`` is chosen. ``-> int32``.
     """
-    X = jnp.where(honest[:, None], G - ops.masked_mean(G, honest), 0.0)
+    X = jnp.where(honest[:, None], G - ops.masked_mean(G, honest)[None, :], 0.0)
     _, V = jnp.linalg.eigh(ops.gram(X))
     return jnp.argmax(jnp.where(honest, jnp.abs(V[:, -1]), -1.0)).astype(jnp.int32)
 

@@ -50,7 +50,7 @@ def centred_gram(G: jax.Array, center: jax.Array) -> tuple[jax.Array, jax.Array]
     distances ``K_ii + K_jj − 2K_ij`` accurate in float32 when the updates share a large
     common component.
     """
-    X = G - center
+    X = G - center[None, :]
     return X, ops.gram(X)
 
 
@@ -126,7 +126,7 @@ def _shejwalkar(objective: str, direction, gamma_init, tol, knowledge) -> Attack
                 return jnp.max(jnp.where(rows, q(gamma), -jnp.inf)) <= bound
 
         else:
-            X = G - mu
+            X = G - mu[None, :]
             q = quadratic(X, jnp.einsum("nd,nd->n", X, X, precision=lax.Precision.HIGHEST), p)
             w = rows.astype(G.dtype)
             k = w.sum()

@@ -23,7 +23,7 @@ def skewed_rows(G, honest, f, mu):
     ``-> bool[n]``.
     """
     u = ops.masked_median(G, honest) - mu
-    p = jnp.matmul(G - mu, u, precision=lax.Precision.HIGHEST)
+    p = jnp.matmul(G - mu[None, :], u, precision=lax.Precision.HIGHEST)
     k = jnp.maximum(G.shape[0] - 2 * f, 1)
     return ops.smallest_mask(jnp.where(honest, -p, jnp.inf), k)
 

@@ -1,0 +1,385 @@
+"""Attack library: every attack against its numpy oracle, the papers' properties, and the
+registry-wide contract (jit with traced f and strength, vmap without retracing, honest rows
+bit-identical)."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import oracles_attacks as O
+import pytest
+
+import fedjax_byz as fb
+from fedjax_byz import attacks
+from fedjax_byz.attacks import AttackContext
+from fedjax_byz.registry import ConfigError
+
+SHAPES = [(8, 12), (13, 31), (20, 7)]
+KINDS = ("mixture", "heavy", "offset")
+
+
+def skewed(seed: int, n: int, d: int, kind: str) -> np.ndarray:
+    """Random skewed updates: a dense off-centre cluster plus heavy-tailed stragglers."""
+    rng = np.random.default_rng(seed)
+    k = max(2, (3 * n) // 5)
+    base = rng.standard_normal(d)
+    if kind == "mixture":
+        dense = base + 1.5 + 0.2 * rng.standard_normal((k, d))
+        tail = base + rng.standard_t(2, size=(n - k, d))
+    elif kind == "heavy":
+        dense = np.exp(rng.standard_normal((k, d))) - 1.0
+        tail = rng.standard_cauchy((n - k, d)) * 0.5
+    else:  # a large common component: float32 cancellation trap
+        dense = 300.0 + base + 0.1 * rng.standard_normal((k, d))
+        tail = 300.0 + base + 2.0 * rng.standard_normal((n - k, d))
+    G = np.concatenate([dense, tail])
+    return G[rng.permutation(n)].astype(np.float32)
+
+
+def byz_mask(seed: int, n: int, f: int) -> np.ndarray:
+    rng = np.random.default_rng(seed + 1000)
+    mask = np.zeros(n, bool)
+    mask[rng.choice(n, f, replace=False)] = True
+    return mask
+
+
+def cases():
+    """(G, byz) pairs over shapes, skew kinds and Byzantine counts (f traced: one compile)."""
+    out = []
+    for s, (n, d) in enumerate(SHAPES):
+        for k, kind in enumerate(KINDS):
+            f = [1, (n - 1) // 4, (n - 1) // 2 - 1][k]
+            out.append((skewed(10 * s + k, n, d, kind), byz_mask(10 * s + k, n, f)))
+    return out
+
+
+CASES = cases()
+
+
+def run(name, G, byz, **params):
+    return np.asarray(fb.attack(name, G, byz, key=jax.random.key(3), **params))
+
+
+def check_honest(out, G, byz):
+    assert np.array_equal(out[~byz], G[~byz]), "honest rows changed"
+
+
+# --- oracles -------------------------------------------------------------------------------
+
+ORACLE_CASES = [
+    ("lie", {}, lambda G, b: O.lie(G, b)),
+    ("lie", {"z": 1.5}, lambda G, b: O.lie(G, b, 1.5)),
+    ("lie", {"z": 8.0, "knowledge": "byzantine"}, lambda G, b: O.lie(G, b, 8.0, "byzantine")),
+    ("ipm", {}, lambda G, b: O.ipm(G, b)),
+    ("ipm", {"eps": 2.5, "knowledge": "byzantine"}, lambda G, b: O.ipm(G, b, 2.5, "byzantine")),
+    ("bitflip", {}, lambda G, b: O.fill(G, b, lambda i: -G[i])),
+    ("mimic", {}, lambda G, b: O.mimic(G, b)),
+    ("byzmean", {"z": 0.3}, lambda G, b: O.byzmean(G, b, O.lie_vector(G, b, 0.3))),
+    ("byzmean", {}, lambda G, b: O.byzmean(G, b, O.lie_vector(G, b))),
+]
+
+
+@pytest.mark.parametrize(("name", "params", "oracle"), ORACLE_CASES, ids=lambda x: str(x))
+def test_closed_form_attacks_match_oracle(name, params, oracle):
+    for G, byz in CASES:
+        out = run(name, G, byz, **params)
+        check_honest(out, G, byz)
+        want = oracle(G.astype(np.float64), byz)
+        scale = np.abs(G).max()
+        np.testing.assert_allclose(out, want, rtol=2e-4, atol=2e-5 * scale, err_msg=name)
+
+
+def constraint_ratio(kind, m, G, rows):
+    """LHS / RHS of a constraint in float64 (1 means on the boundary)."""
+    m, G = m.astype(np.float64), G.astype(np.float64)
+    D = np.array([[O.dist(G[i], G[j]) for j in rows] for i in rows])
+    if kind == "max":
+        return max(O.dist(m, G[i]) for i in rows) / D.max()
+    return sum(O.dist(m, G[i]) ** 2 for i in rows) / (D**2).sum(1).max()
+
+
+@pytest.mark.parametrize("direction", ["std", "unit", "sign"])
+@pytest.mark.parametrize("knowledge", ["omniscient", "byzantine"])
+@pytest.mark.parametrize("name", ["minmax", "minsum"])
+def test_minmax_minsum_on_constraint_and_match_oracle(name, direction, knowledge):
+    oracle = O.minmax if name == "minmax" else O.minsum
+    for G, byz in CASES:
+        if knowledge == "byzantine" and byz.sum() < 2:
+            continue  # σ over one row is 0 and the constraint is a single point
+        out = run(name, G, byz, direction=direction, knowledge=knowledge)
+        check_honest(out, G, byz)
+        rows = O.rows(byz, knowledge)
+        m = out[np.argmax(byz)]
+        ratio = constraint_ratio(name[3:], m, G, rows)
+        assert 0.99 <= ratio <= 1 + 1e-4, (name, direction, ratio)
+        want = oracle(G.astype(np.float64), byz, direction, knowledge)
+        scale = np.abs(G).max()
+        np.testing.assert_allclose(out, want, rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_minmax_beyond_twice_gamma_init():
+    # A γ* far above 2·γ_init (Shejwalkar & Houmansadr's loop cap) is still reached.
+    G, byz = CASES[0]
+    out = run("minmax", G, byz, gamma_init=0.01)
+    assert O.minmax_gamma(G.astype(np.float64), byz) > 0.02
+    ratio = constraint_ratio("max", out[np.argmax(byz)], G, O.rows(byz))
+    assert 0.99 <= ratio <= 1 + 1e-4
+
+
+@pytest.mark.parametrize("nu", [0.25, 1.0, 2.0])
+def test_strike_matches_oracle_and_sits_on_constraint(nu):
+    for G, byz in CASES:
+        out = run("strike", G, byz, nu=nu)
+        check_honest(out, G, byz)
+        G64 = G.astype(np.float64)
+        S, g_S, s, alpha = O.strike_parts(G64, byz)
+        if nu == 1.0:  # Eq. 13: the Byzantine row sits on the diameter constraint over S
+            ratio = constraint_ratio("max", out[np.argmax(byz)], G, S)
+            assert 0.99 <= ratio <= 1 + 1e-4, ratio
+        np.testing.assert_allclose(
+            out, O.strike(G64, byz, nu), rtol=1e-3, atol=1e-4 * np.abs(G).max()
+        )
+
+
+def test_strike_selects_the_skewed_cluster():
+    # Honest rows: a dense cluster away from the mean plus a spread tail. S must be the
+    # dense cluster's side (Eq. 6–8), and the Byzantine row lies near it.
+    rng = np.random.default_rng(0)
+    n, d, f = 20, 30, 4
+    dense = 1.0 + 0.05 * rng.standard_normal((10, d))
+    tail = -2.0 + rng.standard_normal((6, d))
+    G = np.concatenate([dense, tail, np.zeros((f, d))]).astype(np.float32)
+    byz = np.arange(n) >= n - f
+    S, *_ = O.strike_parts(G.astype(np.float64), byz)
+    assert len(S) == n - 2 * f and set(range(10)) <= set(S)
+    out = run("strike", G, byz)
+    assert np.linalg.norm(out[-1] - dense.mean(0)) < np.linalg.norm(out[-1] - G[:16].mean(0))
+
+
+def test_byzmean_mean_equals_target():
+    for G, byz in CASES:
+        for z in (0.3, 5.0):
+            out = run("byzmean", G, byz, z=z)
+            target = run("lie", G, byz, z=z)[np.argmax(byz)]
+            np.testing.assert_allclose(
+                out.astype(np.float64).mean(0), target, rtol=1e-4, atol=1e-4 * np.abs(G).max()
+            )
+
+
+def test_byzmean_of_any_target_and_roles():
+    G, byz = CASES[4]
+    f = int(byz.sum())
+    target = attacks.get("ipm", eps=3.0)
+    atk = attacks.byzmean.byzmean_of(target)
+    out = np.asarray(atk.apply(jax.random.key(0), jnp.asarray(G), (), AttackContext.create(byz))[0])
+    t = -3.0 * G[~byz].astype(np.float64).mean(0)
+    np.testing.assert_allclose(out.astype(np.float64).mean(0), t, rtol=1e-4, atol=1e-3)
+    B = np.flatnonzero(byz)
+    np.testing.assert_allclose(out[B[: f // 2]], np.broadcast_to(t, (f // 2, G.shape[1])), 1e-5)
+
+
+def test_mimic_copies_the_principal_client_bit_for_bit():
+    for G, byz in CASES:
+        out = run("mimic", G, byz)
+        j = O.mimic_client(G.astype(np.float64), byz)
+        assert not byz[j]
+        for i in np.flatnonzero(byz):
+            assert np.array_equal(out[i], G[j])
+    G, byz = CASES[1]
+    out = run("mimic", G, byz, client=int(np.flatnonzero(~byz)[2]))
+    assert np.array_equal(out[np.argmax(byz)], G[np.flatnonzero(~byz)[2]])
+
+
+def test_fang_trmean_matches_oracle_with_the_same_draws():
+    for G, byz in CASES:
+        for agg in (None, "median"):
+            out = np.asarray(fb.attack("fang", G, byz, key=jax.random.key(5), aggregator=agg))
+            check_honest(out, G, byz)
+            u = np.asarray(jax.random.uniform(jax.random.key(5), G.shape, jnp.float32))
+            G64 = G.astype(np.float64)
+            direc = np.median(G64, 0) if agg == "median" else O.mean(G64, O.rows(byz))
+            want = O.fang_trmean(G64, byz, direc, u.astype(np.float64))
+            np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5 * np.abs(G).max())
+
+
+def test_fang_trmean_lies_beyond_the_honest_range():
+    G, byz = CASES[3]
+    out = run("fang", G, byz)
+    s = np.sign(G[~byz].mean(0))
+    lo, hi = G[~byz].min(0), G[~byz].max(0)
+    B = out[byz]
+    assert np.all(np.where(s > 0, B <= lo + 1e-6, B >= hi - 1e-6))
+
+
+def test_fang_krum_matches_oracle():
+    for G, byz in CASES:
+        n, f = len(byz), int(byz.sum())
+        if n - 2 * f - 1 < 1:
+            continue
+        out = run("fang", G, byz, rule="krum")
+        check_honest(out, G, byz)
+        G64 = G.astype(np.float64)
+        direc = O.mean(G64, O.rows(byz))
+        lam = O.fang_krum_lambda(G64, byz, direc)
+        np.testing.assert_allclose(
+            out[byz], np.broadcast_to(-lam * np.sign(direc), out[byz].shape), rtol=1e-4
+        )
+
+
+@pytest.mark.skipif("krum" not in fb.aggregators.names(), reason="krum aggregator not registered")
+def test_fang_krum_fools_the_real_krum():
+    G, byz = CASES[3]
+    out = run("fang", G, byz, rule="krum", aggregator="krum")
+    agg = np.asarray(fb.aggregate("krum", out, f=int(byz.sum())))
+    assert np.array_equal(agg, out[np.argmax(byz)])
+
+
+def test_adaptive_lie_matches_grid_oracle():
+    for G, byz in CASES[:6]:
+        f = int(byz.sum())
+        out = run("adaptive-lie", G, byz, aggregator="trmean", evals=7, lo=0.0, hi=6.0)
+        check_honest(out, G, byz)
+        G64 = G.astype(np.float64)
+        mu = O.mean(G64, O.rows(byz))
+        scores = [
+            np.linalg.norm(O.trmean(O.lie(G64, byz, z), f) - mu) for z in np.linspace(0, 6, 7)
+        ]
+        z = np.linspace(0, 6, 7)[int(np.argmax(scores))]
+        np.testing.assert_allclose(out, O.lie(G64, byz, z), rtol=2e-4, atol=2e-5 * np.abs(G).max())
+
+
+def test_adaptive_needs_the_server_rule():
+    G, byz = CASES[0]
+    with pytest.raises(ConfigError, match="aggregator"):
+        run("adaptive-ipm", G, byz)
+
+
+# --- contract ------------------------------------------------------------------------------
+
+AGGREGATION_AWARE = {"adaptive-lie", "adaptive-ipm", "adaptive-strike", "adaptive-byzmean"}
+
+
+@pytest.mark.parametrize("name", attacks.names())
+def test_every_attack_contract(name):
+    """Shape, dtype, honest rows bit-identical, finite (except nan/inf), pytrees."""
+    agg = "trmean" if name in AGGREGATION_AWARE else None
+    for G, byz in CASES[:3]:
+        out = run(name, G, byz, aggregator=agg)
+        chex.assert_shape(out, G.shape)
+        assert out.dtype == G.dtype
+        check_honest(out, G, byz)
+        if name not in ("nan", "inf"):
+            assert np.isfinite(out).all(), name
+    G, byz = CASES[0]
+    tree = {"w": G[:, :5].reshape(len(G), 5, 1), "b": G[:, 5:]}
+    out = fb.attack(name, tree, byz, key=jax.random.key(3), aggregator=agg)
+    chex.assert_trees_all_equal_shapes(out, tree)
+    np.testing.assert_array_equal(np.asarray(out["b"])[~byz], G[~byz, 5:])
+
+
+def test_fedjax_attack_compiles_once_for_new_f_and_strengths():
+    n, d = SHAPES[1]
+    G = skewed(1, n, d, "mixture")
+    for name, knob in [("lie", "z"), ("strike", "nu"), ("minmax", "gamma_init")]:
+        fb.attack(name, G, byz_mask(0, n, 1), **{knob: 1.0})
+        jitted = attacks._jitted(name, (), None)
+        before = jitted._cache_size()
+        for f, s in [(2, 0.5), (4, 2.0), (5, 3.0)]:
+            fb.attack(name, G, byz_mask(f, n, f), **{knob: s})
+        assert jitted._cache_size() == before, name
+
+
+STRENGTHS = {
+    "lie": ("z", [0.0, 1.5, 8.0]),
+    "ipm": ("eps", [0.1, 2.5, 10.0]),
+    "gaussian": ("sigma", [0.1, 0.5, 2.0]),
+    "noise": ("sigma", [0.1, 0.5, 2.0]),
+    "strike": ("nu", [0.25, 1.0, 2.0]),
+    "byzmean": ("z", [0.3, 1.0, 5.0]),
+    "minmax": ("gamma_init", [1.0, 10.0, 30.0]),
+    "minsum": ("gamma_init", [1.0, 10.0, 30.0]),
+    "fang": ("b", [1.5, 2.0, 4.0]),
+    "adaptive-lie": ("hi", [2.0, 5.0, 10.0]),
+    "adaptive-strike": ("hi", [1.0, 1.5, 2.0]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STRENGTHS))
+def test_vmap_over_strength_and_f_traces_once(name):
+    knob, values = STRENGTHS[name]
+    n, d = SHAPES[0]
+    G = jnp.asarray(skewed(2, n, d, "mixture"))
+    key = jax.random.key(1)
+    traces = []
+    rule = fb.aggregators.get("trmean")
+
+    def attack(byz, s):
+        traces.append(1)
+        atk = attacks.get(name, **{knob: s})
+        actx = fb.aggregators.AggregatorContext.create(byz.sum())
+        ctx = AttackContext.create(byz, aggregate=lambda U: rule.update(U, (), actx)[0])
+        return atk.apply(key, G, atk.init(d), ctx)[0]
+
+    over_s = jax.jit(jax.vmap(attack, in_axes=(None, 0)))
+    over_f = jax.jit(jax.vmap(attack, in_axes=(0, None)))
+    masks = jnp.asarray(np.stack([byz_mask(f, n, f) for f in (1, 2, 3)]))
+    grid = jnp.asarray(values, jnp.float32)
+    a = over_s(masks[1], grid)
+    over_s(masks[2], grid * 0.9)
+    b = over_f(masks, grid[1])
+    over_f(masks[::-1], grid[0])
+    assert len(traces) == 2, traces  # one trace per vmapped program, none on new values
+    # vmapped results agree with one-at-a-time calls.
+    single = jax.jit(attack)
+    for i, s in enumerate(values):
+        np.testing.assert_allclose(a[i], single(masks[1], jnp.float32(s)), rtol=1e-5, atol=1e-5)
+    for i in range(3):
+        np.testing.assert_allclose(b[i], single(masks[i], grid[1]), rtol=1e-5, atol=1e-5)
+
+
+def test_noise_and_gaussian_draws():
+    n, d = 6, 20000
+    G = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
+    byz = np.arange(n) < 2
+    g = run("gaussian", G, byz, sigma=0.7)
+    z = run("noise", G, byz, sigma=0.7)
+    np.testing.assert_allclose(z[byz] - G[byz], g[byz], atol=1e-5)
+    assert abs(g[byz].std() - 0.7) < 0.01 and abs(g[byz].mean()) < 0.01
+    assert not np.allclose(g[0], g[1])
+
+
+def test_degenerate_attacks():
+    G, byz = CASES[0]
+    assert (run("zero", G, byz)[byz] == 0).all()
+    assert np.isnan(run("nan", G, byz)[byz]).all()
+    assert np.isposinf(run("inf", G, byz)[byz]).all()
+    np.testing.assert_array_equal(run("signflip", G, byz), run("bitflip", G, byz))
+    np.testing.assert_array_equal(run("none", G, byz), G)
+
+
+def test_f_zero_leaves_everything_untouched():
+    G, _ = CASES[1]
+    byz = np.zeros(len(G), bool)
+    for name in ("lie", "minmax", "minsum", "strike", "mimic", "byzmean", "fang"):
+        np.testing.assert_array_equal(run(name, G, byz), G)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("lie", {"knowledge": "partial"}),
+        ("minmax", {"direction": "l2"}),
+        ("fang", {"rule": "bulyan"}),
+    ],
+)
+def test_bad_static_params_raise_config_error(name, params):
+    G, byz = CASES[0]
+    with pytest.raises(ConfigError, match=next(iter(params))):
+        run(name, G, byz, **params)
+
+
+def test_labelflip_relabels():
+    atk = attacks.get("labelflip")
+    np.testing.assert_array_equal(atk.relabel(jnp.arange(10), 10), 9 - np.arange(10))
