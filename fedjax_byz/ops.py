@@ -8,9 +8,12 @@ and on a GPU the product is just as good.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 _HI = jax.lax.Precision.HIGHEST
@@ -37,9 +40,105 @@ def masked_std(
     return jnp.sqrt(var)
 
 
+@functools.cache
+def sorting_network(n: int) -> tuple[tuple[int, int], ...]:
+    """Batcher's odd-even merge sorting network for ``n`` inputs, as comparator pairs.
+
+    Each pair ``(a, b)`` with ``a < b`` puts the smaller value in ``a``; applying the
+    pairs in order sorts any ``n`` inputs (Knuth, TAOCP vol. 3, 5.3.4). Pairs that would
+    touch an index ``>= n`` are dropped, which leaves a valid network for any ``n``.
+    """
+    pairs = []
+    p = 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return tuple(pairs)
+
+
+# XLA's CPU fusion stops fusing a comparator network over more than ~40 static slices of
+# one operand (it judges the code duplication too high) and falls back to dozens of
+# materialised passes; separate row buffers fuse into one loop. Past _NETWORK_MAX_N rows
+# the network's compile time grows too large and ``jnp.sort`` is used instead.
+_SLICES_FUSE_N = 32
+_NETWORK_MAX_N = 128
+
+
+def _rows(G: jax.Array) -> list[jax.Array]:
+    rows = tuple(G[i] for i in range(G.shape[0]))
+    if G.shape[0] > _SLICES_FUSE_N:
+        rows = jax.lax.optimization_barrier(rows)
+    return list(rows)
+
+
+def sorted_rows(G: jax.Array) -> list[jax.Array]:
+    """The order statistics of every coordinate: ``S_0 <= ... <= S_{n-1}``, each ``[d]``.
+
+    For ``n <= 128`` this is a sorting network of elementwise ``min``/``max`` over the
+    rows, which XLA fuses into one pass over ``G`` (and prunes to a selection network
+    when only some order statistics are used); ``jnp.sort`` along the client axis is
+    several times slower than numpy on CPU. Exact: it only moves values.
+    """
+    n = G.shape[0]
+    if n > _NETWORK_MAX_N:
+        return list(jnp.sort(G, axis=0))
+    rows = _rows(G)
+    for a, b in sorting_network(n):
+        rows[a], rows[b] = jnp.minimum(rows[a], rows[b]), jnp.maximum(rows[a], rows[b])
+    return rows
+
+
+def sorted_by_key(keys: jax.Array, payload: jax.Array) -> list[jax.Array]:
+    """Rows of ``payload`` reordered per coordinate by ascending ``(keys, payload)``.
+
+    ``keys, payload: [n, d]``; returns ``n`` arrays ``[d]``: entry ``r`` is the payload
+    with the ``r``-th smallest key in its coordinate, ties broken by the smaller payload.
+    """
+    n = keys.shape[0]
+    if n > _NETWORK_MAX_N:
+        order = jnp.lexsort((payload, keys), axis=0)
+        return list(jnp.take_along_axis(payload, order, axis=0))
+    ks, ps = _rows(keys), _rows(payload)
+    for a, b in sorting_network(n):
+        swap = (ks[a] > ks[b]) | ((ks[a] == ks[b]) & (ps[a] > ps[b]))
+        ks[a], ks[b] = jnp.where(swap, ks[b], ks[a]), jnp.where(swap, ks[a], ks[b])
+        ps[a], ps[b] = jnp.where(swap, ps[b], ps[a]), jnp.where(swap, ps[a], ps[b])
+    return ps
+
+
+def rank_sum(S: list[jax.Array], w: ArrayLike) -> jax.Array:
+    """``Σ_r w_r S_r`` over order statistics ``S`` (from ``sorted_rows``). ``-> [d]``.
+
+    A concrete (numpy) ``w`` skips its zero terms at trace time, so XLA keeps only the
+    comparators those ranks need; a traced ``w`` selects with ``where`` so that
+    ``w_r = 0`` never meets an infinite ``S_r``.
+    """
+    if isinstance(w, np.ndarray):
+        terms = [float(wr) * s for wr, s in zip(w, S, strict=True) if wr != 0]
+    else:
+        w = jnp.asarray(w, S[0].dtype)
+        terms = [jnp.where(w[r] != 0, w[r] * s, 0.0) for r, s in enumerate(S)]
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out
+
+
 def sort_rows(G: jax.Array) -> jax.Array:
     """Sorts every coordinate over the client axis. ``[n, d] -> [n, d]`` ascending."""
-    return jnp.sort(G, axis=0)
+    return jnp.stack(sorted_rows(G))
+
+
+def median_weights(k: ArrayLike, n: int) -> jax.Array:
+    """Rank weights of the median of the ``k`` smallest of ``n`` values (``k`` traced)."""
+    r = jnp.arange(n)
+    return 0.5 * ((r == (k - 1) // 2).astype(jnp.float32) + (r == k // 2))
 
 
 def masked_median(G: jax.Array, mask: jax.Array) -> jax.Array:
@@ -48,11 +147,8 @@ def masked_median(G: jax.Array, mask: jax.Array) -> jax.Array:
     Unmasked rows are pushed to +inf, so the ``k = Σ mask`` smallest values per
     coordinate are the masked ones; ``k`` may be traced.
     """
-    k = mask.sum()
-    S = sort_rows(jnp.where(mask[:, None], G, jnp.inf))
-    lo = jnp.take(S, (k - 1) // 2, axis=0)
-    hi = jnp.take(S, k // 2, axis=0)
-    return 0.5 * (lo + hi)
+    S = sorted_rows(jnp.where(mask[:, None], G, jnp.inf))
+    return rank_sum(S, median_weights(mask.sum(), G.shape[0]))
 
 
 def gram(G: jax.Array) -> jax.Array:
@@ -73,8 +169,16 @@ def pairwise_sq_dists(G: jax.Array) -> jax.Array:
     Rows are centred on their mean first, which leaves distances unchanged and keeps the
     Gram formulation accurate when updates share a large common component.
     """
-    Gc = G - weighted_sum(jnp.full(G.shape[0], 1.0 / G.shape[0]), G)[None, :]
-    return sq_dists_from_gram(gram(Gc))
+    return sq_dists_from_gram(centred_gram(G))
+
+
+def centred_gram(G: jax.Array) -> jax.Array:
+    """``(G − ḡ)(G − ḡ)ᵀ``, the Gram matrix of the rows centred on their mean ``ḡ``.
+
+    Distances and any combination ``Σ_i α_i g_i`` with ``Σ α_i = 1`` are unchanged by the
+    centring, which keeps float32 Gram entries small when rows share a large component.
+    """
+    return gram(G - weighted_sum(jnp.full(G.shape[0], 1.0 / G.shape[0]), G)[None, :])
 
 
 def ranks(scores: jax.Array) -> jax.Array:

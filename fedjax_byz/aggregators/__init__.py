@@ -16,12 +16,21 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_byz import ops
-from fedjax_byz.aggregators import coordinate
+from fedjax_byz.aggregators import (
+    clustering,
+    coordinate,
+    distance,
+    pre,
+    signguard,
+    spectral,
+    subset,
+)
 from fedjax_byz.aggregators.base import (
     Aggregator,
     AggregatorContext,
     PreAggregator,
     compose,
+    guard_nonfinite,
     no_weights,
     stateless,
 )
@@ -37,6 +46,7 @@ __all__ = [
     "check",
     "compose",
     "get",
+    "guard_nonfinite",
     "names",
     "no_weights",
     "pre_names",
@@ -56,6 +66,29 @@ def _half(n: int) -> int:
 RULES.register("mean", coordinate.mean)
 RULES.register("median", coordinate.median, max_f=_half)
 RULES.register("trmean", coordinate.trmean, max_f=_half)
+RULES.register("meamed", coordinate.meamed, max_f=_half)
+RULES.register("rbtm", coordinate.rbtm, max_f=lambda n: (n - 1) // 3)
+RULES.register("krum", distance.krum, max_f=lambda n: n - 3)
+RULES.register("multikrum", distance.multikrum, max_f=lambda n: n - 3)
+RULES.register("bulyan", distance.bulyan, max_f=lambda n: (n - 3) // 4)
+RULES.register("geomed", distance.geomed, static=("iters",), aliases=("rfa",))
+RULES.register("cclip", distance.cclip, static=("iters",))
+RULES.register("aksel", distance.aksel, static=("mode",))
+RULES.register("monna", distance.monna, max_f=_half)
+RULES.register("dnc", spectral.dnc, static=("b", "niters"), max_f=_half)
+RULES.register("caf", spectral.caf, max_f=_half)
+RULES.register("mda", subset.mda, max_f=_half, max_n=subset.MAX_N["mda"])
+RULES.register("smea", subset.smea, max_f=_half, max_n=subset.MAX_N["smea"])
+_SG_STATIC = ("frac", "n_samples")
+RULES.register("signguard", signguard.signguard, static=_SG_STATIC)
+RULES.register("signguard-sim", signguard.signguard_sim, static=_SG_STATIC)
+RULES.register("signguard-dist", signguard.signguard_dist, static=_SG_STATIC)
+RULES.register("clippedclustering", clustering.clippedclustering, static=("history",))
+
+PRE.register("bucketing", pre.bucketing, static=("s",))
+PRE.register("nnm", pre.nnm, max_f=_half)
+PRE.register("arc", pre.arc, max_f=_half)
+PRE.register("clip", pre.clip)
 
 
 def names() -> list[str]:
@@ -101,10 +134,14 @@ def route_params(
 
 
 def get(name: str, **params: Any) -> Aggregator:
-    """Builds the rule ``name`` (``"pre+...+rule"`` allowed) with ``params``."""
+    """Builds the rule ``name`` (``"pre+...+rule"`` allowed) with ``params``.
+
+    The rule is wrapped in ``guard_nonfinite``: non-finite client rows are rejected
+    (zeroed and reported in ``aux["nonfinite"]``) before any stage sees them.
+    """
     entries = stages(name)
     built = [e.factory(**p) for e, p in zip(entries, route_params(entries, params), strict=True)]
-    return built[0] if len(built) == 1 else compose(*built)
+    return guard_nonfinite(built[0] if len(built) == 1 else compose(*built))
 
 
 def check(
@@ -119,15 +156,23 @@ def check(
             f"[0, {n - 1}] for n={n}, got {f}."
         )
     m = n
-    for e, p in zip(entries[:-1], routed[:-1], strict=True):
-        m = e.factory(**p).out_rows(m)
-    max_f = entries[-1].meta.get("max_f")
-    if max_f is not None and f > max_f(m):
-        via = f" after {'+'.join(e.name for e in entries[:-1])} ({m} rows)" if m != n else ""
-        raise ConfigError(
-            f"{field}.f: {entries[-1].name!r} needs f <= {max_f(m)} for {m} rows{via}, "
-            f"got f={f}; lower the assumed f or use more clients."
-        )
+    for i, (e, p) in enumerate(zip(entries, routed, strict=True)):
+        via = f" after {'+'.join(x.name for x in entries[:i])} ({m} rows)" if i else ""
+        max_f = e.meta.get("max_f")
+        if max_f is not None and f > max_f(m):
+            raise ConfigError(
+                f"{field}.f: {e.name!r} needs f <= {max_f(m)} for {m} rows{via}, "
+                f"got f={f}; lower the assumed f or use more clients."
+            )
+        max_n = e.meta.get("max_n")
+        if max_n is not None and m > max_n:
+            raise ConfigError(
+                f"{field}: {e.name!r} is an exact search over all subsets of the rows and "
+                f"allows at most {max_n} rows, got {m}{via}; use fewer clients or "
+                "another rule (e.g. 'multikrum')."
+            )
+        if i < len(entries) - 1:
+            m = e.factory(**p).out_rows(m)
 
 
 def _as_param(v):

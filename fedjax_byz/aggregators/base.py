@@ -57,8 +57,10 @@ class PreAggregator(NamedTuple):
     Attributes:
       init: ``d -> state``.
       update: ``(updates[n, d], state, ctx) -> (updates[m, d], state, mixing[m, n])``
-        where ``mixing`` expresses every output row as a combination of the input rows,
-        so the rule's weights can be traced back to clients (``weights @ mixing``).
+        where ``mixing`` attributes every output row to the input rows it came from
+        (rows summing to 1: the averaging matrix for bucketing and NNM, the identity for
+        the clipping pre-aggregators, which rescale rows without mixing them), so the
+        rule's weights can be traced back to clients (``weights @ mixing``).
       out_rows: ``n -> m``, the number of output rows (static).
     """
 
@@ -109,3 +111,21 @@ def compose(*stages: PreAggregator | Aggregator) -> Aggregator:
         return out, (*new_state, s), aux
 
     return Aggregator(init, update)
+
+
+def guard_nonfinite(rule: Aggregator) -> Aggregator:
+    """Rejects non-finite client rows before ``rule`` sees them.
+
+    A row holding a NaN or an infinity (a faulty client) is replaced by zeros, as if the
+    client had sent no update, so that it can never turn the aggregate into NaN; robust
+    rules then treat it as one more outlier. ``aux["nonfinite"]`` (bool[n]) marks the
+    rejected rows for the round's metrics. This is the published SignGuard code's
+    convention (NaN entries set to 0), applied to whole rows.
+    """
+
+    def update(G, state, ctx):
+        bad = ~jnp.isfinite(G).all(axis=1)
+        out, state, aux = rule.update(jnp.where(bad[:, None], 0.0, G), state, ctx)
+        return out, state, dict(aux, nonfinite=bad)
+
+    return Aggregator(rule.init, update)

@@ -1,8 +1,16 @@
-"""Coordinate-wise rules: mean, median, trimmed mean."""
+"""Coordinate-wise rules: mean, median, trimmed mean, mean around the median, RB-TM.
+
+Every rule here works on each coordinate ``j`` separately, on the order statistics
+``S_0 <= ... <= S_{n-1}`` of ``{[g_i]_j}`` computed by ``ops.sorted_rows`` (a sorting
+network fused into one pass over the matrix). They keep values, not rows, so their
+``aux["weights"]`` is NaN.
+"""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_byz import ops
 from fedjax_byz.aggregators.base import Aggregator, no_weights, stateless
@@ -20,33 +28,101 @@ def mean() -> Aggregator:
 
 
 def median() -> Aggregator:
-    """Coordinate-wise median (Yin et al., ICML 2018).
+    """Coordinate-wise median (Yin et al., "Byzantine-robust distributed learning:
+    towards optimal statistical rates", ICML 2018).
 
-    ``[Med(g_1, ..., g_n)]_j``, the mean of the two middle values when ``n`` is even.
+    ``[Med(g_1, ..., g_n)]_j = S_{(n-1)/2}`` for odd ``n`` and ``(S_{n/2-1} + S_{n/2})/2``
+    for even ``n`` (numpy's and ByzFL's convention). Needs ``f < n/2``.
     """
 
     def fn(G, ctx):
         n = G.shape[0]
-        S = ops.sort_rows(G)
-        return 0.5 * (S[(n - 1) // 2] + S[n // 2]), no_weights(n)
+        w = np.zeros(n)
+        w[(n - 1) // 2] += 0.5
+        w[n // 2] += 0.5
+        return ops.rank_sum(ops.sorted_rows(G), w), no_weights(n)
 
     return stateless(fn)
+
+
+def trmean_weights(n: int, f, q=None) -> jax.Array:
+    """Rank weights over ``n`` ranks of the trimmed mean of the ``q`` smallest values
+    (all ``n`` by default): ``1/(q−2f)`` on ranks ``f .. q−f−1``, zero elsewhere."""
+    q = n if q is None else q
+    r = jnp.arange(n)
+    keep = (r >= f) & (r < q - f)
+    return keep / jnp.maximum(q - 2 * f, 1).astype(jnp.float32)
 
 
 def trmean() -> Aggregator:
     """Coordinate-wise trimmed mean (Yin et al., ICML 2018).
 
     Per coordinate, drops the ``f`` largest and ``f`` smallest values and averages the
-    other ``n − 2f``: ``(1/(n−2f)) Σ_{i=f}^{n−f−1} [sort(g)_i]_j``; ``f`` is the number
-    the server assumes (traced).
+    other ``n − 2f``: ``(1/(n−2f)) Σ_{r=f}^{n−f−1} S_r``, with ``f`` the number the server
+    assumes (traced). ``f = 0`` is the mean. Matches ByzFL ``TrMean(f)``; needs
+    ``f < n/2``.
     """
 
     def fn(G, ctx):
         n = G.shape[0]
-        S = ops.sort_rows(G)
-        rank = jnp.arange(n)
-        keep = (rank >= ctx.f) & (rank < n - ctx.f)
-        w = keep.astype(G.dtype) / jnp.maximum(n - 2 * ctx.f, 1)
-        return ops.weighted_sum(w, S), no_weights(n)
+        return ops.rank_sum(ops.sorted_rows(G), trmean_weights(n, ctx.f)), no_weights(n)
+
+    return stateless(fn)
+
+
+def closest_mean(G: jax.Array, center: jax.Array, k, valid: jax.Array | None = None):
+    """Per coordinate, the mean of the ``k`` values closest to ``center``. ``-> [d]``.
+
+    Distances ``|[g_i]_j − c_j|`` are ranked with ties going to the smaller value; rows
+    outside ``valid`` (bool[n]) never count. ``k`` may be traced.
+    """
+    n = G.shape[0]
+    dist = jnp.abs(G - center[None, :])
+    if valid is not None:
+        dist = jnp.where(valid[:, None], dist, jnp.inf)
+        G = jnp.where(valid[:, None], G, 0.0)
+    w = (jnp.arange(n) < k) / jnp.maximum(k, 1).astype(jnp.float32)
+    return ops.rank_sum(ops.sorted_by_key(dist, G), w)
+
+
+def meamed() -> Aggregator:
+    """Mean around the median (Xie, Koyejo & Gupta, "Generalized Byzantine-tolerant
+    SGD", 2018).
+
+    ``[Meamed_f(g)]_j = (1/(n−f)) Σ_{i=1}^{n−f} [g_{π_j(i)}]_j`` where ``π_j`` orders the
+    clients by ``|[g_i]_j − Med_j|``: per coordinate, the average of the ``n − f`` values
+    closest to the coordinate-wise median. Ties in distance go to the smaller value
+    (ByzFL ``Meamed`` leaves them to ``argpartition``). Needs ``f < n/2``.
+    """
+    med = median()
+
+    def fn(G, ctx):
+        n = G.shape[0]
+        center, _, _ = med.update(G, (), ctx)
+        return closest_mean(G, center, n - ctx.f), no_weights(n)
+
+    return stateless(fn)
+
+
+def rbtm() -> Aggregator:
+    """Reliable-broadcast trimmed mean, RB-TM (El-Mhamdi, Farhadkhani, Guerraoui,
+    Guirguis, Hoang & Rouault, "Collaborative learning in the jungle", NeurIPS 2021,
+    Section 5; evaluated as "RBTM" in the STRIKE paper, Table 1).
+
+    In RB-TM every node reliably broadcasts its vector, waits for the first
+    ``q = n − f`` vectors delivered (it cannot wait for the ``f`` that may never come)
+    and takes their coordinate-wise trimmed mean, dropping the ``f`` largest and ``f``
+    smallest values: ``(1/(q−2f)) Σ_{r=f}^{q−f−1} S^Q_r`` over the delivered set ``Q``.
+    The simulated server has every row, so asynchrony is modelled by a uniformly random
+    delivery order drawn from ``ctx.key`` each round. Needs ``n >= 3f + 1``, the
+    optimal resilience proved in the paper.
+    """
+
+    def fn(G, ctx):
+        n = G.shape[0]
+        order = jax.random.permutation(ctx.key, n)
+        delivered = jnp.zeros(n, bool).at[order].set(jnp.arange(n) < n - ctx.f)
+        S = ops.sorted_rows(jnp.where(delivered[:, None], G, jnp.inf))
+        return ops.rank_sum(S, trmean_weights(n, ctx.f, n - ctx.f)), no_weights(n)
 
     return stateless(fn)

@@ -1,0 +1,217 @@
+"""Distance-based rules: Krum, Multi-Krum, Bulyan, geometric median, centred clipping,
+AKSEL and MoNNA.
+
+Most of them are Gram-matrix rules in disguise: distances between rows, and between a
+row and any combination ``z = Σ_i α_i g_i`` of rows, follow from ``K = G Gᵀ``
+(``‖z − g_i‖² = αᵀKα − 2(Kα)_i + K_ii``), so an iterative rule runs on ``[n, n]`` and
+reads the ``[n, d]`` matrix only for one Gram product and one final combination. Rows
+are centred before the Gram product (see ``ops.pairwise_sq_dists``) to keep float32
+distances accurate when updates share a large common component.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from fedjax_byz import ops
+from fedjax_byz.aggregators import coordinate
+from fedjax_byz.aggregators.base import Aggregator, stateless
+
+
+def sq_dists_to_combination(K: jax.Array, alpha: jax.Array) -> jax.Array:
+    """``‖Σ_j α_j g_j − g_i‖²`` for every row from the Gram matrix (``Σ α_j = 1``)."""
+    Ka = K @ alpha
+    return jnp.maximum(alpha @ Ka - 2.0 * Ka + jnp.diagonal(K), 0.0)
+
+
+def krum_scores(D: jax.Array, f: ArrayLike, valid: jax.Array | None = None) -> jax.Array:
+    """Krum scores from squared distances ``D: [n, n]``.
+
+    ``score_i = Σ_{j ∈ N_i} ‖g_i − g_j‖²`` over the ``r − f − 2`` nearest other rows
+    ``N_i`` among the ``r`` valid rows; invalid rows score +inf. ``f`` may be traced.
+    """
+    n = D.shape[0]
+    valid = jnp.ones(n, bool) if valid is None else valid
+    pair = valid[:, None] & valid[None, :] & ~jnp.eye(n, dtype=bool)
+    Ds = jnp.sort(jnp.where(pair, D, jnp.inf), axis=1)
+    k = valid.sum() - f - 2
+    scores = jnp.where(jnp.arange(n) < k, Ds, 0.0).sum(axis=1)
+    return jnp.where(valid, scores, jnp.inf)
+
+
+def krum() -> Aggregator:
+    """Krum (Blanchard, El Mhamdi, Guerraoui & Stainer, NeurIPS 2017).
+
+    ``Krum(g) = g_{i*}``, ``i* = argmin_i Σ_{i→j} ‖g_i − g_j‖²`` where ``i → j`` ranges
+    over the ``n − f − 2`` rows nearest to ``g_i`` (the paper's count; ByzFL ``Krum``
+    uses ``n − f − 1`` including the row itself at distance 0, which gives the same
+    scores, and the SignGuard code ``n − f − 2``). Ties go to the lowest index.
+    ``aux["weights"]`` is one-hot. Needs ``n − f − 2 >= 1``.
+    """
+
+    def fn(G, ctx):
+        scores = krum_scores(ops.pairwise_sq_dists(G), ctx.f)
+        best = jnp.argmin(scores)
+        return G[best], jax.nn.one_hot(best, G.shape[0], dtype=G.dtype)
+
+    return stateless(fn)
+
+
+def multikrum() -> Aggregator:
+    """Multi-Krum (Blanchard et al., NeurIPS 2017), as in ByzFL ``MultiKrum``.
+
+    The mean of the ``m = n − f`` rows with the smallest Krum scores, the scores being
+    computed once on all rows: ``(1/m) Σ_{i ∈ M} g_i``. Ties go to the lowest index.
+    """
+
+    def fn(G, ctx):
+        n = G.shape[0]
+        scores = krum_scores(ops.pairwise_sq_dists(G), ctx.f)
+        w = ops.smallest_mask(scores, n - ctx.f) / jnp.asarray(n - ctx.f, G.dtype)
+        return ops.weighted_sum(w, G), w
+
+    return stateless(fn)
+
+
+def bulyan() -> Aggregator:
+    """Bulyan (El Mhamdi, Guerraoui & Rouault, "The hidden vulnerability of distributed
+    learning in Byzantium", ICML 2018).
+
+    1. Selection: ``θ = n − 2f`` rows, chosen one at a time by applying Krum to the rows
+       not chosen yet (``r − f − 2`` neighbours among the ``r`` remaining).
+    2. Aggregation: per coordinate, the mean of the ``β = θ − 2f`` chosen values closest
+       to the coordinate-wise median of the chosen rows.
+
+    ``aux["weights"]`` is uniform over the ``θ`` selected rows. Needs ``n >= 4f + 3``.
+    """
+
+    def fn(G, ctx):
+        n, f = G.shape[0], ctx.f
+        D = ops.pairwise_sq_dists(G)
+        theta = n - 2 * f
+
+        def pick(t, chosen):
+            best = jnp.argmin(krum_scores(D, f, ~chosen))
+            return jnp.where(t < theta, chosen.at[best].set(True), chosen)
+
+        chosen = jax.lax.fori_loop(0, n, pick, jnp.zeros(n, bool))
+        med = ops.masked_median(G, chosen)
+        out = coordinate.closest_mean(G, med, theta - 2 * f, valid=chosen)
+        return out, chosen / jnp.asarray(theta, G.dtype)
+
+    return stateless(fn)
+
+
+def geomed(iters: int = 8, nu: ArrayLike = 1e-6) -> Aggregator:
+    """Geometric median by smoothed Weiszfeld, RFA (Pillutla, Kakade & Harchaoui,
+    "Robust aggregation for federated learning", IEEE TSP 2022).
+
+    ``z ← Σ_i β_i g_i / Σ_i β_i`` with ``β_i = 1 / max(ν, ‖z − g_i‖)``, from the mean
+    ``z = ḡ``, for ``T = iters`` iterations. Defaults ``T = 8`` (STRIKE paper, Table 4)
+    and ``ν = 1e-6`` (RFA paper); ByzFL ``GeometricMedian`` defaults to ``ν = 0.1, T = 3``
+    from the same starting point. The iterates stay in the span of the rows and run on
+    the Gram matrix. ``aux["weights"]`` are the final ``β_i / Σ β``.
+
+    Args:
+      iters: number of Weiszfeld steps ``T`` (static).
+      nu: smoothing ``ν > 0`` (traced).
+    """
+
+    def fn(G, ctx):
+        n = G.shape[0]
+        K = ops.centred_gram(G)
+
+        def step(_, alpha):
+            beta = 1.0 / jnp.maximum(nu, jnp.sqrt(sq_dists_to_combination(K, alpha)))
+            return beta / beta.sum()
+
+        alpha = jax.lax.fori_loop(0, iters, step, jnp.full(n, 1.0 / n, G.dtype))
+        return ops.weighted_sum(alpha, G), alpha
+
+    return stateless(fn)
+
+
+def cclip(tau: ArrayLike = 10.0, iters: int = 1) -> Aggregator:
+    """Centred clipping (Karimireddy, He & Jaggi, "Learning from history for
+    Byzantine robust optimization", ICML 2021).
+
+    ``v ← v + (1/n) Σ_i (g_i − v) · min(1, τ / ‖g_i − v‖)``, ``L = iters`` times, from
+    the rule's previous output ``v`` (its state; zero at the first round and in the
+    stateless ``fb.aggregate``). Defaults ``τ = 10, L = 1`` (STRIKE paper, Table 4);
+    ByzFL ``CenteredClipping`` defaults to ``τ = 100, L = 1``. ``aux["weights"]`` are
+    the normalised coefficients of the rows in ``v − (1 − Σc) v_prev``.
+
+    Args:
+      tau: clipping radius ``τ`` (traced).
+      iters: number of clipping steps ``L`` (static).
+    """
+
+    def init(d):
+        return jnp.zeros(d, jnp.float32)
+
+    def update(G, v0, ctx):
+        n = G.shape[0]
+        K = ops.gram(G - v0[None, :])
+
+        def step(_, c):
+            dist = jnp.sqrt(sq_dists_to_combination(K, c))
+            s = jnp.minimum(1.0, tau / jnp.maximum(dist, jnp.finfo(G.dtype).tiny))
+            return c + (s - c * s.sum()) / n
+
+        c = jax.lax.fori_loop(0, iters, step, jnp.zeros(n, G.dtype))
+        out = ops.weighted_sum(c, G) + (1.0 - c.sum()) * v0
+        return out, out, {"weights": c / jnp.maximum(c.sum(), jnp.finfo(G.dtype).tiny)}
+
+    return Aggregator(init, update)
+
+
+def aksel(mode: str = "mid") -> Aggregator:
+    """AKSEL (Boussetta, El-Mhamdi, Guerraoui, Maurer & Rouault, "AKSEL: fast
+    Byzantine SGD", OPODIS 2020).
+
+    ``r_i = ‖g_i − Med(g)‖²`` with ``Med`` the coordinate-wise median; the output is the
+    mean of the rows with ``r_i <= Med(r_1, ..., r_n)`` (``mode="mid"``, the paper's
+    rule) or of the ``n − f`` rows with the smallest ``r_i`` (``mode="n-f"``).
+
+    Args:
+      mode: ``"mid"`` or ``"n-f"`` (static).
+    """
+    if mode not in ("mid", "n-f"):
+        raise ValueError(f"aksel.mode must be 'mid' or 'n-f', got {mode!r}")
+    med = coordinate.median()
+
+    def fn(G, ctx):
+        n = G.shape[0]
+        center, _, _ = med.update(G, (), ctx)
+        r = jnp.sum(jnp.square(G - center[None, :]), axis=1)
+        if mode == "mid":
+            keep = r <= jnp.median(r)
+        else:
+            keep = ops.smallest_mask(r, n - ctx.f)
+        w = keep / keep.sum().astype(G.dtype)
+        return ops.weighted_sum(w, G), w
+
+    return stateless(fn)
+
+
+def monna(idx: ArrayLike = 0) -> Aggregator:
+    """MoNNA (Farhadkhani, Guerraoui, Gupta, Hoang, Pinot & Stephan, "Robust
+    collaborative learning with linear gradient overhead", ICML 2023).
+
+    ``(1/(n−f)) Σ_{i ∈ N_idx} g_i`` with ``N_idx`` the ``n − f`` rows nearest to the
+    trusted row ``g_idx`` (itself included), as ByzFL ``MoNNA(f, idx)``. Ties go to the
+    lowest index. Needs ``f < n/2``.
+
+    Args:
+      idx: index of the trusted row (traced; default 0).
+    """
+
+    def fn(G, ctx):
+        n = G.shape[0]
+        d2 = ops.pairwise_sq_dists(G)[idx]
+        w = ops.smallest_mask(d2, n - ctx.f) / jnp.asarray(n - ctx.f, G.dtype)
+        return ops.weighted_sum(w, G), w
+
+    return stateless(fn)

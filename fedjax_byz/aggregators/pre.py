@@ -1,0 +1,112 @@
+"""Pre-aggregators, composed in front of any rule (``"nnm+median"``,
+``"bucketing+dnc"``, ``"arc+trmean"``): each maps ``[n, d] -> [m, d]`` and reports how
+its output rows are attributed to clients (``PreAggregator``)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from fedjax_byz import ops
+from fedjax_byz.aggregators.base import PreAggregator
+
+
+def _stateless(fn, out_rows=lambda n: n) -> PreAggregator:
+    def update(G, state, ctx):
+        out, mixing = fn(G, ctx)
+        return out, state, mixing
+
+    return PreAggregator(lambda d: (), update, out_rows)
+
+
+def bucketing(s: int = 2) -> PreAggregator:
+    """Bucketing (Karimireddy, He & Jaggi, "Byzantine-robust learning on heterogeneous
+    datasets via bucketing", ICLR 2022, Algorithm 1).
+
+    Each round, a uniformly random permutation ``π`` of the clients splits them into
+    ``⌈n/s⌉`` buckets of ``s`` consecutive clients (the last one smaller when ``s`` does
+    not divide ``n``); bucket ``i`` sends ``y_i = mean_{k ∈ bucket i} g_{π(k)}``. ``s = 2``
+    (paper and STRIKE paper). ``s = 1`` is the identity up to the permutation.
+
+    Args:
+      s: bucket size (static).
+    """
+
+    def out_rows(n):
+        return math.ceil(n / s)
+
+    def fn(G, ctx):
+        n = G.shape[0]
+        m = out_rows(n)
+        perm = jax.random.permutation(ctx.key, n)
+        bucket = jnp.zeros(n, jnp.int32).at[perm].set(jnp.arange(n) // s)
+        member = (bucket[None, :] == jnp.arange(m)[:, None]).astype(G.dtype)
+        mixing = member / member.sum(axis=1, keepdims=True)
+        return jnp.matmul(mixing, G, precision=jax.lax.Precision.HIGHEST), mixing
+
+    return _stateless(fn, out_rows)
+
+
+def nnm() -> PreAggregator:
+    """Nearest-neighbour mixing, NNM (Allouah, Farhadkhani, Guerraoui, Gupta, Pinot &
+    Stephan, "Fixing by mixing: a recipe for optimal Byzantine ML under heterogeneity",
+    AISTATS 2023, Algorithm 1).
+
+    ``y_i = (1/(n−f)) Σ_{j ∈ N_i} g_j`` with ``N_i`` the ``n − f`` rows nearest to
+    ``g_i``, itself included (ties to the lowest index). One Gram product and one
+    ``[n, n] @ [n, d]`` product; ByzFL ``NNM`` gathers an ``[n, n−f, d]`` tensor instead.
+    Needs ``f < n/2``.
+    """
+
+    def fn(G, ctx):
+        n = G.shape[0]
+        D = ops.pairwise_sq_dists(G)
+        mixing = jax.vmap(lambda row: ops.smallest_mask(row, n - ctx.f))(D)
+        mixing = mixing / jnp.asarray(n - ctx.f, G.dtype)
+        return jnp.matmul(mixing, G, precision=jax.lax.Precision.HIGHEST), mixing
+
+    return _stateless(fn)
+
+
+def _scale_rows(G: jax.Array, scale: jax.Array):
+    return G * scale[:, None], jnp.eye(G.shape[0], dtype=G.dtype)
+
+
+def arc() -> PreAggregator:
+    """Adaptive robust clipping, ARC (Allouah, Guerraoui, Gupta, Jellouli, Rizk &
+    Stephan, "Boosting robustness by clipping gradients in distributed learning",
+    2024).
+
+    With ``k = ⌊2 (f/n) (n − f)⌋``, the ``k`` rows of largest norm are clipped to the
+    ``(k+1)``-th largest norm ``C``: ``y_i = g_i · min(1, C / ‖g_i‖)``; the others are
+    unchanged. Rows are rescaled, not mixed (identity attribution).
+    """
+
+    def fn(G, ctx):
+        n = G.shape[0]
+        norms = ops.row_norms(G)
+        k = jnp.floor(2.0 * ctx.f / n * (n - ctx.f)).astype(jnp.int32)
+        clip_to = jnp.sort(norms)[jnp.clip(n - 1 - k, 0, n - 1)]
+        big = ops.ranks(-norms) < k
+        scale = jnp.where(big, clip_to / jnp.maximum(norms, jnp.finfo(G.dtype).tiny), 1.0)
+        return _scale_rows(G, scale)
+
+    return _stateless(fn)
+
+
+def clip(c: ArrayLike = 2.0) -> PreAggregator:
+    """Static L2 clipping: ``y_i = g_i · min(1, c / ‖g_i‖)``; ``c = 2`` as ByzFL
+    ``Clipping``. Rows are rescaled, not mixed (identity attribution).
+
+    Args:
+      c: clipping radius (traced).
+    """
+
+    def fn(G, ctx):
+        norms = ops.row_norms(G)
+        return _scale_rows(G, jnp.minimum(1.0, c / jnp.maximum(norms, jnp.finfo(G.dtype).tiny)))
+
+    return _stateless(fn)
