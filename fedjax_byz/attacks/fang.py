@@ -15,6 +15,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from fedjax_byz import ops
+from fedjax_byz.aggregators.distance import krum_scores
 from fedjax_byz.attacks.base import Attack, AttackContext, stateless
 from fedjax_byz.attacks.search import MAX_ITER, centred_gram, quadratic
 from fedjax_byz.registry import ConfigError
@@ -54,12 +55,6 @@ def _trmean_attack(b: ArrayLike) -> Attack:
     return stateless(fn)
 
 
-def sum_smallest(A: jax.Array, k: ArrayLike) -> jax.Array:
-    """Row sums of the ``k`` smallest entries of every row of ``A [n, m]``; k may be traced."""
-    S = jnp.sort(A, axis=1)
-    return jnp.sum(jnp.where(jnp.arange(A.shape[1]) < k, S, 0.0), axis=1)
-
-
 def _krum_attack(threshold: ArrayLike) -> Attack:
     def fn(key, G, ctx):
         n, d = G.shape
@@ -67,9 +62,9 @@ def _krum_attack(threshold: ArrayLike) -> Attack:
         s = jnp.sign(unattacked_aggregate(G, ctx))
         _, K = centred_gram(G, ops.masked_mean(G, honest))
         D = ops.sq_dists_from_gram(K)
-        pair = honest[:, None] & honest[None, :] & ~jnp.eye(n, dtype=bool)
-        # λ's upper bound (Fang et al., Sec. 4.2): Σ over the n − f − 2 nearest honest rows.
-        near = sum_smallest(jnp.where(pair, jnp.sqrt(D), jnp.inf), n - f - 2)
+        # λ's upper bound (Fang et al., Sec. 4.2): Σ over the n − f − 2 nearest honest rows
+        # (Krum's score over the |H| = n − f honest rows with f = 0, on plain distances).
+        near = krum_scores(jnp.sqrt(D), 0, valid=honest)
         sqrt_d = jnp.sqrt(jnp.asarray(d, G.dtype))
         lam0 = (
             jnp.min(jnp.where(honest, near, jnp.inf)) / (jnp.maximum(n - 2 * f - 1, 1) * sqrt_d)
@@ -77,7 +72,6 @@ def _krum_attack(threshold: ArrayLike) -> Attack:
         )
         # ‖−λ s − g_i‖² as a quadratic in λ: Krum's scores cost O(n²) per λ.
         q = quadratic(G, jnp.square(ops.row_norms(G)), -s)
-        off = ~jnp.eye(n, dtype=bool)
 
         def krum_picks_byzantine(lam):
             e = q(lam)
@@ -86,8 +80,7 @@ def _krum_attack(threshold: ArrayLike) -> Attack:
                 0.0,
                 jnp.where(byz[:, None], e[None, :], jnp.where(byz[None, :], e[:, None], D)),
             )
-            scores = sum_smallest(jnp.where(off, A, jnp.inf), n - f - 2)
-            return byz[jnp.argmin(scores)]
+            return byz[jnp.argmin(krum_scores(A, f))]
 
         def cond(state):
             lam, it = state
