@@ -111,8 +111,11 @@ def adaptive_strike(
     *,
     batch: int | None = None,
 ) -> Attack:
-    """STRIKE with ν calibrated every round; defaults are the STRIKE paper's sweep
-    ν ∈ {0.25, 0.5, …, 2} (appendix D.1), which it tunes per run rather than per round."""
+    """STRIKE with ν calibrated on ``linspace(lo, hi, evals)`` every round.
+
+    Defaults: the STRIKE paper's sweep ν ∈ {0.25, 0.5, …, 2} (appendix D.1), which the
+    paper tunes once per run rather than every round.
+    """
     return adaptive(strike, evals=evals, lo=lo, hi=hi, batch=batch)
 
 
