@@ -56,7 +56,7 @@ class Entry:
         unknown = sorted(set(params) - allowed)
         if unknown:
             raise ConfigError(
-                f"{field}: {self.name!r} has no parameter {unknown[0]!r}; "
+                f"{field}.{unknown[0]}: {self.name!r} has no such parameter; "
                 f"allowed: {sorted(allowed) or 'none'}."
             )
 

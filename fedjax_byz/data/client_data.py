@@ -69,7 +69,8 @@ class ClientData(struct.PyTreeNode):
 
     def normalize(self, x: jax.Array) -> jax.Array:
         """Examples as float32, standardised per channel."""
-        return (x.astype(jnp.float32) - self.mean) / self.std
+        shape = (1,) * (x.ndim - 1) + (-1,)
+        return (x.astype(jnp.float32) - self.mean.reshape(shape)) / self.std.reshape(shape)
 
     def label_histogram(self) -> np.ndarray:
         """``[n, num_classes]`` example counts per client and class (padding excluded)."""

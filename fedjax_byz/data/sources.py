@@ -185,10 +185,11 @@ TFDS_NAMES = ("mnist", "fashion_mnist", "cifar10", "svhn_cropped", "emnist")
 @DATASETS.register("tfds")
 def tfds(name: str = "mnist", data_dir: str | None = None) -> Dataset:
     """A TensorFlow Datasets image classification set (``mnist``, ``fashion_mnist``,
-    ``cifar10``, ``svhn_cropped``, ``emnist``), loaded whole as numpy.
+    ``cifar10``, ``svhn_cropped``, ``emnist``), read whole into numpy.
 
-    Needs the ``tfds`` extra (``pip install 'fedjax_byz[tfds]'``) and, the first time, the
-    internet (or a prepared ``data_dir``).
+    Uses ``tfds.data_source`` (random access to ArrayRecord files), which needs
+    ``tensorflow-datasets`` but not TensorFlow: ``pip install 'fedjax_byz[tfds]'``. The
+    first use downloads and prepares the dataset (internet or a prepared ``data_dir``).
     """
     if name not in TFDS_NAMES:
         raise ConfigError(f"data.name: unknown TFDS dataset {name!r}; allowed: {TFDS_NAMES}.")
@@ -199,24 +200,17 @@ def tfds(name: str = "mnist", data_dir: str | None = None) -> Dataset:
             "data.source: 'tfds' needs tensorflow-datasets; "
             "install it with pip install 'fedjax_byz[tfds]'."
         ) from e
-    splits, info = tfds_lib.load(
-        name,
-        split=["train", "test"],
-        batch_size=-1,
-        as_supervised=True,
-        data_dir=data_dir,
-        with_info=True,
-    )
-    (xtr, ytr), (xte, yte) = tfds_lib.as_numpy(splits)
-    num_classes = info.features["label"].num_classes
-    return Dataset(
-        name,
-        _as_images(np.asarray(xtr)),
-        np.asarray(ytr, np.int32),
-        _as_images(np.asarray(xte)),
-        np.asarray(yte, np.int32),
-        num_classes,
-    )
+
+    def read(split):
+        source = tfds_lib.data_source(name, split=split, data_dir=data_dir)
+        examples = [source[i] for i in range(len(source))]
+        x = np.stack([np.asarray(e["image"]) for e in examples])
+        y = np.array([e["label"] for e in examples], np.int32)
+        return _as_images(x), y
+
+    (xtr, ytr), (xte, yte) = read("train"), read("test")
+    num_classes = tfds_lib.builder(name, data_dir=data_dir).info.features["label"].num_classes
+    return Dataset(name, xtr, ytr, xte, yte, num_classes)
 
 
 def _read_leaf(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:

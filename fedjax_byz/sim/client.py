@@ -41,19 +41,22 @@ def make_client_update(
     local_epochs: int,
     local_steps: int | None,
 ) -> Callable:
-    """Builds ``client_update(params, x, y, count, key, opt) -> (g, mean_loss)``.
+    """Builds ``client_update(params, x, y, count, key, opt, relabel) -> (g, mean_loss)``.
 
-    One client's examples are ``x[:count]`` of its padded block ``x: [m_max, ...]``. Each
-    local epoch visits them in a fresh random order in mini-batches of ``B`` (the last
-    one partial, its padding masked out of the loss); a client takes
-    ``E·⌈count/B⌉`` steps (or ``K`` with ``local_steps``), so clients with fewer examples
-    take fewer steps. The loop has a data-dependent trip count: run one client at a time
-    it stops early, and under ``vmap`` JAX masks finished clients, so no client ever
-    trains on padding. Returns the flattened update ``g = w − w_local`` ``[d]``.
+    The client's examples are ``x[:count]`` of its padded block ``x: [m_max, ...]`` (pass
+    the whole ``[n, m_max, ...]`` array indexed lazily, e.g. ``x[i]`` inside the mapped
+    function, so that no block is copied). Each local epoch visits them in a fresh
+    random order in mini-batches of ``B``, the last one partial with its padding masked
+    out of the loss. A client takes ``E·⌈count/B⌉`` steps (or ``K`` with ``local_steps``),
+    so clients with fewer examples take fewer steps: the loops have data-dependent trip
+    counts, which stop early when clients run one at a time and which JAX masks under
+    ``vmap``, so no client ever trains on padding. ``relabel`` maps the batch's labels
+    (label flipping); identity for honest clients. Returns the flattened update
+    ``g = w − w_local`` ``[d]`` and the mean loss over the steps taken.
     """
     B = batch_size
 
-    def client_update(params, x, y, count, key, opt: optax.GradientTransformation):
+    def client_update(params, x, y, count, key, opt: optax.GradientTransformation, relabel):
         m_max = x.shape[0]
         span = -(-m_max // B) * B  # the index buffer covers every batch start
         per_epoch = jnp.maximum(-(-count // B), 1)
@@ -64,23 +67,24 @@ def make_client_update(
         def loss_fn(p, xb, yb, mask):
             return masked_cross_entropy(apply_fn(p, normalize(xb)), yb, mask)
 
-        def step(t, carry):
-            p, opt_state, loss_sum = carry
-            epoch, pos = t // per_epoch, t % per_epoch
-            order = jnp.argsort(
-                jnp.where(
-                    is_real, jax.random.uniform(jax.random.fold_in(key, epoch), (m_max,)), 2.0
-                )
-            )
-            order = jnp.pad(order, (0, span - m_max))
-            idx = lax.dynamic_slice(order, (pos * B,), (B,))
-            mask = pos * B + jnp.arange(B) < count
-            loss, grads = jax.value_and_grad(loss_fn)(p, x[idx], y[idx], mask)
-            updates, opt_state = opt.update(grads, opt_state, p)
-            return optax.apply_updates(p, updates), opt_state, loss_sum + loss
+        def epoch(e, carry):
+            keys = jax.random.uniform(jax.random.fold_in(key, e), (m_max,))
+            order = jnp.pad(jnp.argsort(jnp.where(is_real, keys, 2.0)), (0, span - m_max))
+
+            def step(pos, carry):
+                p, opt_state, loss_sum = carry
+                mask = pos * B + jnp.arange(B) < count
+                # Slots past the client's examples reuse a real one (with zero weight), so
+                # padding never enters the computation, not even multiplied by zero.
+                idx = jnp.where(mask, lax.dynamic_slice(order, (pos * B,), (B,)), order[0])
+                loss, grads = jax.value_and_grad(loss_fn)(p, x[idx], relabel(y[idx]), mask)
+                updates, opt_state = opt.update(grads, opt_state, p)
+                return optax.apply_updates(p, updates), opt_state, loss_sum + loss
+
+            return lax.fori_loop(0, jnp.minimum(per_epoch, steps - e * per_epoch), step, carry)
 
         init = (params, opt.init(params), jnp.zeros((), jnp.float32))
-        final, _, loss_sum = lax.fori_loop(0, steps, step, init)
+        final, _, loss_sum = lax.fori_loop(0, -(-steps // per_epoch), epoch, init)
         flat = jax.flatten_util.ravel_pytree
         g = flat(params)[0] - flat(final)[0]
         return g, loss_sum / jnp.maximum(steps, 1)
@@ -89,7 +93,7 @@ def make_client_update(
 
 
 def map_clients(fn: Callable, args, parallelism: int):
-    """Applies ``fn`` to every client (leading axis of ``args``).
+    """Applies ``fn`` to every client (leading axis of ``args``, typically client indices).
 
     ``parallelism >= m`` vmaps all clients at once (accelerators); smaller values run
     chunks of that many clients one after another inside the compiled program

@@ -228,13 +228,9 @@ def make_program(static: StaticConfig) -> Program:
         key, k_sample, k_train, k_attack, k_agg = jax.random.split(state.key, 5)
         if m == n:
             idx = jnp.arange(n)
-            x, y, counts = data.x, data.y, data.counts
         else:
             idx = jax.random.choice(k_sample, n, (m,), replace=False)
-            x, y, counts = data.x[idx], data.y[idx], data.counts[idx]
         byz = state.byz[idx]
-        if attack.relabel is not None:
-            y = jnp.where(byz[:, None], attack.relabel(y, data.num_classes), y)
 
         opt = local_optimizer(hp.client_lr, hp.client_momentum, hp.weight_decay, hp.clip_norm)
         client_update = make_client_update(
@@ -244,10 +240,19 @@ def make_program(static: StaticConfig) -> Program:
             local_epochs=static.local_epochs,
             local_steps=static.local_steps,
         )
+
+        def train_client(i, is_byz, key):
+            def relabel(y):
+                if attack.relabel is None:
+                    return y
+                return jnp.where(is_byz, attack.relabel(y, data.num_classes), y)
+
+            return client_update(
+                state.params, data.x[i], data.y[i], data.counts[i], key, opt, relabel
+            )
+
         G, losses = map_clients(  # [m, d], [m]
-            lambda xi, yi, ci, ki: client_update(state.params, xi, yi, ci, ki, opt),
-            (x, y, counts, jax.random.split(k_train, m)),
-            static.client_parallelism,
+            train_client, (idx, byz, jax.random.split(k_train, m)), static.client_parallelism
         )
 
         flat_params, unravel = jax.flatten_util.ravel_pytree(state.params)

@@ -1,0 +1,182 @@
+"""Data sources, partitioners and the padded ClientData block."""
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedjax_byz import ConfigError
+from fedjax_byz import data as data_lib
+
+LABELS = np.repeat(np.arange(10), 100)  # 1,000 examples, 10 balanced classes
+
+
+def _check_exact_cover(parts, total):
+    allidx = np.concatenate(parts)
+    assert len(allidx) == total
+    np.testing.assert_array_equal(np.sort(allidx), np.arange(total))
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("iid", {}),
+        ("dirichlet", {"beta": 0.1}),
+        ("dirichlet", {"beta": 5.0}),
+        ("shards", {"s": 0.3}),
+        ("shards", {"s": 0.0, "shards_per_client": 3}),
+    ],
+)
+def test_partition_assigns_every_example_once_and_is_reproducible(name, params):
+    parts = data_lib.partition(name, LABELS, 20, seed=3, **params)
+    assert len(parts) == 20
+    _check_exact_cover(parts, len(LABELS))
+    again = data_lib.partition(name, LABELS, 20, seed=3, **params)
+    for a, b in zip(parts, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    other = data_lib.partition(name, LABELS, 20, seed=4, **params)
+    assert any(not np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
+
+
+def _top_class_share(parts):
+    shares = [np.bincount(LABELS[p], minlength=10).max() / len(p) for p in parts if len(p)]
+    return float(np.mean(shares))
+
+
+def test_dirichlet_skew_follows_beta():
+    skewed = _top_class_share(data_lib.partition("dirichlet", LABELS, 10, 0, beta=0.05))
+    mild = _top_class_share(data_lib.partition("dirichlet", LABELS, 10, 0, beta=1000.0))
+    assert skewed > 0.7  # most of a client's data is one class
+    assert mild < 0.2  # close to the uniform 0.1
+
+
+def test_shards_without_iid_share_gives_few_labels_per_client():
+    parts = data_lib.partition("shards", LABELS, 10, 0, s=0.0)
+    labels_per_client = [len(np.unique(LABELS[p])) for p in parts]
+    assert max(labels_per_client) <= 2 * 2  # 2 shards, each spanning at most 2 labels
+    iid_parts = data_lib.partition("shards", LABELS, 10, 0, s=1.0)
+    assert min(len(np.unique(LABELS[p])) for p in iid_parts) >= 8
+
+
+def test_natural_partition_keeps_groups():
+    groups = np.repeat(np.arange(5), 200)
+    parts = data_lib.partition("natural", LABELS, 5, 0, groups=groups)
+    assert sorted(len(np.unique(groups[p])) for p in parts) == [1] * 5
+    _check_exact_cover(parts, len(LABELS))
+    with pytest.raises(ConfigError, match="data.num_clients"):
+        data_lib.partition("natural", LABELS, 6, 0, groups=groups)
+    with pytest.raises(ConfigError, match="data.partition"):
+        data_lib.partition("natural", LABELS, 5, 0)
+
+
+def test_partition_bad_input():
+    with pytest.raises(ConfigError, match="data.beta"):
+        data_lib.partition("dirichlet", LABELS, 10, 0, beta=0.0)
+    with pytest.raises(ConfigError, match="unknown partition 'dirichlt'.*dirichlet"):
+        data_lib.partition("dirichlt", LABELS, 10, 0)
+
+
+def test_client_data_pads_and_counts():
+    ds = data_lib.load("synthetic", num_train=50, num_test=10, shape=(4, 4, 1))
+    parts = [np.arange(0, 3), np.arange(3, 50)]
+    cd = data_lib.ClientData.from_partition(ds, parts)
+    assert cd.x.shape == (2, 47, 4, 4, 1)
+    np.testing.assert_array_equal(cd.counts, [3, 47])
+    np.testing.assert_array_equal(cd.x[0, :3], ds.x_train[:3])
+    assert not np.any(np.asarray(cd.x[0, 3:]))
+    hist = cd.label_histogram()
+    assert hist.sum() == 50
+
+
+def test_digits_source():
+    ds = data_lib.load("digits")
+    assert ds.x_train.shape[1:] == (8, 8, 1) and ds.num_classes == 10
+    assert len(ds.x_train) + len(ds.x_test) == 1797
+
+
+def _write_images(root, fmt):
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 3), ("test", 2)):
+        for cls in ("cat", "ant"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                img = rng.integers(0, 255, (6, 5, 3), dtype=np.uint8)
+                Image.fromarray(img).save(folder / f"{i}.{fmt}")
+
+
+@pytest.mark.parametrize("as_zip", [False, True])
+def test_imagefolder_dir_and_zip_with_cache(tmp_path, as_zip):
+    root = tmp_path / "imgs"
+    _write_images(root, "png")
+    path = root
+    if as_zip:
+        path = tmp_path / "imgs.zip"
+        with zipfile.ZipFile(path, "w") as z:
+            for f in root.rglob("*.png"):
+                z.write(f, f.relative_to(root).as_posix())
+    ds = data_lib.load("imagefolder", path=str(path))
+    assert ds.x_train.shape == (6, 6, 5, 3) and ds.x_train.dtype == np.uint8
+    assert ds.num_classes == 2
+    np.testing.assert_array_equal(np.bincount(ds.y_train), [3, 3])  # 'ant' = 0, 'cat' = 1
+    png = np.asarray(Image.open(root / "train" / "ant" / "0.png"))
+    np.testing.assert_array_equal(ds.x_train[0], png)  # lossless PNG round trip
+    caches = list(tmp_path.glob("*.npz"))
+    assert len(caches) == 1  # decoded once, cached beside the data
+    again = data_lib.load("imagefolder", path=str(path))
+    np.testing.assert_array_equal(again.x_test, ds.x_test)
+
+
+def test_imagefolder_read_only_folder_uses_cache_dir(tmp_path, monkeypatch):
+    root = tmp_path / "imgs"
+    _write_images(root, "jpg")
+    monkeypatch.setattr(data_lib.sources.os, "access", lambda *a: False)
+    ds = data_lib.load("imagefolder", path=str(root), cache_dir=str(tmp_path / "cache"))
+    assert ds.x_test.shape == (4, 6, 5, 3)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+
+
+def test_imagefolder_missing_path():
+    with pytest.raises(ConfigError, match="data.path"):
+        data_lib.load("imagefolder", path="/nonexistent/cifar.zip")
+
+
+def test_femnist_leaf_json(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, per_user in (("train", 4), ("test", 2)):
+        (tmp_path / split).mkdir()
+        users = ["f0001_00", "f0002_11", "f0003_22"]
+        blob = {
+            "users": users,
+            "num_samples": [per_user] * 3,
+            "user_data": {
+                u: {
+                    "x": rng.random((per_user, 784)).round(3).tolist(),
+                    "y": rng.integers(0, 62, per_user).tolist(),
+                }
+                for u in users
+            },
+        }
+        (tmp_path / split / "all_data_0.json").write_text(json.dumps(blob))
+    ds = data_lib.load("femnist", path=str(tmp_path))
+    assert ds.x_train.shape == (12, 28, 28, 1) and ds.num_classes == 62
+    np.testing.assert_array_equal(ds.groups, np.repeat([0, 1, 2], 4))
+    parts = data_lib.partition("natural", ds.y_train, 3, 0, groups=ds.groups)
+    assert [len(p) for p in parts] == [4, 4, 4]
+
+
+def test_tfds_with_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+        for name, shape, classes in (
+            ("mnist", (28, 28, 1), 10),
+            ("cifar10", (32, 32, 3), 10),
+            ("emnist", (28, 28, 1), 62),
+        ):
+            ds = data_lib.load("tfds", name=name)
+            assert ds.x_train.shape == (12, *shape) and ds.x_train.dtype == np.uint8
+            assert ds.num_classes == classes and ds.y_train.dtype == np.int32
+    with pytest.raises(ConfigError, match="data.name"):
+        data_lib.load("tfds", name="imagenet")

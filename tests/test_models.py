@@ -1,0 +1,52 @@
+"""Models: shapes, and the two convolution formulations computing the same function."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_byz import models
+from fedjax_byz.models.layers import Conv
+
+
+@pytest.mark.parametrize(
+    "name,shape,params",
+    [
+        ("mlp", (8, 8, 1), {}),
+        ("lenet5", (28, 28, 1), {}),
+        ("cnn", (32, 32, 3), {}),
+        ("femnist_cnn", (28, 28, 1), {}),
+        ("alexnet", (32, 32, 3), {"fc": 64}),
+        ("resnet18", (32, 32, 3), {"widths": (8, 16, 16, 16)}),
+    ],
+)
+def test_models_map_images_to_logits(name, shape, params):
+    model = models.get(name, 7, shape, **params)
+    p = model.init(jax.random.key(0))
+    logits = model.apply(p, jnp.ones((3, *shape)))
+    assert logits.shape == (3, 7)
+    assert np.all(np.isfinite(logits))
+
+
+@pytest.mark.parametrize(
+    "k,stride,padding", [(5, 1, "SAME"), (5, 1, "VALID"), (3, 2, 1), (1, 2, 0), (3, 1, "SAME")]
+)
+def test_patch_convolution_equals_xla_convolution(k, stride, padding):
+    x = jax.random.normal(jax.random.key(1), (2, 9, 9, 3))
+    conv_p = Conv(4, k, strides=stride, padding=padding, impl="patches")
+    conv_x = Conv(4, k, strides=stride, padding=padding, impl="xla")
+    params = conv_p.init(jax.random.key(0), x)
+    params = jax.tree.map(lambda a: a + 0.1, params)  # non-zero bias too
+    y_p, y_x = conv_p.apply(params, x), conv_x.apply(params, x)
+    np.testing.assert_allclose(y_p, y_x, rtol=1e-5, atol=1e-5)
+
+    def loss(p, conv):
+        return jnp.sum(jnp.sin(conv.apply(p, x)))
+
+    g_p, g_x = jax.grad(loss)(params, conv_p), jax.grad(loss)(params, conv_x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_p, g_x)
+
+
+def test_unknown_model():
+    with pytest.raises(ValueError, match="model.name"):
+        models.get("vgg", 10, (8, 8, 1))

@@ -1,0 +1,199 @@
+"""The simulator: local training semantics, the compiled round, determinism, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fedjax_byz as fb
+from fedjax_byz import sim
+from fedjax_byz.attacks import ATTACKS, stateless
+from fedjax_byz.sim.client import make_client_update, map_clients
+
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "data": {
+        "source": "synthetic",
+        "num_train": 240,
+        "num_test": 60,
+        "shape": [4, 4, 1],
+        "num_clients": 6,
+        "partition": "dirichlet",
+        "beta": 0.5,
+    },
+    "model": {"name": "mlp", "hidden": [16]},
+    "train": {"local_epochs": 1, "batch_size": 16, "lr": 0.1},
+    "server": {"rounds": 4, "eval_every": 2},
+    "attack": {"name": "none", "num_byzantine": 1},
+    "aggregator": {"name": "mean"},
+}
+
+
+def tiny(**over):
+    cfg = TINY
+    for key, value in over.items():
+        cfg = sim.config.set_path(cfg, key, value)
+    return cfg
+
+
+def _count_steps(count, *, batch_size, epochs=1, steps=None, parallelism=1):
+    """Runs local training with an 'optimizer' adding 1 per step: g = −(number of steps)."""
+    ones = optax.GradientTransformation(
+        lambda p: (), lambda g, s, p=None: (jax.tree.map(jnp.ones_like, g), s)
+    )
+    update = make_client_update(
+        lambda p, x: x.reshape(x.shape[0], -1) * p["w"],
+        lambda x: x,
+        batch_size=batch_size,
+        local_epochs=epochs,
+        local_steps=steps,
+    )
+    counts = jnp.asarray(count, jnp.int32)
+    m = counts.shape[0]
+    x = jnp.ones((m, 7, 2))
+    y = jnp.zeros((m, 7), jnp.int32)
+
+    def one(i, key):
+        return update({"w": jnp.zeros(())}, x[i], y[i], counts[i], key, ones, lambda v: v)[0]
+
+    g = map_clients(one, (jnp.arange(m), jax.random.split(jax.random.key(0), m)), parallelism)
+    return -np.asarray(g)[:, 0]
+
+
+@pytest.mark.parametrize("parallelism", [1, 2, 4])
+def test_clients_with_fewer_examples_take_fewer_steps(parallelism):
+    steps = _count_steps([0, 1, 3, 7], batch_size=2, epochs=2, parallelism=parallelism)
+    np.testing.assert_array_equal(steps, [0, 2, 4, 8])  # E·⌈count/B⌉
+    fixed = _count_steps([0, 1, 3, 7], batch_size=2, steps=5, parallelism=parallelism)
+    np.testing.assert_array_equal(fixed, [0, 5, 5, 5])
+
+
+@pytest.mark.parametrize("parallelism", [1, 3])
+def test_padding_never_enters_training(parallelism):
+    """A client with 3 (or 2, 1) examples in a block of 9 trains only on its examples."""
+    apply = lambda p, x: x.reshape(x.shape[0], -1) @ p["w"]  # noqa: E731
+    update = make_client_update(apply, lambda x: x, batch_size=4, local_epochs=2, local_steps=None)
+    counts = np.array([3, 2, 1])
+    real = np.random.default_rng(0).standard_normal((3, 9, 5)).astype(np.float32)
+
+    def run(pad_value):
+        x = np.where(np.arange(9)[None, :, None] < counts[:, None, None], real, pad_value)
+        x, y = jnp.asarray(x), jnp.zeros((3, 9), jnp.int32)
+
+        def one(i, key):
+            return update(
+                {"w": jnp.full((5, 4), 0.1)},
+                x[i],
+                y[i],
+                jnp.asarray(counts)[i],
+                key,
+                optax.sgd(0.1),
+                lambda v: v,
+            )[0]
+
+        keys = jax.random.split(jax.random.key(1), 3)
+        return np.asarray(map_clients(one, (jnp.arange(3), keys), parallelism))
+
+    g_nan = run(np.nan)
+    assert np.all(np.isfinite(g_nan)) and np.all(np.abs(g_nan).sum(1) > 0)
+    np.testing.assert_array_equal(g_nan, run(1e6))
+
+
+def test_simulate_is_deterministic_and_seeded():
+    a = sim.simulate(tiny(), progress=False)
+    b = sim.simulate(tiny(), progress=False)
+    assert a["test_acc"] == b["test_acc"] and a["train_loss"] == b["train_loss"]
+    c = sim.simulate(tiny(seed=1), progress=False)
+    assert c["train_loss"] != a["train_loss"]
+    assert len(a["test_acc"]) == 2 and len(a["train_loss"]) == 4
+    assert len(a["byzantine_clients"]) == 1
+
+
+def test_simulate_learns_on_separable_data():
+    r = sim.simulate(tiny(**{"server.rounds": 10, "server.eval_every": 5}), progress=False)
+    assert r["best_acc"] > 0.6  # 10 classes: chance is 0.1
+
+
+def test_round_batches_over_hyperparameters_with_vmap():
+    """Two learning rates in one vmapped program equal two separate runs."""
+    cfgs = [sim.from_dict(tiny(**{"train.lr": lr})) for lr in (0.05, 0.2)]
+    data = sim.client_data(cfgs[0].data, 0)
+    static = sim.StaticConfig.from_config(cfgs[0], data.num_classes, data.x.shape[2:])
+    program = sim.make_program(static)
+    hps = [sim.HParams.from_config(c) for c in cfgs]
+    hp = jax.tree.map(lambda *a: jnp.stack(a), *hps)
+    key = jax.random.key(0)
+    state = jax.vmap(program.init, (None, 0, None))(key, hp, data)
+    run = jax.jit(jax.vmap(program.run, (0, 0, None, None)), static_argnums=3)
+    _, (rm, em) = run(state, hp, data, 2)
+    for i, h in enumerate(hps):
+        s_i = program.init(key, h, data)
+        _, (rm_i, em_i) = jax.jit(program.run, static_argnums=3)(s_i, h, data, 2)
+        np.testing.assert_allclose(em["test_acc"][i], em_i["test_acc"], atol=1e-6)
+        np.testing.assert_allclose(rm["train_loss"][i], rm_i["train_loss"], rtol=1e-4)
+
+
+def test_labelflip_only_touches_byzantine_clients():
+    none = sim.simulate(tiny(**{"attack.num_byzantine": 0}), progress=False)
+    flip0 = sim.simulate(
+        tiny(**{"attack.name": "labelflip", "attack.num_byzantine": 0}), progress=False
+    )
+    assert none["train_loss"] == flip0["train_loss"]
+    flip = sim.simulate(
+        tiny(**{"attack.name": "labelflip", "attack.num_byzantine": 2}), progress=False
+    )
+    assert flip["train_loss"] != none["train_loss"]
+
+
+def test_nonfinite_updates_are_dropped_and_counted():
+    name = "test-nan-rows"
+    if name not in ATTACKS:
+        ATTACKS.register(name, lambda: stateless(lambda key, G, ctx: jnp.full(G.shape, jnp.nan)))
+    r = sim.simulate(tiny(**{"attack.name": name, "attack.num_byzantine": 2}), progress=False)
+    assert r["nonfinite"] == [2.0] * 4 or r["nonfinite"] == [2] * 4
+    assert all(np.isfinite(r["test_loss"]))
+
+
+def test_partial_participation():
+    r = sim.simulate(tiny(**{"server.clients_per_round": 3}), progress=False)
+    full = sim.simulate(tiny(), progress=False)
+    assert r["train_loss"] != full["train_loss"]
+    assert all(np.isfinite(r["test_acc"]))
+
+
+def test_byzantine_weight_is_recorded_for_weighting_rules():
+    r = sim.simulate(tiny(**{"attack.num_byzantine": 2}), progress=False)
+    np.testing.assert_allclose(r["byz_weight"], [2 / 6] * 4, rtol=1e-6)  # mean: 1/n each
+
+
+@pytest.mark.parametrize(
+    "over,field",
+    [
+        ({"attack.name": "lei"}, "attack.name"),
+        ({"aggregator.name": "medain"}, "aggregator"),
+        ({"attack.num_byzantine": 3, "aggregator.name": "median"}, "aggregator.f"),
+        ({"aggregator.name": "trmean", "aggregator.assumed_byzantine": 3}, "aggregator.f"),
+        ({"data.beta": 0.0}, "data.beta"),
+        ({"server.clients_per_round": 7}, "server.clients_per_round"),
+        ({"data": {"source": "imagefolder", "path": "/no/such.zip"}}, "data.path"),
+        ({"data.num_tset": 5}, "data.num_tset"),
+        ({"attack.z": 1.0}, "attack.z"),
+        ({"train.lr": -1.0}, "train.lr"),
+        ({"server.eval_every": 3}, "server.eval_every"),
+        ({"model.name": "vgg"}, "model.name"),
+        ({"trian.lr": 0.1}, "trian"),
+        ({"server.rouds": 3}, "server.rouds"),
+    ],
+)
+def test_bad_input_fails_before_compiling(monkeypatch, over, field):
+    def no_compile(*a, **k):
+        raise AssertionError("compiled before validating")
+
+    monkeypatch.setattr(sim.run, "make_program", no_compile)
+    sim.run._programs.cache_clear()
+    with pytest.raises(fb.ConfigError) as err:
+        sim.simulate(tiny(**over), progress=False)
+    assert str(err.value).startswith(field), str(err.value)
+    assert "\n" not in str(err.value)
