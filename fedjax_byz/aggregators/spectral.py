@@ -69,7 +69,7 @@ def dnc(b: int = 1000, niters: int = 1, c: ArrayLike = 1.0) -> Aggregator:
     return stateless(fn)
 
 
-def caf() -> Aggregator:
+def caf(max_iter: int = 1000) -> Aggregator:
     """Covariance-bound Agnostic Filter (Allouah, Guerraoui & Stephan, "Towards
     trustworthy federated learning with untrusted participants", ICML 2025), as
     described in ByzFL ``CAF``.
@@ -79,9 +79,13 @@ def caf() -> Aggregator:
     ``τ_i = ⟨g_i − μ_c, v⟩²``; ``c_i ← c_i (1 − τ_i / max_j τ_j)``. The output is the
     ``μ_c`` with the smallest ``λ`` met. The eigenpair is exact (``jnp.linalg.eigh`` of
     the ``[n, n]`` weighted Gram matrix, whose top eigenvector maps to ``v``); ByzFL
-    approximates it by one power-iteration step from a random vector. At most ``n``
-    filtering steps (each zeroes the largest ``τ``). ``aux["weights"]`` is the chosen
-    ``c / Σ c``. Needs ``f < n/2``.
+    approximates it by one power-iteration step from a random vector. The loop stops
+    after ``max_iter`` filtering steps at the latest (ByzFL has no cap; rows already
+    down-weighted can keep the largest ``τ``, so ``Σ c`` may shrink slowly).
+    ``aux["weights"]`` is the chosen ``c / Σ c``. Needs ``f < n/2``.
+
+    Args:
+      max_iter: cap on the filtering steps (static).
     """
 
     def fn(G, ctx):
@@ -100,7 +104,7 @@ def caf() -> Aggregator:
 
         def cond(carry):
             c, _, _, t = carry
-            return (c.sum() > n - 2 * ctx.f) & (t < n)
+            return (c.sum() > n - 2 * ctx.f) & (t < max_iter)
 
         def body(carry):
             c, best_c, best_lam, t = carry
@@ -109,7 +113,8 @@ def caf() -> Aggregator:
             best_c = jnp.where(better, c / c.sum(), best_c)
             best_lam = jnp.where(better, lam, best_lam)
             tau_max = tau.max()
-            c = jnp.where(tau_max > 0, c * (1.0 - tau / jnp.maximum(tau_max, 1e-30)), 0.0)
+            c = c * jnp.maximum(1.0 - tau / jnp.maximum(tau_max, 1e-30), 0.0)
+            c = jnp.where(tau_max > 0, c, 0.0)
             return c, best_c, best_lam, t + 1
 
         init = (jnp.ones(n), jnp.full(n, 1.0 / n), jnp.asarray(jnp.inf), jnp.asarray(0))

@@ -1,0 +1,408 @@
+"""Every aggregation rule against its numpy oracle, plus properties and the contract."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fedjax_byz as fb
+from fedjax_byz import ops
+from fedjax_byz.aggregators import AggregatorContext, check, get, pre, spectral
+from fedjax_byz.registry import ConfigError
+
+try:  # tests/ as a package or as a plain directory on sys.path
+    from tests import oracles_aggregators as oracle
+except ImportError:
+    import oracles_aggregators as oracle
+
+SIZES = [(7, 5, 1), (12, 9, 3), (25, 6, 5)]
+SMALL = [(6, 4, 1), (9, 5, 2)]  # exact subset searches
+KEY = jax.random.key(3)
+
+
+def updates(n, d, f, seed=0):
+    return oracle.skewed_updates(np.random.default_rng(seed + 101 * n + d), n, d, f)
+
+
+def run(name, G, f, key=KEY, **hp):
+    """The public entry point with ``f`` traced (an int32 array, not a Python int)."""
+    return fb.aggregate(name, G, f=jnp.int32(f), key=key, return_aux=True, **hp)
+
+
+def assert_close(out, ref, G):
+    scale = np.abs(G).max()
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=2e-5, atol=2e-5 * scale)
+
+
+def kept(aux):
+    w = np.asarray(aux["weights"])
+    return set(np.flatnonzero(w > 0).tolist())
+
+
+def assert_weights(aux, ref_kept):
+    w = np.asarray(aux["weights"])
+    np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-5)
+    assert (w >= 0).all()
+    assert kept(aux) == ref_kept
+
+
+# ---------------------------------------------------------------- oracle comparisons
+ROW_RULES = {
+    "krum": oracle.krum,
+    "multikrum": oracle.multikrum,
+    "bulyan": oracle.bulyan,
+    "aksel": oracle.aksel,
+    "monna": oracle.monna,
+}
+VALUE_RULES = {
+    "mean": oracle.mean,
+    "median": oracle.median,
+    "trmean": oracle.trmean,
+    "meamed": oracle.meamed,
+    "geomed": oracle.geomed,
+    "cclip": oracle.cclip,
+    "caf": oracle.caf,
+}
+
+
+@pytest.mark.parametrize("n,d,f", SIZES)
+@pytest.mark.parametrize("name", sorted(VALUE_RULES))
+def test_value_rules_match_oracle(name, n, d, f):
+    if name == "bulyan" and n < 4 * f + 3:
+        f = (n - 3) // 4
+    G = updates(n, d, f)
+    out, aux = run(name, G, f)
+    ref, ref_kept = VALUE_RULES[name](G, f)
+    assert_close(out, ref, G)
+    if ref_kept is not None:
+        assert_weights(aux, ref_kept)
+
+
+@pytest.mark.parametrize("n,d,f", SIZES)
+@pytest.mark.parametrize("name", sorted(ROW_RULES))
+def test_row_rules_match_oracle(name, n, d, f):
+    if name == "bulyan":
+        f = min(f, (n - 3) // 4)
+    G = updates(n, d, f)
+    out, aux = run(name, G, f)
+    ref, ref_kept = ROW_RULES[name](G, f)
+    assert_close(out, ref, G)
+    assert_weights(aux, ref_kept)
+
+
+@pytest.mark.parametrize("n,d,f", SIZES[:2])
+def test_knobs_match_oracle(n, d, f):
+    G = updates(n, d, f, seed=5)
+    out, _ = run("geomed", G, f, iters=3, nu=0.1)
+    assert_close(out, oracle.geomed(G, f, iters=3, nu=0.1)[0], G)
+    out, _ = run("cclip", G, f, tau=2.0, iters=3)
+    assert_close(out, oracle.cclip(G, f, tau=2.0, iters=3)[0], G)
+    out, aux = run("aksel", G, f, mode="n-f")
+    ref, ref_kept = oracle.aksel(G, f, mode="n-f")
+    assert_close(out, ref, G)
+    assert_weights(aux, ref_kept)
+    out, aux = run("monna", G, f, idx=2)
+    ref, ref_kept = oracle.monna(G, f, idx=2)
+    assert_close(out, ref, G)
+    assert_weights(aux, ref_kept)
+
+
+def test_cclip_starts_from_its_state():
+    G = updates(9, 6, 2)
+    rule = get("cclip", iters=2)
+    ctx = AggregatorContext.create(2)
+    v1, s1, _ = rule.update(jnp.asarray(G), rule.init(6), ctx)
+    v2, _, _ = rule.update(jnp.asarray(G), s1, ctx)
+    v_ref = oracle.cclip(G, 2, iters=2)[0]
+    assert_close(v1, v_ref, G)
+    assert_close(v2, oracle.cclip(G, 2, iters=2, v=v_ref)[0], G)
+
+
+@pytest.mark.parametrize("n,d,f", SMALL)
+@pytest.mark.parametrize("name", ["mda", "smea"])
+def test_subset_rules_match_oracle(name, n, d, f):
+    G = updates(n, d, f)
+    out, aux = run(name, G, f)
+    ref, ref_kept = getattr(oracle, name)(G, f)
+    assert_close(out, ref, G)
+    assert_weights(aux, ref_kept)
+
+
+@pytest.mark.parametrize("n,d,f", SIZES)
+def test_rbtm_matches_oracle(n, d, f):
+    f = min(f, (n - 1) // 3)
+    G = updates(n, d, f)
+    out, _ = run("rbtm", G, f)
+    delivered = np.asarray(jax.random.permutation(KEY, n))[: n - f]
+    assert_close(out, oracle.rbtm(G, f, delivered)[0], G)
+
+
+@pytest.mark.parametrize("n,d,f", SIZES)
+@pytest.mark.parametrize("niters,c", [(1, 1.0), (2, 1.5)])
+def test_dnc_matches_oracle(n, d, f, niters, c):
+    G = updates(n, 40, f)
+    b = 7
+    coords = [
+        np.asarray(spectral.sample_coordinates(jax.random.fold_in(KEY, t), 40, b))
+        for t in range(niters)
+    ]
+    out, aux = run("dnc", G, f, b=b, niters=niters, c=c)
+    ref, ref_kept = oracle.dnc(G, f, coords, c=c)
+    assert_close(out, ref, G)
+    assert_weights(aux, ref_kept)
+    out, aux = run("dnc", G, f, b=1000)  # b >= d: every coordinate
+    ref, ref_kept = oracle.dnc(G, f, [np.arange(40)])
+    assert_close(out, ref, G)
+    assert_weights(aux, ref_kept)
+
+
+def test_sample_coordinates_are_distinct_and_uniform():
+    draws = jax.vmap(lambda k: spectral.sample_coordinates(k, 10, 4))(jax.random.split(KEY, 4000))
+    draws = np.asarray(draws)
+    assert all(len(set(r)) == 4 for r in draws)
+    assert draws.min() >= 0 and draws.max() < 10
+    freq = np.bincount(draws.ravel(), minlength=10) / draws.size
+    np.testing.assert_allclose(freq, 0.1, atol=0.01)
+
+
+@pytest.mark.parametrize("kind", [None, "sim", "dist"])
+@pytest.mark.parametrize("n,d,f", [(12, 60, 3), (25, 80, 5)])
+def test_signguard_matches_oracle(kind, n, d, f):
+    G = updates(n, d, f)
+    G[f:, : d // 2] = np.where(np.abs(G[f:, : d // 2]) < 49, 0.0, G[f:, : d // 2])
+    name = "signguard" if kind is None else f"signguard-{kind}"
+    out, aux = run(name, G, f)
+    m = int(0.1 * d)
+    start = int(jax.random.randint(jax.random.split(KEY)[0], (), 0, d - m + 1))
+    ref, ref_kept = oracle.signguard(G, start, m, kind)
+    assert_close(out, ref, G)
+    assert_weights(aux, ref_kept)
+
+
+@pytest.mark.parametrize("n,d,f", SIZES)
+def test_clippedclustering_matches_oracle(n, d, f):
+    G = updates(n, d, f)
+    out, aux = run("clippedclustering", G, f)
+    ref, ref_kept = oracle.clippedclustering(G, f)
+    assert_close(out, ref, G)
+    assert_weights(aux, ref_kept)
+
+
+# ---------------------------------------------------------------- pre-aggregators
+def pre_apply(p, G, f, key=KEY):
+    out, _, mixing = p.update(jnp.asarray(G), p.init(G.shape[1]), AggregatorContext.create(f, key))
+    return out, mixing
+
+
+@pytest.mark.parametrize("n,d,f", SIZES)
+def test_pre_aggregators_match_oracle(n, d, f):
+    G = updates(n, d, f)
+    for s in (2, 3):
+        out, mixing = pre_apply(pre.bucketing(s), G, f)
+        perm = np.asarray(jax.random.permutation(KEY, n))
+        assert_close(out, oracle.bucketing(G, perm, s), G)
+        np.testing.assert_allclose(np.asarray(mixing).sum(1), 1.0, rtol=1e-6)
+    out, mixing = pre_apply(pre.nnm(), G, f)
+    assert_close(out, oracle.nnm(G, f), G)
+    np.testing.assert_allclose(np.asarray(mixing) @ G, out, rtol=1e-5, atol=1e-4)
+    assert_close(pre_apply(pre.arc(), G, f)[0], oracle.arc(G, f), G)
+    assert_close(pre_apply(pre.clip(3.0), G, f)[0], oracle.clip(G, 3.0), G)
+
+
+def test_composites_route_keywords_and_weights():
+    n, d, f = 12, 7, 3
+    G = updates(n, d, f)
+    out, aux = run("nnm+multikrum", G, f)
+    Y = oracle.nnm(G, f)
+    ref, _ = oracle.multikrum(Y, f)
+    assert_close(out, ref, G)
+    np.testing.assert_allclose(np.asarray(aux["weights"]).sum(), 1.0, rtol=1e-5)
+    out, _ = run("bucketing+cclip", G, f, s=3, tau=1.0)
+    Y = oracle.bucketing(G, np.asarray(jax.random.permutation(jax.random.fold_in(KEY, 0), n)), 3)
+    assert_close(out, oracle.cclip(Y, f, tau=1.0)[0], G)
+    out, _ = run("arc+trmean", G, f)
+    assert_close(out, oracle.trmean(oracle.arc(G, f), f)[0], G)
+
+
+# ---------------------------------------------------------------- properties
+DETERMINISTIC = [
+    "mean",
+    "median",
+    "trmean",
+    "meamed",
+    "krum",
+    "multikrum",
+    "bulyan",
+    "geomed",
+    "cclip",
+    "aksel",
+    "caf",
+    "mda",
+    "smea",
+    "clippedclustering",
+    "nnm+median",
+]
+EQUIVARIANT = [
+    "mean",
+    "median",
+    "trmean",
+    "meamed",
+    "krum",
+    "multikrum",
+    "bulyan",
+    "geomed",
+    "aksel",
+    "monna",
+    "dnc",
+    "caf",
+    "mda",
+    "smea",
+    "nnm+median",
+    "nnm+geomed",
+]
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_permutation_invariance(name):
+    n, d, f = 11, 6, 2
+    G = updates(n, d, f)
+    perm = np.random.default_rng(0).permutation(n)
+    a, aux_a = run(name, G, f)
+    b, aux_b = run(name, G[perm], f)
+    assert_close(b, np.asarray(a, np.float64), G)
+    if not np.isnan(aux_a["weights"]).any():
+        np.testing.assert_allclose(aux_b["weights"], np.asarray(aux_a["weights"])[perm], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", EQUIVARIANT)
+def test_translation_equivariance(name):
+    n, d, f = 11, 6, 2
+    G = updates(n, d, f)
+    t = np.random.default_rng(1).standard_normal(d).astype(np.float32) * 20
+    a, _ = run(name, G, f)
+    b, _ = run(name, G + t, f)
+    np.testing.assert_allclose(b, np.asarray(a) + t, rtol=1e-4, atol=1e-3)
+
+
+def test_trmean_with_f_zero_is_mean_and_bucketing_s1_is_identity():
+    G = updates(12, 8, 0)
+    chex.assert_trees_all_close(run("trmean", G, 0)[0], run("mean", G, 0)[0], rtol=1e-6)
+    out, mixing = pre_apply(pre.bucketing(1), G, 0)
+    perm = np.asarray(jax.random.permutation(KEY, 12))
+    np.testing.assert_array_equal(np.asarray(out), G[perm])
+    np.testing.assert_array_equal(np.asarray(mixing), np.eye(12)[perm])
+
+
+@pytest.mark.parametrize("name", ["median", "trmean", "meamed", "rbtm"])
+def test_coordinate_rules_stay_in_honest_range(name):
+    n, d, f = 13, 40, 4
+    G = updates(n, d, f)
+    G[:f] = 1e6 * np.sign(np.random.default_rng(2).standard_normal((f, d)))
+    out = np.asarray(run(name, G, f)[0])
+    honest = G[f:]
+    assert (out >= honest.min(0) - 1e-3).all() and (out <= honest.max(0) + 1e-3).all()
+
+
+# ---------------------------------------------------------------- contract
+def count_traces(name, **static):
+    calls = []
+    rule = get(name, **static)
+
+    def agg(G, f, knobs):
+        calls.append(1)
+        rebuilt = get(name, **static, **knobs)
+        ctx = AggregatorContext.create(f, KEY)
+        return rebuilt.update(G, rebuilt.init(G.shape[1]), ctx)[0]
+
+    del rule
+    return calls, agg
+
+
+@pytest.mark.parametrize(
+    "name,knobs",
+    [
+        ("trmean", {}),
+        ("krum", {}),
+        ("bulyan", {}),
+        ("geomed", {"nu": [1e-6, 1e-3, 0.1]}),
+        ("cclip", {"tau": [1.0, 10.0, 100.0]}),
+        ("dnc", {"c": [1.0, 1.5, 2.0]}),
+        ("signguard", {"lower": [0.1, 0.2, 0.3], "upper": [2.0, 3.0, 4.0]}),
+        ("nnm+median", {}),
+        ("mda", {}),
+    ],
+)
+def test_vmap_over_f_and_knobs_compiles_once(name, knobs):
+    G = jnp.asarray(updates(11, 6, 2))
+    calls, agg = count_traces(name)
+    fs = jnp.array([0, 1, 2], jnp.int32)
+    ks = {k: jnp.asarray(v, jnp.float32) for k, v in knobs.items()}
+    fn = jax.jit(jax.vmap(agg, in_axes=(None, 0, 0)))
+    out1 = fn(G, fs, ks)
+    out2 = fn(G, fs[::-1], {k: v[::-1] for k, v in ks.items()})
+    assert len(calls) == 1
+    chex.assert_shape(out1, (3, 6))
+    chex.assert_tree_all_finite((out1, out2))
+    np.testing.assert_allclose(out1[0], out2[2], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", fb.aggregators.names())
+def test_every_rule_rejects_nonfinite_rows(name):
+    n, d, f = 11, 12, 2
+    G = updates(n, d, f)
+    G[3, 2] = np.nan
+    G[5, 0] = np.inf
+    out, aux = run(name, G, f)
+    chex.assert_tree_all_finite(out)
+    np.testing.assert_array_equal(np.flatnonzero(aux["nonfinite"]), [3, 5])
+    w = np.asarray(aux["weights"])
+    if not np.isnan(w).any():
+        np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", fb.aggregators.names())
+def test_pytrees_round_trip(name):
+    G = updates(9, 7, 1)
+    tree = {"w": G[:, :4].reshape(9, 2, 2), "b": G[:, 4:]}
+    out = fb.aggregate(name, tree, f=1)
+    flat = fb.aggregate(name, G, f=1)
+    chex.assert_trees_all_close(
+        jnp.concatenate([out["b"], out["w"].ravel()]), jnp.concatenate([flat[4:], flat[:4]])
+    )
+
+
+def test_bad_configs_fail_before_compiling():
+    with pytest.raises(ConfigError, match="bulyan.*f <= 2"):
+        check("bulyan", 12, 3)
+    with pytest.raises(ConfigError, match="krum"):
+        check("krum", 5, 3)
+    with pytest.raises(ConfigError, match="at most 20 rows"):
+        check("mda", 25, 2)
+    with pytest.raises(ConfigError, match="'nnm' needs f <= 4"):
+        check("nnm+mean", 10, 5)
+    with pytest.raises(ConfigError, match="rbtm"):
+        fb.aggregate("rbtm", updates(9, 3, 0), f=3)
+    with pytest.raises(ConfigError, match="unknown"):
+        check("bucketing+krumm", 10, 1)
+    check("bucketing+mda", 40, 4)  # 20 buckets after bucketing
+
+
+# ---------------------------------------------------------------- kernels
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 13, 33, 47, 64, 100, 129])
+def test_sorting_network_sorts(n):
+    x = np.random.default_rng(n).integers(-3, 4, (n, 17)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(ops.sort_rows(jnp.asarray(x))), np.sort(x, 0))
+    keys = np.abs(x)
+    got = np.stack(ops.sorted_by_key(jnp.asarray(keys), jnp.asarray(x)))
+    ref = np.stack([x[np.lexsort((x[:, j], keys[:, j])), j] for j in range(17)], 1)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_masked_median():
+    x = np.random.default_rng(0).standard_normal((9, 5)).astype(np.float32)
+    mask = np.array([1, 0, 1, 1, 0, 1, 1, 1, 0], bool)
+    got = jax.jit(ops.masked_median)(jnp.asarray(x), jnp.asarray(mask))
+    np.testing.assert_allclose(got, np.median(x[mask], 0), rtol=1e-6)
