@@ -8,13 +8,13 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import oracles_attacks as O
 import pytest
 
 import fedjax_byz as fb
 from fedjax_byz import attacks
 from fedjax_byz.attacks import AttackContext
 from fedjax_byz.registry import ConfigError
+from tests import oracles_attacks as O
 
 SHAPES = [(8, 12), (13, 31), (20, 7)]
 KINDS = ("mixture", "heavy", "offset")
