@@ -7,7 +7,8 @@
   2. local training of every participant (one mapped client function);
   3. updates ``g_i = w − w_i`` as ``f32[m, d]``;
   4. the attack replaces the Byzantine rows;
-  5. non-finite rows are dropped (zeroed and counted), the rule aggregates;
+  5. the rule aggregates (every rule drops non-finite rows first, see
+     ``aggregators.guard_nonfinite``; they are counted);
   6. the server applies the aggregate through optax (momentum optional).
 
 Rounds run as nested ``lax.scan``s: ``eval_every`` rounds, then an evaluation on the
@@ -264,22 +265,18 @@ def make_program(static: StaticConfig) -> Program:
         atk_ctx = attacks.AttackContext(byz, state.round, flat_params, server_rule)
         G, attack_state = attack.apply(k_attack, G, state.attack_state, atk_ctx)
 
-        finite = jnp.isfinite(
-            G @ jnp.ones(G.shape[1], G.dtype)
-        )  # [m]: any NaN/inf poisons its row sum
-        G = jnp.where(finite[:, None], G, 0.0)
         aggregate, agg_state, aux = rule.update(G, state.agg_state, agg_ctx)
 
         grads = unravel(aggregate)
         updates, opt_state = server_optimizer(hp).update(grads, state.opt_state, state.params)
-        honest = ~byz
+        honest = ~byz & ~aux["nonfinite"]
         mu_h = ops.masked_mean(G, honest)
         metrics = {
             "train_loss": jnp.sum(losses * honest) / jnp.maximum(honest.sum(), 1),
             "byz_weight": jnp.sum(aux["weights"] * byz),
             "agg_error": jnp.linalg.norm(aggregate - mu_h),
             "agg_norm": jnp.linalg.norm(aggregate),
-            "nonfinite": jnp.sum(~finite),
+            "nonfinite": jnp.sum(aux["nonfinite"]),
         }
         new_state = ServerState(
             params=optax.apply_updates(state.params, updates),
