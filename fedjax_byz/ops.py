@@ -151,9 +151,33 @@ def masked_median(G: jax.Array, mask: jax.Array) -> jax.Array:
     return rank_sum(S, median_weights(mask.sum(), G.shape[0]))
 
 
-def gram(G: jax.Array) -> jax.Array:
-    """Inner products ``G Gᵀ``. ``[n, d] -> [n, n]``."""
-    return jnp.matmul(G, G.T, precision=_HI)
+_GRAM_BLOCK = 8192
+
+
+def gram(G: jax.Array, center: jax.Array | None = None) -> jax.Array:
+    """Inner products ``(G − c)(G − c)ᵀ`` (``c = 0`` by default). ``[n, d] -> [n, n]``.
+
+    On CPU the product is accumulated over blocks of 8192 columns (each block centred
+    and multiplied while it is in cache): XLA's CPU dot for a long contraction was 5x
+    slower than this here. Other backends use one matmul.
+    """
+    n, d = G.shape
+    center = jnp.zeros(d, G.dtype) if center is None else center
+    nb = d // _GRAM_BLOCK
+    if jax.default_backend() != "cpu" or nb < 2:
+        Gc = G - center[None, :]
+        return jnp.matmul(Gc, Gc.T, precision=_HI)
+
+    def block(start, size):
+        B = jax.lax.dynamic_slice(G, (0, start), (n, size))
+        B = B - jax.lax.dynamic_slice(center, (start,), (size,))[None, :]
+        return jnp.matmul(B, B.T, precision=_HI)
+
+    K = jax.lax.fori_loop(
+        0, nb, lambda b, K: K + block(b * _GRAM_BLOCK, _GRAM_BLOCK), jnp.zeros((n, n), G.dtype)
+    )
+    rest = d - nb * _GRAM_BLOCK
+    return K + block(nb * _GRAM_BLOCK, rest) if rest else K
 
 
 def sq_dists_from_gram(K: jax.Array) -> jax.Array:
@@ -178,7 +202,7 @@ def centred_gram(G: jax.Array) -> jax.Array:
     Distances and any combination ``Σ_i α_i g_i`` with ``Σ α_i = 1`` are unchanged by the
     centring, which keeps float32 Gram entries small when rows share a large component.
     """
-    return gram(G - weighted_sum(jnp.full(G.shape[0], 1.0 / G.shape[0]), G)[None, :])
+    return gram(G, weighted_sum(jnp.full(G.shape[0], 1.0 / G.shape[0]), G))
 
 
 def ranks(scores: jax.Array) -> jax.Array:

@@ -116,16 +116,25 @@ def compose(*stages: PreAggregator | Aggregator) -> Aggregator:
 def guard_nonfinite(rule: Aggregator) -> Aggregator:
     """Rejects non-finite client rows before ``rule`` sees them.
 
-    A row holding a NaN or an infinity (a faulty client) is replaced by zeros, as if the
-    client had sent no update, so that it can never turn the aggregate into NaN; robust
-    rules then treat it as one more outlier. ``aux["nonfinite"]`` (bool[n]) marks the
-    rejected rows for the round's metrics. This is the published SignGuard code's
-    convention (NaN entries set to 0), applied to whole rows.
+    A row holding a NaN or an infinity (a faulty client), detected as a non-finite row
+    sum (which also flags a row whose finite entries overflow float32 when summed), is
+    replaced by zeros, as if the client had sent no update, so that it can never turn
+    the aggregate into NaN; robust rules then treat it as one more outlier.
+    ``aux["nonfinite"]`` (bool[n]) marks the rejected rows for the round's metrics. This
+    is the published SignGuard code's convention (NaN entries set to 0), applied to
+    whole rows. The rule runs on a zeroed copy only in rounds that have such a row.
     """
 
     def update(G, state, ctx):
-        bad = ~jnp.isfinite(G).all(axis=1)
-        out, state, aux = rule.update(jnp.where(bad[:, None], 0.0, G), state, ctx)
+        ones = jnp.ones(G.shape[1], G.dtype)
+        bad = ~jnp.isfinite(jnp.matmul(G, ones))
+        out, state, aux = jax.lax.cond(
+            bad.any(),
+            lambda G, state: rule.update(jnp.where(bad[:, None], 0.0, G), state, ctx),
+            lambda G, state: rule.update(G, state, ctx),
+            G,
+            state,
+        )
         return out, state, dict(aux, nonfinite=bad)
 
     return Aggregator(rule.init, update)

@@ -153,7 +153,7 @@ def cclip(tau: ArrayLike = 10.0, iters: int = 1) -> Aggregator:
 
     def update(G, v0, ctx):
         n = G.shape[0]
-        K = ops.gram(G - v0[None, :])
+        K = ops.gram(G, v0)
 
         def step(_, c):
             dist = jnp.sqrt(sq_dists_to_combination(K, c))

@@ -27,7 +27,7 @@ def sample_coordinates(key: jax.Array, d: int, b: int) -> jax.Array:
         fresh = ~jnp.any((chosen == draws[t]) & (jnp.arange(b) < t))
         return chosen.at[t].set(jnp.where(fresh, draws[t], j))
 
-    return jax.lax.fori_loop(0, b, add, jnp.zeros(b, jnp.int32))
+    return jax.lax.fori_loop(0, b, add, jnp.zeros(b, jnp.int32), unroll=min(b, 32))
 
 
 def top_direction_scores(X: jax.Array) -> jax.Array:
