@@ -3,10 +3,12 @@
 ByzFL's ``Optimal_ALittleIsEnough`` / ``Optimal_InnerProductManipulation`` (Allouah et al.,
 "Fixing by mixing", AISTATS 2023) and the calibration of Errami et al. ("Stress-Testing
 Byzantine Defenses under Data Heterogeneity", Sec. 2) choose the strength that moves the
-robust aggregate farthest from the honest mean. Here the candidate strengths are a fixed
-grid evaluated in one ``vmap`` over the server's rule (``ctx.aggregate``), so the whole
-search is one XLA program: the statistics that do not depend on the strength (μ, σ, the
-searches of Min-Max or STRIKE) are computed once, outside the batch.
+robust aggregate farthest from the honest mean.
+Here the candidate strengths are a fixed grid evaluated in one XLA program over the
+server's rule (``ctx.aggregate``): one ``vmap`` over the whole grid on accelerators, a
+sequential ``lax.map`` on CPU, where a batched rule was measured several times slower per
+candidate. The statistics that do not depend on the strength (μ, σ, the searches of
+Min-Max or STRIKE) are computed once, outside the loop.
 """
 
 from __future__ import annotations
@@ -23,8 +25,6 @@ from fedjax_byz.attacks.byzmean import byzmean
 from fedjax_byz.attacks.statistical import ipm, lie
 from fedjax_byz.attacks.strike import strike
 from fedjax_byz.registry import ConfigError
-
-CHUNK_FLOATS = 2**26  # candidate matrices evaluated at once: 256 MB of float32
 
 
 def adaptive(
@@ -47,10 +47,9 @@ def adaptive(
       build: strength -> attack; the strength may be a tracer.
       evals: grid size, static; 20 matches ByzFL's default evaluation budget.
       lo, hi: grid bounds (may be traced).
-      batch: candidates evaluated together in one ``vmap`` (static); the grid is
-        scanned in such chunks (``lax.map``). None: as many as keep the candidate
-        matrices within ``CHUNK_FLOATS`` (256 MB of float32), which on CPU is also faster
-        than one ``vmap`` over the whole grid (fewer passes over memory).
+      batch: candidates evaluated together in one ``vmap`` (static); the grid is scanned
+        in such chunks (``lax.map``). None: the whole grid on accelerators, one at a time
+        on CPU (``_chunk``).
     """
 
     def init(d):
@@ -70,12 +69,19 @@ def adaptive(
             return jnp.linalg.norm(ctx.aggregate(crafted) - mu)
 
         grid = jnp.linspace(lo, hi, evals, dtype=jnp.float32)
-        scores = (
-            jax.vmap(damage)(grid) if batch is None else jax.lax.map(damage, grid, batch_size=batch)
-        )
+        scores = jax.lax.map(damage, grid, batch_size=_chunk(batch, evals))
         return build(grid[jnp.argmax(scores)]).apply(key, G, state, ctx)
 
     return Attack(init, apply)
+
+
+def _chunk(batch: int | None, evals: int) -> int | None:
+    """Candidates per ``vmap``: ``batch`` if given; else the whole grid in one ``vmap`` on
+    accelerators, and one at a time (a sequential ``lax.map``) on CPU, where a batched
+    rule runs several times slower per candidate (measured, ``attack_speed.md``)."""
+    if batch is not None:
+        return min(batch, evals)
+    return None if jax.default_backend() == "cpu" else evals
 
 
 def adaptive_lie(
