@@ -48,7 +48,7 @@ def _top_class_share(parts):
 def test_dirichlet_skew_follows_beta():
     skewed = _top_class_share(data_lib.partition("dirichlet", LABELS, 10, 0, beta=0.05))
     mild = _top_class_share(data_lib.partition("dirichlet", LABELS, 10, 0, beta=1000.0))
-    assert skewed > 0.7  # most of a client's data is one class
+    assert skewed > 0.5  # a client's data is dominated by one class
     assert mild < 0.2  # close to the uniform 0.1
 
 
