@@ -93,7 +93,8 @@ class Conv(nn.Module):
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
             )
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+            bias = self.param("bias", nn.initializers.zeros, (self.features,))
+            y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
         return y
 
 
