@@ -1,9 +1,23 @@
 """fedjax_byz: a vectorized JAX simulator for Byzantine-robust federated learning."""
 
-from fedjax_byz import aggregators, attacks
+from fedjax_byz import aggregators, attacks, data, models, sim
 from fedjax_byz.aggregators import aggregate
 from fedjax_byz.attacks import attack
 from fedjax_byz.registry import ConfigError
+from fedjax_byz.sim import simulate
+from fedjax_byz.sweep import load_results, sweep
 
-__all__ = ["ConfigError", "aggregate", "aggregators", "attack", "attacks"]
+__all__ = [
+    "ConfigError",
+    "aggregate",
+    "aggregators",
+    "attack",
+    "attacks",
+    "data",
+    "load_results",
+    "models",
+    "sim",
+    "simulate",
+    "sweep",
+]
 __version__ = "0.1.0"

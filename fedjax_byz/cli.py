@@ -75,32 +75,68 @@ def plot_accuracy(results: list[dict[str, Any]], path: Path, title: str) -> None
     plt.close(fig)
 
 
+def _overrides(items: list[str] | None) -> dict[str, Any]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set: expected KEY=VALUE, got {item!r}.")
+        out[key] = _parse_value(value)
+    return out
+
+
+def _sweep(args):
+    from fedjax_byz.sim.config import load_yaml
+    from fedjax_byz.sweep.runner import sweep
+
+    name = load_yaml(args.config, args.profile).get("name", "experiment")
+    out = Path(args.out or Path("runs") / name)
+    records = sweep(
+        args.config,
+        out=out,
+        profile=args.profile,
+        overrides=_overrides(args.set),
+        progress=not args.quiet,
+    )
+    return records, out
+
+
 def cmd_run(args) -> int:
+    """Runs a config (every cell of its grid), prints a table, writes JSON and a plot."""
     from fedjax_byz import sim
 
-    raw = sim.load_yaml(args.config, args.profile)
-    for item in args.set or []:
-        key, _, value = item.partition("=")
-        raw = sim.config.set_path(raw, key, _parse_value(value))
-    cells = sim.expand(raw)
-    configs = [sim.from_dict(cell) for cell, _ in cells]
-    for cfg in configs:  # every cell is checked before anything compiles
-        sim.validate(cfg)
-    sim.enable_compilation_cache()
-    name = configs[0].name
-    out = Path(args.out or Path("runs") / name)
-    results = []
-    for cfg, (_, grid) in zip(configs, cells, strict=True):
-        if len(cells) > 1:
-            print(f"[{len(results) + 1}/{len(cells)}] {_label(grid)}", flush=True)
-        result = sim.simulate(cfg, progress=not args.quiet)
-        result["grid"] = grid
-        results.append(result)
-    table = summary_table(results)
-    print(f"\n{name}: {len(results)} run(s), results in {out}/\n\n{table}\n")
-    sim.save_json({"name": name, "runs": results}, out / "results.json")
+    records, out = _sweep(args)
+    table = summary_table(records)
+    name = records[0]["name"]
+    print(f"\n{name}: {len(records)} run(s), results in {out}/\n\n{table}\n")
+    sim.save_json({"name": name, "runs": records}, out / "results.json")
     (out / "summary.md").write_text(f"# {name}\n\n{table}\n")
-    plot_accuracy(results, out / "accuracy.png", name)
+    plot_accuracy(records, out / "accuracy.png", name)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    """Runs a grid (batched, resumable) and writes its report."""
+    from fedjax_byz.sweep.report import write_report
+
+    records, out = _sweep(args)
+    path = write_report(records, out / "report")
+    print(f"\n{path.read_text()}\nresults: {out / 'results.jsonl'}; report: {path}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    """Writes tables and plots of an existing results store."""
+    from fedjax_byz.sweep.report import write_report
+    from fedjax_byz.sweep.store import ResultStore
+
+    src = Path(args.results)
+    store_path = src / "results.jsonl" if src.is_dir() else src
+    if not store_path.exists():
+        raise ConfigError(f"results: no results store at {str(store_path)!r}.")
+    records = ResultStore(store_path).records()
+    path = write_report(records, Path(args.out or store_path.parent / "report"), metric=args.metric)
+    print(f"{path.read_text()}\nreport: {path}")
     return 0
 
 
@@ -134,18 +170,27 @@ def cmd_list(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedjax-byz", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the experiment(s) of a YAML config")
-    run.add_argument("config")
-    run.add_argument("--out", help="output folder (default runs/<name>)")
-    run.add_argument("--profile", help="apply the config's profiles.<name> overrides (e.g. cpu)")
-    run.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a setting, e.g. --set server.rounds=10",
-    )
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
-    run.set_defaults(fn=cmd_run)
+    for name, fn, text in (
+        ("run", cmd_run, "run a config (every cell of its grid); table, JSON and a plot"),
+        ("sweep", cmd_sweep, "run a grid batched and resumably; tables, heatmaps, ablations"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("config")
+        cmd.add_argument("--out", help="output folder (default runs/<name>)")
+        cmd.add_argument("--profile", help="apply the config's profiles.<name> (e.g. cpu)")
+        cmd.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override a setting, e.g. --set server.rounds=10",
+        )
+        cmd.add_argument("--quiet", action="store_true", help="no progress bars")
+        cmd.set_defaults(fn=fn)
+    rep = sub.add_parser("report", help="tables and plots of a results store")
+    rep.add_argument("results", help="a sweep folder or its results.jsonl")
+    rep.add_argument("--out", help="output folder (default <results>/report)")
+    rep.add_argument("--metric", default="best_acc", help="best_acc (default) or final_acc")
+    rep.set_defaults(fn=cmd_report)
     lst = sub.add_parser("list", help="list attacks, aggregators, datasets, models, partitioners")
     lst.set_defaults(fn=cmd_list)
     args = parser.parse_args(argv)

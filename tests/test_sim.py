@@ -192,7 +192,7 @@ def test_bad_input_fails_before_compiling(monkeypatch, over, field):
         raise AssertionError("compiled before validating")
 
     monkeypatch.setattr(sim.run, "make_program", no_compile)
-    sim.run._programs.cache_clear()
+    sim.run._program.cache_clear()
     with pytest.raises(fb.ConfigError) as err:
         sim.simulate(tiny(**over), progress=False)
     assert str(err.value).startswith(field), str(err.value)

@@ -28,7 +28,7 @@ class DataConfig:
 
     ``params`` go to the source (e.g. ``path`` for ``imagefolder``/``femnist``, ``name``
     for ``tfds``); ``beta`` is used by ``dirichlet``, ``s``/``shards_per_client`` by
-    ``shards``.
+    ``shards``; ``seed`` is the partition's seed (the run's seed when null).
     """
 
     source: str = "digits"
@@ -37,6 +37,7 @@ class DataConfig:
     beta: float = 0.5
     s: float = 0.5
     shards_per_client: int = 2
+    seed: int | None = None
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 

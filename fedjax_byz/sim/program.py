@@ -40,7 +40,8 @@ EVAL_BATCH = 500
 
 
 def _number(v: Any) -> jax.Array:
-    return jnp.asarray(v, jnp.int32 if isinstance(v, int | np.integer) else jnp.float32)
+    """A numeric component parameter as float32 (so cells giving 1 and 1.5 stack)."""
+    return jnp.asarray(v, jnp.float32)
 
 
 class HParams(struct.PyTreeNode):

@@ -1,4 +1,11 @@
-"""``simulate(config)``: one experiment from config to results, in compiled chunks."""
+"""Running experiments: one config (``simulate``) or a batch of same-structure configs.
+
+A batch shares one compiled program: its configs differ only in numbers (seeds, learning
+rates, true and assumed ``f``, attack and rule knobs, the partition), which are stacked
+and mapped over with ``vmap`` (or ``lax.map``). Runs advance in jitted chunks of a few
+evaluation periods, called from Python for the progress bar and, optionally, a
+checkpoint after every chunk from which an interrupted run resumes.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +13,26 @@ import functools
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
+from fedjax_byz import attacks
 from fedjax_byz import data as data_lib
 from fedjax_byz.sim.config import Config, DataConfig, from_dict, validate
-from fedjax_byz.sim.program import HParams, StaticConfig, make_program
+from fedjax_byz.sim.program import (
+    HParams,
+    StaticConfig,
+    make_program,
+    split_aggregator_params,
+)
+
+BATCH_MODES = ("vmap", "map")
 
 
 def enable_compilation_cache(path: str | None = None) -> None:
@@ -28,55 +45,289 @@ def enable_compilation_cache(path: str | None = None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def _freeze(x):
+def freeze(x):
+    """A hashable copy of nested mappings and lists."""
     if isinstance(x, Mapping):
-        return tuple(sorted((k, _freeze(v)) for k, v in x.items()))
+        return tuple(sorted((k, freeze(v)) for k, v in x.items()))
     if isinstance(x, list | tuple):
-        return tuple(_freeze(v) for v in x)
+        return tuple(freeze(v) for v in x)
     return x
 
 
-@functools.lru_cache(maxsize=8)
-def _client_data(key: tuple) -> data_lib.ClientData:
-    dcfg, seed = dict(key[0]), key[1]
-    params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(dcfg["params"]).items()}
-    dataset = data_lib.load(dcfg["source"], **params)
+def _thaw(x):
+    return list(x) if isinstance(x, tuple) else x
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(source: str, params: tuple) -> data_lib.Dataset:
+    return data_lib.load(source, **{k: _thaw(v) for k, v in params})
+
+
+@functools.lru_cache(maxsize=16)
+def _parts(dkey: tuple, seed: int) -> tuple[np.ndarray, ...]:
+    d = dict(dkey)
+    dataset = _dataset(d["source"], d["params"])
     kw = {
-        "dirichlet": {"beta": dcfg["beta"]},
-        "shards": {"s": dcfg["s"], "shards_per_client": dcfg["shards_per_client"]},
+        "dirichlet": {"beta": d["beta"]},
+        "shards": {"s": d["s"], "shards_per_client": d["shards_per_client"]},
         "natural": {"groups": dataset.groups},
-    }.get(dcfg["partition"], {})
-    parts = data_lib.partition(dcfg["partition"], dataset.y_train, dcfg["num_clients"], seed, **kw)
-    return data_lib.ClientData.from_partition(dataset, parts)
+    }.get(d["partition"], {})
+    return tuple(data_lib.partition(d["partition"], dataset.y_train, d["num_clients"], seed, **kw))
 
 
-def client_data(dcfg: DataConfig, seed: int) -> data_lib.ClientData:
+def partition_of(dcfg: DataConfig, seed: int) -> tuple[np.ndarray, ...]:
+    """The clients' example indices for ``dcfg`` and partition ``seed`` (cached)."""
+    return _parts(freeze(dcfg.__dict__), seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _client_data(dkey: tuple, seed: int, m_max: int | None) -> data_lib.ClientData:
+    d = dict(dkey)
+    return data_lib.ClientData.from_partition(
+        _dataset(d["source"], d["params"]), list(_parts(dkey, seed)), m_max
+    )
+
+
+def client_data(dcfg: DataConfig, seed: int, m_max: int | None = None) -> data_lib.ClientData:
     """Loads and partitions the data of ``dcfg`` (cached in memory across runs)."""
-    return _client_data((_freeze(dcfg.__dict__), seed))
+    return _client_data(freeze(dcfg.__dict__), seed, m_max)
+
+
+def data_seed(cfg: Config) -> int:
+    """The partition seed: ``data.seed``, or the run's seed when it is unset."""
+    return cfg.seed if cfg.data.seed is None else cfg.data.seed
 
 
 @functools.lru_cache(maxsize=32)
-def _programs(static: StaticConfig):
-    program = make_program(static)
-    return program, jax.jit(program.init), {}
+def _program(static: StaticConfig):
+    return make_program(static)
 
 
-def _periods_per_chunk(total: int, target: int) -> int:
+def periods_per_chunk(total: int, target: int) -> int:
     """The largest divisor of ``total`` periods that is at most ``target``."""
     return max(d for d in range(1, min(total, target) + 1) if total % d == 0)
 
 
-def compiled_run(static: StaticConfig, state, hp, data, periods: int):
-    """The compiled ``run`` for these shapes (compiled once per process), and its compile time."""
-    program, _, cache = _programs(static)
-    spec = jax.tree.map(lambda a: (a.shape, str(a.dtype)), (state, hp, data))
-    key = (periods, jax.tree.structure((state, hp, data)), tuple(jax.tree.leaves(spec)))
-    if key not in cache:
+def _stack(trees: Sequence[Any]) -> Any:
+    return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
+class Batch:
+    """Configs sharing one program, with their stacked numbers and data.
+
+    Args:
+      cfgs: configs of the same structure (``structure_key``); one config runs unbatched.
+      mode: ``"vmap"`` vectorises the configs, ``"map"`` runs them one after another in
+        the same compiled program.
+    """
+
+    def __init__(self, cfgs: Sequence[Config], mode: str = "vmap"):
+        if mode not in BATCH_MODES:
+            raise ValueError(f"batch mode must be one of {BATCH_MODES}, got {mode!r}")
+        self.cfgs = list(cfgs)
+        for cfg in self.cfgs:
+            validate(cfg)
+        keys = {structure_key(c) for c in self.cfgs}
+        if len(keys) != 1:
+            raise ValueError("a batch must hold configs of one structure")
+        self.mode = mode
+        cfg0 = self.cfgs[0]
+        parts = [partition_of(c.data, data_seed(c)) for c in self.cfgs]
+        same_data = len({(freeze(c.data.__dict__), data_seed(c)) for c in self.cfgs}) == 1
+        m_max = None if same_data else max(max(len(p) for p in ps) for ps in parts)
+        datas = [client_data(c.data, data_seed(c), m_max) for c in self.cfgs]
+        self.batched = len(self.cfgs) > 1
+        self.data_axis = None if same_data or not self.batched else 0
+        self.data = datas[0] if self.data_axis is None else _stack(datas)
+        self.num_classes = datas[0].num_classes
+        self.static = StaticConfig.from_config(cfg0, self.num_classes, datas[0].x.shape[2:])
+        self.program = _program(self.static)
+        hps = [HParams.from_config(c) for c in self.cfgs]
+        keys = [jax.random.key(c.seed) for c in self.cfgs]
+        self.hp = _stack(hps) if self.batched else hps[0]
+        self.keys = jnp.stack(keys) if self.batched else keys[0]
+        self.rounds = cfg0.server.rounds
+        self.eval_every = cfg0.server.eval_every
+
+    @property
+    def _spec(self) -> tuple:
+        return (self.static, self.mode, self.batched, self.data_axis)
+
+    def init(self):
+        """The stacked initial states (model, optimizer, rule and attack states, mask)."""
+        return _jitted_init(*self._spec)(self.keys, self.hp, self.data)
+
+    def compile(self, state, periods: int):
+        """The compiled chunk ``(state, hp, data) -> (state, metrics)`` and the seconds its
+        compilation took (compiled once per process; the persistent cache may shorten it)."""
+        shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype)), (state, self.hp, self.data))
+        key = (*self._spec, periods, jax.tree.structure(shapes), tuple(jax.tree.leaves(shapes)))
+        if key in _COMPILED:
+            return _COMPILED[key]
+        program = _program(self.static)
+        run = _over_batch(lambda s, hp, d: program.run(s, hp, d, periods), *self._spec[1:])
         t0 = time.perf_counter()
-        jitted = jax.jit(program.run, static_argnums=3, donate_argnums=0)
-        cache[key] = (jitted.lower(state, hp, data, periods).compile(), time.perf_counter() - t0)
-        return cache[key]
-    return cache[key][0], 0.0
+        compiled = jax.jit(run, donate_argnums=0).lower(state, self.hp, self.data).compile()
+        _COMPILED[key] = (compiled, time.perf_counter() - t0)
+        return _COMPILED[key]
+
+
+_COMPILED: dict[tuple, Any] = {}
+
+
+def _over_batch(fn, mode: str, batched: bool, data_axis: int | None):
+    """``fn(a, hp, data)`` mapped over the batch axis of ``a`` and ``hp`` (and of ``data``
+    when ``data_axis`` is 0): ``vmap``, or ``lax.map`` in ``"map"`` mode."""
+    if not batched:
+        return fn
+    if mode == "vmap":
+        return jax.vmap(fn, in_axes=(0, 0, data_axis))
+
+    def mapped(a, hp, data):
+        if data_axis is None:
+            return lax.map(lambda t: fn(t[0], t[1], data), (a, hp))
+        return lax.map(lambda t: fn(*t), (a, hp, data))
+
+    return mapped
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_init(static: StaticConfig, mode: str, batched: bool, data_axis: int | None):
+    return jax.jit(_over_batch(_program(static).init, mode, batched, data_axis))
+
+
+def structure_key(cfg: Config) -> tuple:
+    """What must be equal for configs to share a compiled program: everything but the
+    numbers that ``HParams`` carries and the partition's seed and parameters."""
+    atk_static, atk_num = attacks.ATTACKS.entry(cfg.attack.name).split(cfg.attack.params)
+    agg_static, agg_num = split_aggregator_params(cfg.aggregator.name, cfg.aggregator.params)
+    d, t = cfg.data, cfg.train
+    return (
+        (d.source, freeze(d.params), d.partition, d.num_clients),
+        (cfg.model.name, freeze(cfg.model.params)),
+        (t.local_epochs, t.local_steps, t.batch_size),
+        (cfg.server.rounds, cfg.server.eval_every, cfg.participants),
+        (cfg.attack.name, freeze(atk_static), _given(atk_num)),
+        (cfg.aggregator.name, freeze(agg_static), _given(agg_num)),
+        cfg.client_parallelism,
+    )
+
+
+def _given(params: Mapping[str, Any]) -> tuple[str, ...]:
+    return tuple(sorted(k for k, v in params.items() if v is not None))
+
+
+def _key_data(x):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(x))
+    return np.asarray(x)
+
+
+def save_checkpoint(path: Path, state, chunk: int, rounds: list, evals: list) -> None:
+    """Writes the run's state after ``chunk`` chunks and its metrics so far, atomically."""
+    leaves = [_key_data(x) for x in jax.tree.leaves(state)]
+    arrays = {f"leaf{i}": a for i, a in enumerate(leaves)}
+    for name, parts in (("rounds", rounds), ("evals", evals)):
+        for k in parts[0] if parts else ():
+            arrays[f"{name}/{k}"] = np.concatenate([np.asarray(p[k]) for p in parts], axis=-1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, chunk=chunk, **arrays)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, like):
+    """(state, chunk, rounds, evals) from ``save_checkpoint``; ``like`` gives the structure."""
+    with np.load(path) as z:
+        leaves = jax.tree.leaves(like)
+        restored = []
+        for i, ref in enumerate(leaves):
+            a = z[f"leaf{i}"]
+            if jnp.issubdtype(ref.dtype, jax.dtypes.prng_key):
+                restored.append(jax.random.wrap_key_data(a, impl=jax.random.key_impl(ref)))
+            else:
+                restored.append(jnp.asarray(a, ref.dtype))
+        state = jax.tree.unflatten(jax.tree.structure(like), restored)
+        rounds = {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith("rounds/")}
+        evals = {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith("evals/")}
+        return state, int(z["chunk"]), ([rounds] if rounds else []), ([evals] if evals else [])
+
+
+def run_batch(
+    batch: Batch,
+    *,
+    progress: bool = True,
+    chunk_periods: int = 10,
+    checkpoint: str | Path | None = None,
+    label: str | None = None,
+) -> list[dict[str, Any]]:
+    """Runs every config of ``batch``; one result dict per config (see ``simulate``).
+
+    With ``checkpoint``, the state is saved there after every chunk, and a run that finds
+    a checkpoint resumes from it (the file is removed once the batch finishes).
+    """
+    t_start = time.perf_counter()
+    total = batch.rounds // batch.eval_every
+    periods = periods_per_chunk(total, chunk_periods)
+    state = batch.init()
+    t_compile = time.perf_counter()
+    run, compile_time = batch.compile(state, periods)
+    compile_spent = time.perf_counter() - t_compile  # 0 when compiled earlier
+    start, rounds, evals = 0, [], []
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and ckpt.exists():
+        state, start, rounds, evals = load_checkpoint(ckpt, state)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=batch.rounds,
+        initial=start * periods * batch.eval_every,
+        unit="round",
+        desc=label or batch.cfgs[0].name,
+        disable=not progress,
+        leave=False,
+    )
+    for chunk in range(start, total // periods):
+        state, (rm, em) = run(state, batch.hp, batch.data)
+        rm, em = jax.device_get((rm, em))
+        rounds.append(rm)
+        evals.append(em)
+        if ckpt is not None:
+            save_checkpoint(ckpt, state, chunk + 1, rounds, evals)
+        bar.update(periods * batch.eval_every)
+        bar.set_postfix(acc=f"{float(np.mean(em['test_acc'][..., -1])):.3f}")
+    bar.close()
+    wall = time.perf_counter() - t_start
+
+    curves = {k: np.concatenate([np.asarray(r[k]) for r in rounds], axis=-1) for k in rounds[0]}
+    curves.update({k: np.concatenate([np.asarray(e[k]) for e in evals], axis=-1) for k in evals[0]})
+    curves["byz"] = np.asarray(state.byz)
+    if not batch.batched:
+        curves = {k: v[None] for k, v in curves.items()}
+    results = []
+    for i, cfg in enumerate(batch.cfgs):
+        cell = {k: v[i] for k, v in curves.items()}
+        acc = cell["test_acc"]
+        results.append(
+            {
+                "name": cfg.name,
+                "config": cfg.to_dict(),
+                **{k: v.tolist() for k, v in cell.items() if k != "byz"},
+                "eval_rounds": list(range(batch.eval_every, batch.rounds + 1, batch.eval_every)),
+                "final_acc": float(acc[-1]),
+                "best_acc": float(np.max(acc)),
+                "final_loss": float(cell["test_loss"][-1]),
+                "compile_time": compile_time,
+                "wall_time": wall,
+                "seconds_per_round": (wall - compile_spent) / batch.rounds,
+                "batch_size": len(batch.cfgs),
+                "byzantine_clients": np.flatnonzero(cell["byz"]).tolist(),
+            }
+        )
+    if ckpt is not None and ckpt.exists():
+        ckpt.unlink()
+    return results
 
 
 def simulate(
@@ -84,6 +335,7 @@ def simulate(
     *,
     progress: bool = True,
     chunk_periods: int = 10,
+    checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
     """Runs one federated training experiment.
 
@@ -91,6 +343,7 @@ def simulate(
       config: a ``Config`` or its plain-dict/YAML form (no grid lists).
       progress: show a progress bar.
       chunk_periods: evaluation periods per compiled call (between progress updates).
+      checkpoint: a file to save the state to after every chunk and resume from.
 
     Returns:
       A JSON-serialisable dict: ``config``; per round ``train_loss``, ``byz_weight`` (weight
@@ -100,75 +353,28 @@ def simulate(
       ``compile_time``, ``wall_time`` (seconds), ``byzantine_clients``.
     """
     cfg = config if isinstance(config, Config) else from_dict(config)
-    validate(cfg)
-    data = client_data(cfg.data, cfg.seed)
-    static = StaticConfig.from_config(cfg, data.num_classes, data.x.shape[2:])
-    hp = HParams.from_config(cfg)
-    _, init, _ = _programs(static)
-
-    t_start = time.perf_counter()
-    state = init(jax.random.key(cfg.seed), hp, data)
-    total = cfg.server.rounds // cfg.server.eval_every
-    periods = _periods_per_chunk(total, chunk_periods)
-    run, compile_time = compiled_run(static, state, hp, data, periods)
-
-    rounds, evals = [], []
-    bar = _progress(cfg, progress)
-    for _ in range(total // periods):
-        state, (rm, em) = run(state, hp, data)
-        rm, em = jax.device_get((rm, em))
-        rounds.append(rm)
-        evals.append(em)
-        bar.update(periods * cfg.server.eval_every)
-        bar.set_postfix(acc=f"{float(em['test_acc'][-1]):.3f}")
-    bar.close()
-    wall = time.perf_counter() - t_start
-
-    cat = {k: np.concatenate([r[k] for r in rounds]) for k in rounds[0]}
-    ev = {k: np.concatenate([e[k] for e in evals]) for k in evals[0]}
-    acc = ev["test_acc"]
-    return {
-        "name": cfg.name,
-        "config": cfg.to_dict(),
-        **{k: v.tolist() for k, v in cat.items()},
-        "eval_rounds": list(
-            range(cfg.server.eval_every, cfg.server.rounds + 1, cfg.server.eval_every)
-        ),
-        "test_acc": acc.tolist(),
-        "test_loss": ev["test_loss"].tolist(),
-        "final_acc": float(acc[-1]),
-        "best_acc": float(np.max(acc)),
-        "final_loss": float(ev["test_loss"][-1]),
-        "compile_time": compile_time,
-        "wall_time": wall,
-        "seconds_per_round": (wall - compile_time) / cfg.server.rounds,
-        "byzantine_clients": np.flatnonzero(np.asarray(state.byz)).tolist(),
-    }
-
-
-def _progress(cfg: Config, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=cfg.server.rounds, desc=cfg.name, unit="round", disable=not enabled, leave=False
-    )
+    return run_batch(
+        Batch([cfg]), progress=progress, chunk_periods=chunk_periods, checkpoint=checkpoint
+    )[0]
 
 
 def save_json(result: Mapping[str, Any], path: str | Path) -> None:
     """Writes ``result`` atomically as JSON (NaN written as null)."""
     import json
 
-    def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, Mapping):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, list | tuple):
-            return [clean(v) for v in x]
-        return x
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(clean(result), indent=1))
+    tmp.write_text(json.dumps(clean_json(result), indent=1))
     os.replace(tmp, path)
+
+
+def clean_json(x):
+    """``x`` with non-finite floats as None (strict JSON)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Mapping):
+        return {k: clean_json(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [clean_json(v) for v in x]
+    return x

@@ -1,0 +1,260 @@
+"""Reports of a results store: attack × defense tables, heatmaps and ablation plots.
+
+The grid axes of the records decide the layout: ``seed`` axes are averaged (mean ± std),
+``attack*`` axes label rows, ``aggregator*`` axes label columns, and every other axis
+(β, f, n, a strength...) splits the records into panels and, when numeric, becomes the
+x axis of an ablation plot. The reported number is the best test accuracy reached during
+training (as in the STRIKE and SignGuard papers) unless ``metric`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SEED_AXES = ("seed", "data.seed")
+
+
+def _value_label(v: Any, varying: set[str] | None = None) -> str:
+    if isinstance(v, Mapping):
+        name = v.get("name", "")
+        extra = [
+            f"{k}={x}" for k, x in v.items() if k != "name" and (varying is None or k in varying)
+        ]
+        return f"{name}({', '.join(extra)})" if extra and name else (name or ", ".join(extra))
+    return str(v)
+
+
+def _varying_keys(values: Sequence[Any]) -> set[str]:
+    """Keys of dict-valued axis values that differ between cells."""
+    dicts = [v for v in values if isinstance(v, Mapping)]
+    keys = {k for d in dicts for k in d}
+    return {k for k in keys if len({json.dumps(d.get(k), default=str) for d in dicts}) > 1}
+
+
+class Layout:
+    """How records map to rows, columns, panels and x values."""
+
+    def __init__(self, records: Sequence[Mapping[str, Any]]):
+        axes = list(dict.fromkeys(k for r in records for k in r["grid"]))
+        self.row_axes = [a for a in axes if a.startswith("attack")]
+        self.col_axes = [a for a in axes if a.startswith("aggregator")]
+        self.other_axes = [
+            a
+            for a in axes
+            if a not in SEED_AXES and a not in self.row_axes and a not in self.col_axes
+        ]
+        self._varying = {a: _varying_keys([r["grid"].get(a) for r in records]) for a in axes}
+
+    def _label(self, record, axes, default):
+        parts = [
+            _value_label(record["grid"][a], self._varying[a]) for a in axes if a in record["grid"]
+        ]
+        if not parts:
+            return default
+        return " ".join(parts)
+
+    def row(self, r) -> str:
+        return self._label(r, self.row_axes, r["config"]["attack"]["name"])
+
+    def col(self, r) -> str:
+        return self._label(r, self.col_axes, r["config"]["aggregator"]["name"])
+
+    def panel(self, r) -> tuple:
+        return tuple((a, json.dumps(r["grid"].get(a), default=str)) for a in self.other_axes)
+
+
+def _stats(values: Sequence[float]) -> tuple[float, float, int]:
+    a = np.asarray([v for v in values if v is not None and math.isfinite(v)], float)
+    if not len(a):
+        return math.nan, math.nan, 0
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0, len(a)
+
+
+def aggregate_table(records, layout: Layout, metric: str = "best_acc"):
+    """``{panel: (rows, cols, {(row, col): (mean, std, count)})}`` in grid order."""
+    panels: dict[tuple, dict] = {}
+    for r in records:
+        cell = panels.setdefault(layout.panel(r), {}).setdefault((layout.row(r), layout.col(r)), [])
+        cell.append(r[metric])
+    out = {}
+    for p, cells in panels.items():
+        rows = list(dict.fromkeys(k[0] for k in cells))
+        cols = list(dict.fromkeys(k[1] for k in cells))
+        out[p] = (rows, cols, {k: _stats(v) for k, v in cells.items()})
+    return out
+
+
+def _panel_title(panel: tuple) -> str:
+    return ", ".join(f"{a} = {json.loads(v)}" for a, v in panel) or "all"
+
+
+def markdown_table(rows, cols, stats, scale: float = 100.0) -> str:
+    """attack × defense, mean ± std, the lowest accuracy of each column (the strongest
+    attack against that rule) in bold."""
+    lines = ["| attack \\ defense | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    worst = {
+        c: min(
+            (stats[r, c][0] for r in rows if (r, c) in stats and math.isfinite(stats[r, c][0])),
+            default=None,
+        )
+        for c in cols
+    }
+    for r in rows:
+        cells = []
+        for c in cols:
+            if (r, c) not in stats:
+                cells.append("")
+                continue
+            m, s, k = stats[r, c]
+            text = f"{scale * m:.1f} ± {scale * s:.1f}" if k > 1 else f"{scale * m:.1f}"
+            cells.append(
+                f"**{text}**" if worst[c] is not None and m == worst[c] and len(rows) > 1 else text
+            )
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def latex_table(rows, cols, stats, scale: float = 100.0) -> str:
+    """The same table as a LaTeX ``tabular`` (booktabs)."""
+
+    def esc(t):
+        return t.replace("_", r"\_").replace("%", r"\%")
+
+    worst = {
+        c: min(
+            (stats[r, c][0] for r in rows if (r, c) in stats and math.isfinite(stats[r, c][0])),
+            default=None,
+        )
+        for c in cols
+    }
+    lines = [
+        r"\begin{tabular}{l" + "c" * len(cols) + "}",
+        r"\toprule",
+        "Attack & " + " & ".join(esc(c) for c in cols) + r" \\",
+        r"\midrule",
+    ]
+    for r in rows:
+        cells = []
+        for c in cols:
+            if (r, c) not in stats:
+                cells.append("")
+                continue
+            m, s, k = stats[r, c]
+            text = f"{scale * m:.1f}" + (rf" $\pm$ {scale * s:.1f}" if k > 1 else "")
+            cells.append(
+                rf"\textbf{{{text}}}"
+                if worst[c] is not None and m == worst[c] and len(rows) > 1
+                else text
+            )
+        lines.append(esc(r) + " & " + " & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def heatmap(rows, cols, stats, path: Path, title: str, scale: float = 100.0) -> None:
+    """attack × defense heatmap of the mean accuracy."""
+    plt = _plt()
+    grid = np.array([[stats.get((r, c), (math.nan,))[0] * scale for c in cols] for r in rows])
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(cols), 1.0 + 0.5 * len(rows)))
+    im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=scale, aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            if math.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, label="test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def ablation_plot(
+    records, layout: Layout, axis: str, path: Path, metric: str, scale: float = 100.0
+) -> None:
+    """Mean ± std of ``metric`` against a numeric grid ``axis``, one line per (attack,
+    defense) pair and other panel values."""
+    plt = _plt()
+    lines: dict[str, dict[float, list[float]]] = {}
+    for r in records:
+        rest = [f"{a}={json.loads(v)}" for a, v in layout.panel(r) if a != axis]
+        name = " / ".join([layout.row(r), layout.col(r), *rest])
+        lines.setdefault(name, {}).setdefault(float(r["grid"][axis]), []).append(r[metric])
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, points in lines.items():
+        xs = sorted(points)
+        st = [_stats(points[x]) for x in xs]
+        m = np.array([s[0] for s in st]) * scale
+        sd = np.array([s[1] for s in st]) * scale
+        ax.errorbar(xs, m, yerr=sd, marker="o", capsize=3, label=name)
+    ax.set_xlabel(axis)
+    ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def _numeric_axis(records, axis: str) -> bool:
+    values = {json.dumps(r["grid"].get(axis), default=str) for r in records}
+    return len(values) > 1 and all(
+        isinstance(r["grid"].get(axis), int | float) and not isinstance(r["grid"].get(axis), bool)
+        for r in records
+    )
+
+
+def write_report(
+    records: Sequence[Mapping[str, Any]],
+    out: str | Path,
+    metric: str = "best_acc",
+    title: str | None = None,
+) -> Path:
+    """Writes ``report.md``, ``report.tex``, one heatmap per panel and one ablation plot per
+    numeric axis into ``out``; returns the markdown file."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    layout = Layout(records)
+    tables = aggregate_table(records, layout, metric)
+    title = title or records[0]["name"]
+    seeds = {json.dumps([r["grid"].get(a) for a in SEED_AXES]) for r in records}
+    md = [
+        f"# {title}",
+        "",
+        f"{metric.replace('_', ' ')} (%), mean ± std over {len(seeds)} seed(s); "
+        "bold: the strongest attack against each defense (lowest accuracy).",
+        "",
+    ]
+    tex = []
+    for i, (panel, (rows, cols, stats)) in enumerate(tables.items()):
+        head = _panel_title(panel)
+        md += [f"## {head}", "", markdown_table(rows, cols, stats), ""]
+        tex += [f"% {head}", latex_table(rows, cols, stats), ""]
+        png = out / f"heatmap_{i}.png"
+        heatmap(rows, cols, stats, png, head)
+        md += [f"![heatmap]({png.name})", ""]
+    for axis in layout.other_axes:
+        if _numeric_axis(records, axis):
+            png = out / f"ablation_{axis.replace('.', '_')}.png"
+            ablation_plot(records, layout, axis, png, metric)
+            md += [f"## {metric.replace('_', ' ')} vs {axis}", "", f"![ablation]({png.name})", ""]
+    (out / "report.tex").write_text("\n".join(tex))
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    return path

@@ -1,0 +1,164 @@
+"""``sweep``: a grid, compiled once per structure, batched to fit memory, resumable.
+
+Plan: expand the grid (validating every cell), group cells by structure, and split each
+group into batches whose compiled program fits the memory budget (measured with
+``memory_analysis()`` of the compiled batch). The plan is written to ``plan.json`` and
+reused on a rerun, so an interrupted sweep recomputes exactly the batches it had not
+finished, with the same batch composition, and produces the same records. Every batch's
+records are added to the store atomically as soon as it finishes; a batch interrupted
+midway resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from fedjax_byz.sim import config as config_lib
+from fedjax_byz.sim.run import Batch, enable_compilation_cache, periods_per_chunk, run_batch
+from fedjax_byz.sweep.grid import Cell, describe, expand_cells, group_cells, split_options
+from fedjax_byz.sweep.store import ResultStore
+
+
+def memory_budget(fraction: float) -> int:
+    """Bytes a batch may use: ``fraction`` of the device memory (host RAM on CPU)."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(fraction * stats["bytes_limit"])
+    return int(fraction * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def program_bytes(compiled) -> int:
+    """Peak bytes of a compiled program: arguments, outputs and temporaries."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return 0
+    return int(
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
+
+
+def plan_batches(
+    group: list[Cell], opts: Mapping[str, Any], budget: int, chunk_periods: int
+) -> list[list[Cell]]:
+    """Splits a group into batches that fit ``budget`` bytes (one trial compile)."""
+    size = len(group) if opts["max_batch"] is None else min(len(group), opts["max_batch"])
+    while size > 1:
+        batch = Batch([c.config for c in group[:size]], opts["mode"])
+        state = batch.init()
+        compiled, _ = batch.compile(state, _periods(batch, chunk_periods))
+        need = program_bytes(compiled)
+        if need <= budget:
+            break
+        size = max(1, min(size - 1, int(size * budget / need)))
+    return [group[i : i + size] for i in range(0, len(group), size)]
+
+
+def _periods(batch: Batch, chunk_periods: int) -> int:
+    return periods_per_chunk(batch.rounds // batch.eval_every, chunk_periods)
+
+
+def _load_plan(path: Path, cells: dict[str, Cell]) -> list[list[Cell]] | None:
+    if not path.exists():
+        return None
+    keys = json.loads(path.read_text())["batches"]
+    if sorted(k for b in keys for k in b) != sorted(cells):
+        return None  # the grid changed: plan again (finished cells are still skipped)
+    return [[cells[k] for k in b] for b in keys]
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def sweep(
+    config: str | Path | Mapping[str, Any],
+    *,
+    out: str | Path | None = None,
+    profile: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    chunk_periods: int = 10,
+    log=print,
+) -> list[dict[str, Any]]:
+    """Runs every cell of a grid config; returns the store's records.
+
+    Args:
+      config: a YAML path or a plain dict whose lists are grid axes; an optional
+        ``sweep:`` section sets ``mode`` (``vmap`` | ``map``), ``vmap`` (the only fields to
+        batch), ``max_batch`` and ``memory_fraction``.
+      out: the sweep's folder (``results.jsonl``, ``plan.json``, ``checkpoints/``);
+        default ``runs/<name>``.
+      profile: a ``profiles:`` entry of the config to overlay (e.g. ``cpu``).
+      overrides: ``{dotted.field: value}`` applied last.
+      progress: progress bars.
+      chunk_periods: evaluation periods per compiled call (and per checkpoint).
+      log: where to print the plan and progress lines (None: silent).
+    """
+    log = log or (lambda *a, **k: None)
+    raw = config_lib.load_yaml(config, profile) if isinstance(config, str | Path) else dict(config)
+    for key, value in (overrides or {}).items():
+        raw = config_lib.set_path(raw, key, value)
+    raw, opts = split_options(raw)
+    cells = expand_cells(raw, opts["vmap"])
+    groups = group_cells(cells, opts["vmap"])
+    name = cells[0].config.name
+    out = Path(out or Path("runs") / name)
+    out.mkdir(parents=True, exist_ok=True)
+    store = ResultStore(out / "results.jsonl")
+    enable_compilation_cache()
+
+    by_key = {c.key: c for c in cells}
+    plan = _load_plan(out / "plan.json", by_key)
+    if plan is None:
+        budget = memory_budget(opts["memory_fraction"])
+        pending = [g for g in groups if any(c.key not in store for c in g)]
+        plan = [
+            b
+            for g in groups
+            for b in (plan_batches(g, opts, budget, chunk_periods) if g in pending else [g])
+        ]
+        _write_json(out / "plan.json", {"batches": [[c.key for c in b] for b in plan]})
+    done = sum(c.key in store for c in cells)
+    log(
+        f"{name}: {len(cells)} cells in {len(groups)} compiled program(s), "
+        f"{len(plan)} batch(es); {done} already finished."
+    )
+    for i, g in enumerate(groups):
+        log(f"  program {i + 1}: {len(g)} cell(s), e.g. {describe(g[0])}")
+
+    for b, batch_cells in enumerate(plan):
+        if all(c.key in store for c in batch_cells):
+            continue
+        label = f"batch {b + 1}/{len(plan)} ({len(batch_cells)} cells)"
+        t0 = time.perf_counter()
+        batch = Batch([c.config for c in batch_cells], opts["mode"])
+        results = run_batch(
+            batch,
+            progress=progress,
+            chunk_periods=chunk_periods,
+            checkpoint=out / "checkpoints" / f"batch-{b:04d}.npz",
+            label=label,
+        )
+        program = next(i for i, g in enumerate(groups) if batch_cells[0] in g)
+        store.add(
+            dict(r, key=c.key, grid=dict(c.grid), program=program, batch=b)
+            for c, r in zip(batch_cells, results, strict=True)
+        )
+        log(
+            f"{label}: {time.perf_counter() - t0:.1f}s, "
+            f"compile {results[0]['compile_time']:.1f}s; {len(store)}/{len(cells)} cells done"
+        )
+    return [store.get(c.key) for c in cells]

@@ -1,0 +1,179 @@
+"""Sweeps: grid expansion, grouping, batching, the resumable store, reports."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import fedjax_byz as fb
+from fedjax_byz.sim import run as run_lib
+from fedjax_byz.sweep import grid, report, runner
+from fedjax_byz.sweep.store import ResultStore
+
+from .test_sim import TINY
+
+GRID = dict(
+    TINY,
+    seed=[0, 1, 2],
+    attack={"name": "lie", "num_byzantine": 1, "z": [0.5, 2.0]},
+    aggregator={"name": ["mean", "median"]},
+)
+METRICS = ("test_acc", "test_loss", "train_loss", "byz_weight", "agg_error", "best_acc")
+
+
+def _metrics(records):
+    return {r["key"]: {m: r[m] for m in METRICS} for r in records}
+
+
+def test_expansion_grouping_and_batch_counts(tmp_path, capsys):
+    cells = grid.expand_cells(GRID)
+    assert len(cells) == 12 and len({c.key for c in cells}) == 12
+    groups = grid.group_cells(cells)
+    assert [len(g) for g in groups] == [6, 6]  # one program per rule; seeds × z batched
+    records = fb.sweep(dict(GRID, sweep={"max_batch": 4}), out=tmp_path, progress=False)
+    out = capsys.readouterr().out
+    assert "12 cells in 2 compiled program(s), 4 batch(es)" in out
+    assert sorted(r["batch_size"] for r in records) == [2] * 4 + [4] * 8
+    assert len(ResultStore(tmp_path / "results.jsonl")) == 12
+
+
+@pytest.mark.parametrize("mode", ["vmap", "map"])
+def test_batched_cells_equal_single_runs(tmp_path, mode):
+    records = fb.sweep(dict(GRID, sweep={"mode": mode}), out=tmp_path, progress=False)
+    for r in records[::5]:
+        single = fb.simulate(r["config"], progress=False)
+        np.testing.assert_allclose(r["test_acc"], single["test_acc"], atol=1e-6)
+        np.testing.assert_allclose(r["train_loss"], single["train_loss"], rtol=1e-5)
+
+
+def test_finished_sweep_reruns_as_noop(tmp_path, monkeypatch):
+    first = fb.sweep(GRID, out=tmp_path, progress=False)
+    monkeypatch.setattr(runner, "run_batch", lambda *a, **k: pytest.fail("re-ran a cell"))
+    again = fb.sweep(GRID, out=tmp_path, progress=False)
+    assert _metrics(again) == _metrics(first)
+
+
+def test_memory_budget_splits_batches(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "memory_budget", lambda fraction: 1)
+    records = fb.sweep(GRID, out=tmp_path, progress=False)
+    assert {r["batch_size"] for r in records} == {1}
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert len(plan["batches"]) == 12
+
+
+def test_checkpoint_resumes_an_interrupted_batch(tmp_path, monkeypatch):
+    cfg = fb.sim.from_dict(dict(TINY, server={"rounds": 6, "eval_every": 1}))
+    whole = run_lib.run_batch(run_lib.Batch([cfg]), progress=False, chunk_periods=2)[0]
+    saved = run_lib.save_checkpoint
+    calls = []
+
+    def save_then_die(*args, **kwargs):
+        saved(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_lib, "save_checkpoint", save_then_die)
+    ckpt = tmp_path / "c.npz"
+    with pytest.raises(KeyboardInterrupt):
+        run_lib.run_batch(run_lib.Batch([cfg]), progress=False, chunk_periods=2, checkpoint=ckpt)
+    assert ckpt.exists()
+    monkeypatch.setattr(run_lib, "save_checkpoint", saved)
+    resumed = run_lib.run_batch(
+        run_lib.Batch([cfg]), progress=False, chunk_periods=2, checkpoint=ckpt
+    )[0]
+    assert not ckpt.exists()
+    for m in ("test_acc", "train_loss", "agg_error"):
+        assert resumed[m] == whole[m]
+
+
+def test_killed_sweep_resumes_to_identical_results(tmp_path):
+    """kill -9 mid-sweep, start again: every cell once, same numbers as an unbroken run."""
+    cfg = dict(GRID, sweep={"max_batch": 2})
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(cfg))
+    out = tmp_path / "killed"
+    code = (
+        "import json, sys, fedjax_byz as fb; "
+        f"fb.sweep(json.load(open({str(path)!r})), out={str(out)!r}, progress=False)"
+    )
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    store = out / "results.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if store.exists() and len(store.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = len(ResultStore(store)) if store.exists() else 0
+    assert partial < 12, "the sweep finished before it could be killed"
+    resumed = fb.sweep(cfg, out=out, progress=False)
+    unbroken = fb.sweep(cfg, out=tmp_path / "unbroken", progress=False)
+    assert len(resumed) == 12 and len(ResultStore(store)) == 12
+    assert _metrics(resumed) == _metrics(unbroken)
+
+
+@pytest.mark.parametrize(
+    "over,field",
+    [
+        ({"trian": {"lr": 0.1}}, "trian"),
+        ({"seed": []}, "seed"),
+        ({"sweep": {"vmap": ["train.batch_size"]}}, "sweep.vmap"),
+        ({"sweep": {"mode": "pmap"}}, "sweep.mode"),
+        ({"sweep": {"batchsize": 3}}, "sweep.batchsize"),
+        ({"attack": {"name": ["lie", "lei"], "num_byzantine": 1}}, "attack.name"),
+    ],
+)
+def test_bad_grids_fail_before_running(tmp_path, monkeypatch, over, field):
+    monkeypatch.setattr(runner, "run_batch", lambda *a, **k: pytest.fail("ran"))
+    with pytest.raises(fb.ConfigError) as err:
+        fb.sweep(dict(GRID, **over), out=tmp_path, progress=False)
+    assert str(err.value).startswith(field), str(err.value)
+
+
+def test_report_tables_heatmaps_and_ablations(tmp_path):
+    cfg = dict(
+        TINY,
+        seed=[0, 1],
+        attack=[{"name": "none", "num_byzantine": 1}, {"name": "bitflip", "num_byzantine": 1}],
+        aggregator={"name": ["mean", "median"]},
+        data=dict(TINY["data"], beta=[0.3, 1.0]),
+    )
+    records = fb.sweep(cfg, out=tmp_path, progress=False)
+    path = report.write_report(records, tmp_path / "report")
+    md = path.read_text()
+    assert md.count("| attack \\ defense |") == 2  # one table per beta
+    assert "±" in md and "**" in md
+    assert (tmp_path / "report" / "report.tex").read_text().count(r"\textbf") >= 2
+    assert (tmp_path / "report" / "ablation_data_beta.png").stat().st_size > 1000
+    assert len(list((tmp_path / "report").glob("heatmap_*.png"))) == 2
+    # the table's numbers are the mean over seeds of the best accuracy
+    rows, cols, stats = next(iter(report.aggregate_table(records, report.Layout(records)).values()))
+    mine = [
+        r["best_acc"]
+        for r in records
+        if r["grid"]["data.beta"] == 0.3
+        and r["grid"]["attack"]["name"] == "none"
+        and r["grid"]["aggregator.name"] == "mean"
+    ]
+    assert stats[rows[0], cols[0]][0] == pytest.approx(np.mean(mine))
+
+
+def test_markdown_table_bolds_the_strongest_attack():
+    stats = {
+        ("a", "x"): (0.9, 0.01, 3),
+        ("b", "x"): (0.2, 0.02, 3),
+        ("a", "y"): (0.5, 0.0, 3),
+        ("b", "y"): (0.7, 0.0, 3),
+    }
+    md = report.markdown_table(["a", "b"], ["x", "y"], stats)
+    assert "**20.0 ± 2.0**" in md and "**50.0 ± 0.0**" in md and "**90.0" not in md
