@@ -16,42 +16,10 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
-def _label(values: dict[str, Any]) -> str:
-    def short(v):
-        if isinstance(v, dict):
-            extra = ",".join(f"{k}={x}" for k, x in v.items() if k != "name")
-            return f"{v.get('name', '')}({extra})" if extra else str(v.get("name", v))
-        return str(v)
+def _label(record: dict[str, Any]) -> str:
+    from fedjax_byz.sweep.report import value_label
 
-    return " ".join(f"{k.split('.')[-1]}={short(v)}" for k, v in values.items()) or "run"
-
-
-def summary_table(results: list[dict[str, Any]]) -> str:
-    """A markdown table of best/final accuracy; attack × aggregator when that is the grid."""
-    axes = list(results[0]["grid"]) if results else []
-    if set(axes) <= {"attack", "aggregator", "attack.name", "aggregator.name"} and len(axes) == 2:
-        row_key = next(a for a in axes if a.startswith("attack"))
-        col_key = next(a for a in axes if a.startswith("aggregator"))
-        short = lambda r, k: _label({k: r["grid"][k]}).split("=", 1)[1]  # noqa: E731
-        rows = list(dict.fromkeys(short(r, row_key) for r in results))
-        cols = list(dict.fromkeys(short(r, col_key) for r in results))
-        cell = {(short(r, row_key), short(r, col_key)): r for r in results}
-        lines = ["| attack \\ rule | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        for a in rows:
-            vals = [f"{100 * cell[a, c]['best_acc']:.1f}" if (a, c) in cell else "" for c in cols]
-            lines.append(f"| {a} | " + " | ".join(vals) + " |")
-        return "best test accuracy (%)\n\n" + "\n".join(lines)
-    lines = [
-        "| run | best acc (%) | final acc (%) | s/round | compile s |",
-        "|---|---|---|---|---|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {_label(r['grid'])} | {100 * r['best_acc']:.1f} | "
-            f"{100 * r['final_acc']:.1f} | {r['seconds_per_round']:.4f} | "
-            f"{r['compile_time']:.1f} |"
-        )
-    return "\n".join(lines)
+    return " ".join(f"{k.split('.')[-1]}={value_label(v)}" for k, v in record["grid"].items())
 
 
 def plot_accuracy(results: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -63,7 +31,7 @@ def plot_accuracy(results: list[dict[str, Any]], path: Path, title: str) -> None
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
-        ax.plot(r["eval_rounds"], [100 * a for a in r["test_acc"]], label=_label(r["grid"]))
+        ax.plot(r["eval_rounds"], [100 * a for a in r["test_acc"]], label=_label(r) or r["name"])
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
@@ -104,9 +72,10 @@ def _sweep(args):
 def cmd_run(args) -> int:
     """Runs a config (every cell of its grid), prints a table, writes JSON and a plot."""
     from fedjax_byz import sim
+    from fedjax_byz.sweep.report import summary
 
     records, out = _sweep(args)
-    table = summary_table(records)
+    table = summary(records)
     name = records[0]["name"]
     print(f"\n{name}: {len(records)} run(s), results in {out}/\n\n{table}\n")
     sim.save_json({"name": name, "runs": records}, out / "results.json")

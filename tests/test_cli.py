@@ -53,7 +53,7 @@ def test_run_grid_writes_results_table_and_plot(tmp_path, capsys):
         == 0
     )
     text = capsys.readouterr().out
-    assert "attack \\ rule" in text and "median" in text
+    assert "attack \\ defense" in text and "median" in text
     results = json.loads((out_dir / "results.json").read_text())
     assert len(results["runs"]) == 4
     assert all(len(r["test_acc"]) == 2 for r in results["runs"])

@@ -178,12 +178,25 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     return Config(**kwargs)
 
 
-def load_yaml(path: str | Path, profile: str | None = None) -> dict[str, Any]:
-    """Reads a YAML config; ``profile`` overlays ``profiles: {name: {...}}`` on top."""
-    p = Path(path)
-    if not p.exists():
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML config with its ``extends:`` chain merged in (paths relative to the file)."""
+    if not path.exists():
         raise ConfigError(f"config: file {str(path)!r} does not exist.")
-    raw = yaml.safe_load(p.read_text()) or {}
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config: {path} must hold a mapping of sections.")
+    parent = raw.pop("extends", None)
+    return merge(_read_yaml(path.parent / parent), raw) if parent else dict(raw)
+
+
+def load_yaml(path: str | Path, profile: str | None = None) -> dict[str, Any]:
+    """Reads a YAML config.
+
+    ``extends: other.yaml`` starts from another file (deep-merged, this file winning);
+    ``profile`` then overlays ``profiles: {name: {...}}`` (e.g. ``cpu``: the scaled-down
+    version of a paper's setting).
+    """
+    raw = _read_yaml(Path(path))
     profiles = raw.pop("profiles", {}) or {}
     if profile is not None:
         if profile not in profiles:
@@ -229,22 +242,42 @@ def grid_axes(raw: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tupl
                 continue
             if not v:
                 raise ConfigError(f"{'.'.join(path)}: an empty list gives an empty grid.")
+            if k == "grid":  # variants may hold grids of their own: take their union
+                v = [c for x in v for c, _ in (expand(x) if isinstance(x, Mapping) else [(x, 0)])]
             axes.append((path, v))
     return axes
 
 
-def _set(raw: Mapping[str, Any], path: tuple, value: Any) -> dict[str, Any]:
-    return set_path(dict(raw), ".".join(path), value)
+def _get(raw: Mapping[str, Any], path: tuple) -> Any:
+    for k in path:
+        raw = raw.get(k) or {}
+    return raw
 
 
 def expand(raw: Mapping[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """The grid's cells: ``[(cell_raw, {dotted_path: value}), ...]`` in product order."""
+    """The grid's cells: ``[(cell_raw, {dotted_path: value}), ...]`` in product order.
+
+    A section's ``grid:`` key is a list of partial settings, each merged into the section
+    (a union of variants sharing the section's other settings):
+    ``attack: {num_byzantine: 4, grid: [{name: lie, z: 1.5}, {name: ipm, eps: 0.1}]}``.
+    """
     axes = grid_axes(raw)
     cells = []
     for values in itertools.product(*(v for _, v in axes)):
         cell = dict(raw)
+        variants = []
         for (path, _), value in zip(axes, values, strict=True):
-            cell = _set(cell, path, value)
+            if path[-1] == "grid":
+                variants.append((path[:-1], value))
+            else:
+                cell = set_path(cell, ".".join(path), value)
+        for section, value in variants:
+            if not isinstance(value, Mapping):
+                raise ConfigError(
+                    f"{'.'.join(section)}.grid: items must be mappings of settings, got {value!r}."
+                )
+            body = {k: v for k, v in _get(cell, section).items() if k != "grid"}
+            cell = set_path(cell, ".".join(section), merge(body, value))
         cells.append((cell, {".".join(p): v for (p, _), v in zip(axes, values, strict=True)}))
     return cells
 

@@ -20,7 +20,7 @@ import numpy as np
 SEED_AXES = ("seed", "data.seed")
 
 
-def _value_label(v: Any, varying: set[str] | None = None) -> str:
+def value_label(v: Any, varying: set[str] | None = None) -> str:
     if isinstance(v, Mapping):
         name = v.get("name", "")
         extra = [
@@ -41,19 +41,19 @@ class Layout:
     """How records map to rows, columns, panels and x values."""
 
     def __init__(self, records: Sequence[Mapping[str, Any]]):
-        axes = list(dict.fromkeys(k for r in records for k in r["grid"]))
-        self.row_axes = [a for a in axes if a.startswith("attack")]
-        self.col_axes = [a for a in axes if a.startswith("aggregator")]
-        self.other_axes = [
-            a
-            for a in axes
-            if a not in SEED_AXES and a not in self.row_axes and a not in self.col_axes
+        axes = [
+            a for a in dict.fromkeys(k for r in records for k in r["grid"]) if a not in SEED_AXES
         ]
+        numeric = {a for a in axes if _numeric_axis(records, a)}
+        self.row_axes = [a for a in axes if a.startswith("attack") and a not in numeric]
+        self.col_axes = [a for a in axes if a.startswith("aggregator") and a not in numeric]
+        self.other_axes = [a for a in axes if a not in self.row_axes and a not in self.col_axes]
+        self.numeric_axes = [a for a in self.other_axes if a in numeric]
         self._varying = {a: _varying_keys([r["grid"].get(a) for r in records]) for a in axes}
 
     def _label(self, record, axes, default):
         parts = [
-            _value_label(record["grid"][a], self._varying[a]) for a in axes if a in record["grid"]
+            value_label(record["grid"][a], self._varying[a]) for a in axes if a in record["grid"]
         ]
         if not parts:
             return default
@@ -220,6 +220,22 @@ def _numeric_axis(records, axis: str) -> bool:
     )
 
 
+def summary(records: Sequence[Mapping[str, Any]], metric: str = "best_acc") -> str:
+    """The markdown tables of ``records``: one attack × defense table per panel."""
+    layout = Layout(records)
+    seeds = {json.dumps([r["grid"].get(a) for a in SEED_AXES]) for r in records}
+    md = [
+        f"{metric.replace('_', ' ')} (%), mean ± std over {len(seeds)} seed(s); "
+        "bold: the strongest attack against each defense (lowest accuracy).",
+        "",
+    ]
+    for panel, (rows, cols, stats) in aggregate_table(records, layout, metric).items():
+        if panel:
+            md += [f"**{_panel_title(panel)}**", ""]
+        md += [markdown_table(rows, cols, stats), ""]
+    return "\n".join(md)
+
+
 def write_report(
     records: Sequence[Mapping[str, Any]],
     out: str | Path,
@@ -231,29 +247,20 @@ def write_report(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     layout = Layout(records)
-    tables = aggregate_table(records, layout, metric)
-    title = title or records[0]["name"]
-    seeds = {json.dumps([r["grid"].get(a) for a in SEED_AXES]) for r in records}
-    md = [
-        f"# {title}",
-        "",
-        f"{metric.replace('_', ' ')} (%), mean ± std over {len(seeds)} seed(s); "
-        "bold: the strongest attack against each defense (lowest accuracy).",
-        "",
-    ]
+    md = [f"# {title or records[0]['name']}", "", summary(records, metric)]
     tex = []
-    for i, (panel, (rows, cols, stats)) in enumerate(tables.items()):
+    for i, (panel, (rows, cols, stats)) in enumerate(
+        aggregate_table(records, layout, metric).items()
+    ):
         head = _panel_title(panel)
-        md += [f"## {head}", "", markdown_table(rows, cols, stats), ""]
         tex += [f"% {head}", latex_table(rows, cols, stats), ""]
         png = out / f"heatmap_{i}.png"
         heatmap(rows, cols, stats, png, head)
-        md += [f"![heatmap]({png.name})", ""]
-    for axis in layout.other_axes:
-        if _numeric_axis(records, axis):
-            png = out / f"ablation_{axis.replace('.', '_')}.png"
-            ablation_plot(records, layout, axis, png, metric)
-            md += [f"## {metric.replace('_', ' ')} vs {axis}", "", f"![ablation]({png.name})", ""]
+        md += [f"![heatmap: {head}]({png.name})", ""]
+    for axis in layout.numeric_axes:
+        png = out / f"ablation_{axis.replace('.', '_')}.png"
+        ablation_plot(records, layout, axis, png, metric)
+        md += [f"## {metric.replace('_', ' ')} vs {axis}", "", f"![ablation]({png.name})", ""]
     (out / "report.tex").write_text("\n".join(tex))
     path = out / "report.md"
     path.write_text("\n".join(md))
