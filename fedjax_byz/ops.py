@@ -245,3 +245,87 @@ def to_matrix(updates):
         return unravel_one(x) if x.ndim == 1 else jax.vmap(unravel_one)(x)
 
     return G, unravel
+
+
+# Column-blocked passes. XLA's CPU backend allocates every [n, d] temporary afresh on each
+# call, and first-touching those pages costs more than the arithmetic: computing μ and σ as
+# ``w @ G`` and ``w @ (G − μ)²`` took 23 ms at n=25, d=500k here, the same work done block
+# by block in cache 6 ms. Passes that build centred rows, squares or Gram matrices
+# therefore run over blocks of columns on CPU (about 2^17 elements, half an L2 cache).
+_BLOCK_ELEMS = 2**17
+
+
+def column_block(n: int, d: int) -> int:
+    """Columns per block of ``scan_columns`` for an ``[n, d]`` matrix (``d`` off CPU)."""
+    if jax.default_backend() != "cpu":
+        return d
+    return max(256, min(d, 1 << max(_BLOCK_ELEMS // n, 1).bit_length() - 1))
+
+
+def scan_columns(fn, G: jax.Array, vectors=(), init=(), *, block: int | None = None):
+    """One pass over the columns of ``G`` in blocks, folding ``fn`` over them.
+
+    ``fn(B, vs, carry) -> (outs, carry)`` sees a block ``B [n, c]`` of columns, the matching
+    slices ``vs`` of the ``[d]`` vectors in ``vectors`` and the running ``carry`` (any
+    pytree of fixed shape, e.g. a Gram matrix being accumulated); it returns a tuple
+    ``outs`` of per-column results (each ``[c]``) and the new carry. Blocks are visited in
+    order (a ``fori_loop`` plus one ragged tail), so everything ``fn`` creates stays in
+    cache. On accelerators (``column_block``) ``fn`` runs once on the whole matrix.
+
+    Returns:
+      ``(outs, carry)``: the per-column results assembled to ``[d]`` each, and the final
+      carry.
+    """
+    n, d = G.shape
+    c = column_block(n, d) if block is None else min(block, d)
+    nb = d // c
+    if nb <= 1 and c == d:
+        return fn(G, tuple(vectors), init)
+
+    def run(start, size, outs, carry):
+        B = jax.lax.dynamic_slice(G, (0, start), (n, size))
+        vs = tuple(jax.lax.dynamic_slice(v, (start,), (size,)) for v in vectors)
+        o, carry = fn(B, vs, carry)
+        outs = tuple(
+            jax.lax.dynamic_update_slice(a, b, (start,)) for a, b in zip(outs, o, strict=True)
+        )
+        return outs, carry
+
+    block_spec = jax.ShapeDtypeStruct((n, c), G.dtype)
+    vec_specs = tuple(jax.ShapeDtypeStruct((c,), v.dtype) for v in vectors)
+    out_specs, _ = jax.eval_shape(fn, block_spec, vec_specs, init)
+    outs = tuple(jnp.zeros((d,), s.dtype) for s in out_specs)
+    outs, carry = jax.lax.fori_loop(0, nb, lambda b, st: run(b * c, c, *st), (outs, init))
+    if d > nb * c:
+        outs, carry = run(nb * c, d - nb * c, outs, carry)
+    return outs, carry
+
+
+def masked_moments(
+    B: jax.Array, mask: jax.Array, ddof: int = 1
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(μ, σ, B − μ)`` over the rows where ``mask``: coordinate-wise mean, standard
+    deviation (``ddof=1`` by default) and the centred rows (all rows). ``-> [c], [c], [n, c]``.
+
+    A kernel for one block of ``scan_columns``; ``masked_mean_std`` runs it over a matrix.
+    """
+    w = mask.astype(B.dtype)
+    k = w.sum()
+    mu = weighted_sum(w / jnp.maximum(k, 1.0), B)
+    X = B - mu[None, :]
+    sigma = jnp.sqrt(weighted_sum(w / jnp.maximum(k - ddof, 1.0), X * X))
+    return mu, sigma, X
+
+
+def masked_mean_std(G: jax.Array, mask: jax.Array, ddof: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Coordinate-wise mean and standard deviation of the masked rows in one blocked pass.
+
+    Same values as ``masked_mean`` and ``masked_std`` (up to rounding), without the
+    ``[n, d]`` temporary ``(G − μ)²``. ``-> [d], [d]``.
+    """
+
+    def fn(B, vs, carry):
+        mu, sigma, _ = masked_moments(B, mask, ddof)
+        return (mu, sigma), carry
+
+    return scan_columns(fn, G)[0]
