@@ -40,10 +40,11 @@ class Entry:
     def defaults(self) -> dict[str, Any]:
         """Keyword defaults of the factory, in signature order."""
         sig = inspect.signature(self.factory)
+        hidden = self.meta.get("hidden", ())
         return {
             k: p.default
             for k, p in sig.parameters.items()
-            if p.default is not inspect.Parameter.empty
+            if p.default is not inspect.Parameter.empty and k not in hidden
         }
 
     @property

@@ -162,7 +162,7 @@ def test_report_tables_heatmaps_and_ablations(tmp_path):
         r["best_acc"]
         for r in records
         if r["grid"]["data.beta"] == 0.3
-        and r["grid"]["attack"]["name"] == "none"
+        and r["grid"]["attack.name"] == "none"
         and r["grid"]["aggregator.name"] == "mean"
     ]
     assert stats[rows[0], cols[0]][0] == pytest.approx(np.mean(mine))

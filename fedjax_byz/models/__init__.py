@@ -12,12 +12,13 @@ from fedjax_byz.models import zoo
 from fedjax_byz.registry import Registry
 
 MODELS = Registry("model")
-MODELS.register("mlp", zoo.MLP, static=("hidden",))
-MODELS.register("lenet5", zoo.LeNet5, static=("conv_impl",))
-MODELS.register("cnn", zoo.CNN, static=("channels", "hidden", "conv_impl"))
-MODELS.register("femnist_cnn", zoo.FEMNISTCNN, static=("conv_impl",))
-MODELS.register("alexnet", zoo.AlexNet, static=("fc", "conv_impl"))
-MODELS.register("resnet18", zoo.ResNet18, static=("widths", "groups", "conv_impl"))
+_MODULE = ("name", "parent")  # flax's own dataclass fields, not hyperparameters
+MODELS.register("mlp", zoo.MLP, static=("hidden",), hidden=_MODULE)
+MODELS.register("lenet5", zoo.LeNet5, static=("conv_impl",), hidden=_MODULE)
+MODELS.register("cnn", zoo.CNN, static=("channels", "hidden", "conv_impl"), hidden=_MODULE)
+MODELS.register("femnist_cnn", zoo.FEMNISTCNN, static=("conv_impl",), hidden=_MODULE)
+MODELS.register("alexnet", zoo.AlexNet, static=("fc", "conv_impl"), hidden=_MODULE)
+MODELS.register("resnet18", zoo.ResNet18, static=("widths", "groups", "conv_impl"), hidden=_MODULE)
 
 Params = Any
 

@@ -152,8 +152,10 @@ def _section(name: str, cls, raw: Any):
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{name}: expected a mapping of settings, got {raw!r}.")
     fields = _fields(cls)
+    raw = {k: v for k, v in raw.items() if not (k == "grid" and v is None)}
     known = {k: v for k, v in raw.items() if k in fields and k != "params"}
-    extra = {k: v for k, v in raw.items() if k not in fields}
+    # a component parameter set to null is unset (e.g. a profile dropping an inherited path)
+    extra = {k: v for k, v in raw.items() if k not in fields and v is not None}
     if "params" in fields:
         params = dict(raw.get("params") or {})
         params.update(extra)
@@ -166,7 +168,7 @@ def _section(name: str, cls, raw: Any):
 
 def from_dict(raw: Mapping[str, Any]) -> Config:
     """Builds a ``Config`` from plain values (one grid cell: no lists where numbers go)."""
-    raw = dict(raw or {})
+    raw = {k: v for k, v in (raw or {}).items() if not (k == "grid" and v is None)}
     top = _fields(Config)
     for key in raw:
         if key not in top and key != "profiles":
@@ -255,11 +257,13 @@ def _get(raw: Mapping[str, Any], path: tuple) -> Any:
 
 
 def expand(raw: Mapping[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """The grid's cells: ``[(cell_raw, {dotted_path: value}), ...]`` in product order.
+    """The grid's cells: ``[(cell_raw, {dotted.field: value}), ...]`` in product order.
 
-    A section's ``grid:`` key is a list of partial settings, each merged into the section
-    (a union of variants sharing the section's other settings):
-    ``attack: {num_byzantine: 4, grid: [{name: lie, z: 1.5}, {name: ipm, eps: 0.1}]}``.
+    A ``grid:`` key is a list of partial settings, each merged where it stands (a union of
+    variants sharing the other settings): in a section,
+    ``attack: {num_byzantine: 4, grid: [{name: lie, z: 1.5}, {name: ipm, eps: 0.1}]}``;
+    at the top, variants spanning sections, e.g. ``grid: [{data: {num_clients: 10},
+    attack: {num_byzantine: 2}}, ...]``. ``grid: null`` removes an inherited grid.
     """
     axes = grid_axes(raw)
     cells = []
@@ -272,14 +276,26 @@ def expand(raw: Mapping[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]
             else:
                 cell = set_path(cell, ".".join(path), value)
         for section, value in variants:
+            where = ".".join((*section, "grid"))
             if not isinstance(value, Mapping):
-                raise ConfigError(
-                    f"{'.'.join(section)}.grid: items must be mappings of settings, got {value!r}."
-                )
-            body = {k: v for k, v in _get(cell, section).items() if k != "grid"}
-            cell = set_path(cell, ".".join(section), merge(body, value))
-        cells.append((cell, {".".join(p): v for (p, _), v in zip(axes, values, strict=True)}))
+                raise ConfigError(f"{where}: items must be mappings of settings, got {value!r}.")
+            body = merge({k: v for k, v in _get(cell, section).items() if k != "grid"}, value)
+            cell = set_path(cell, ".".join(section), body) if section else body
+        label = {}
+        for (path, _), value in zip(axes, values, strict=True):
+            label.update(_flatten(value, path[:-1] if path[-1] == "grid" else path))
+        cells.append((cell, label))
     return cells
+
+
+def _flatten(value: Any, prefix: tuple[str, ...]) -> dict[str, Any]:
+    """``{dotted.path: leaf}`` of a grid value (mappings spread into their fields)."""
+    if not isinstance(value, Mapping):
+        return {".".join(prefix): value}
+    out = {}
+    for k, v in value.items():
+        out.update(_flatten(v, (*prefix, k)))
+    return out
 
 
 def _require(ok: bool, field: str, message: str) -> None:

@@ -20,53 +20,60 @@ import numpy as np
 SEED_AXES = ("seed", "data.seed")
 
 
-def value_label(v: Any, varying: set[str] | None = None) -> str:
+def value_label(v: Any) -> str:
+    """A short text for a grid value."""
     if isinstance(v, Mapping):
-        name = v.get("name", "")
-        extra = [
-            f"{k}={x}" for k, x in v.items() if k != "name" and (varying is None or k in varying)
-        ]
-        return f"{name}({', '.join(extra)})" if extra and name else (name or ", ".join(extra))
+        return ", ".join(f"{k}={x}" for k, x in v.items())
     return str(v)
 
 
-def _varying_keys(values: Sequence[Any]) -> set[str]:
-    """Keys of dict-valued axis values that differ between cells."""
-    dicts = [v for v in values if isinstance(v, Mapping)]
-    keys = {k for d in dicts for k in d}
-    return {k for k in keys if len({json.dumps(d.get(k), default=str) for d in dicts}) > 1}
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 class Layout:
-    """How records map to rows, columns, panels and x values."""
+    """How records map to rows (attacks), columns (defenses), panels and x values.
+
+    Grid fields under ``attack`` label rows and those under ``aggregator`` label columns,
+    unless numeric; numeric fields with several values (β, f, z, ν, ...) and every other
+    field split the records into panels and become the x axis of ablation plots.
+    """
 
     def __init__(self, records: Sequence[Mapping[str, Any]]):
         axes = [
             a for a in dict.fromkeys(k for r in records for k in r["grid"]) if a not in SEED_AXES
         ]
-        numeric = {a for a in axes if _numeric_axis(records, a)}
+        numeric = set()
+        for a in axes:
+            present = [r["grid"][a] for r in records if a in r["grid"]]
+            if all(_is_number(v) for v in present) and len(set(present)) > 1:
+                numeric.add(a)
         self.row_axes = [a for a in axes if a.startswith("attack") and a not in numeric]
         self.col_axes = [a for a in axes if a.startswith("aggregator") and a not in numeric]
         self.other_axes = [a for a in axes if a not in self.row_axes and a not in self.col_axes]
         self.numeric_axes = [a for a in self.other_axes if a in numeric]
-        self._varying = {a: _varying_keys([r["grid"].get(a) for r in records]) for a in axes}
 
-    def _label(self, record, axes, default):
-        parts = [
-            value_label(record["grid"][a], self._varying[a]) for a in axes if a in record["grid"]
+    @staticmethod
+    def _label(record, axes, section) -> str:
+        grid = record["grid"]
+        name = grid.get(f"{section}.name", record["config"][section]["name"])
+        extra = [
+            f"{a.split('.', 1)[1]}={value_label(grid[a])}"
+            for a in axes
+            if a in grid and a != f"{section}.name"
         ]
-        if not parts:
-            return default
-        return " ".join(parts)
+        return f"{name}({', '.join(extra)})" if extra else str(name)
 
     def row(self, r) -> str:
-        return self._label(r, self.row_axes, r["config"]["attack"]["name"])
+        return self._label(r, self.row_axes, "attack")
 
     def col(self, r) -> str:
-        return self._label(r, self.col_axes, r["config"]["aggregator"]["name"])
+        return self._label(r, self.col_axes, "aggregator")
 
-    def panel(self, r) -> tuple:
-        return tuple((a, json.dumps(r["grid"].get(a), default=str)) for a in self.other_axes)
+    def panel(self, r, skip: str | None = None) -> tuple:
+        return tuple(
+            (a, json.dumps(r["grid"].get(a), default=str)) for a in self.other_axes if a != skip
+        )
 
 
 def _stats(values: Sequence[float]) -> tuple[float, float, int]:
@@ -91,7 +98,7 @@ def aggregate_table(records, layout: Layout, metric: str = "best_acc"):
 
 
 def _panel_title(panel: tuple) -> str:
-    return ", ".join(f"{a} = {json.loads(v)}" for a, v in panel) or "all"
+    return ", ".join(f"{a} = {json.loads(v)}" for a, v in panel if v != "null") or "all"
 
 
 def markdown_table(rows, cols, stats, scale: float = 100.0) -> str:
@@ -193,7 +200,9 @@ def ablation_plot(
     plt = _plt()
     lines: dict[str, dict[float, list[float]]] = {}
     for r in records:
-        rest = [f"{a}={json.loads(v)}" for a, v in layout.panel(r) if a != axis]
+        if axis not in r["grid"]:
+            continue
+        rest = [f"{a}={json.loads(v)}" for a, v in layout.panel(r, skip=axis) if v != "null"]
         name = " / ".join([layout.row(r), layout.col(r), *rest])
         lines.setdefault(name, {}).setdefault(float(r["grid"][axis]), []).append(r[metric])
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -210,14 +219,6 @@ def ablation_plot(
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
-
-
-def _numeric_axis(records, axis: str) -> bool:
-    values = {json.dumps(r["grid"].get(axis), default=str) for r in records}
-    return len(values) > 1 and all(
-        isinstance(r["grid"].get(axis), int | float) and not isinstance(r["grid"].get(axis), bool)
-        for r in records
-    )
 
 
 def summary(records: Sequence[Mapping[str, Any]], metric: str = "best_acc") -> str:
