@@ -179,6 +179,38 @@ def imagefolder(path: str = "", grayscale: bool = False, cache_dir: str | None =
     return Dataset(p.stem, x_tr, arrays["y_train"], x_te, arrays["y_test"], len(arrays["classes"]))
 
 
+@DATASETS.register("arrays")
+def arrays(path: str = "") -> Dataset:
+    """Your own arrays: a ``.npz`` holding ``x_train``, ``y_train``, ``x_test``, ``y_test``
+    (images ``[N, H, W]`` or ``[N, H, W, C]``, integer labels) and optionally ``groups``
+    (the natural client of every training example) and ``num_classes``."""
+    p = Path(path).expanduser()
+    if not path or not p.is_file():
+        raise ConfigError(f"data.path: arrays file {path!r} does not exist.")
+    with np.load(p) as z:
+        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
+        if missing:
+            raise ConfigError(
+                f"data.path: {path} lacks {missing}; it needs x_train, y_train, x_test, y_test."
+            )
+        y_tr, y_te = z["y_train"].astype(np.int32), z["y_test"].astype(np.int32)
+        num_classes = (
+            int(z["num_classes"])
+            if "num_classes" in z.files
+            else int(max(y_tr.max(), y_te.max()) + 1)
+        )
+        groups = z["groups"].astype(np.int32) if "groups" in z.files else None
+        return Dataset(
+            p.stem,
+            _as_images(z["x_train"]),
+            y_tr,
+            _as_images(z["x_test"]),
+            y_te,
+            num_classes,
+            groups,
+        )
+
+
 TFDS_NAMES = ("mnist", "fashion_mnist", "cifar10", "svhn_cropped", "emnist")
 
 
