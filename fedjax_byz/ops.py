@@ -259,7 +259,7 @@ def column_block(n: int, d: int) -> int:
     """Columns per block of ``scan_columns`` for an ``[n, d]`` matrix (``d`` off CPU)."""
     if jax.default_backend() != "cpu":
         return d
-    return max(256, min(d, 1 << max(_BLOCK_ELEMS // n, 1).bit_length() - 1))
+    return min(d, max(256, 1 << (_BLOCK_ELEMS // n).bit_length() - 1))
 
 
 def scan_columns(fn, G: jax.Array, vectors=(), init=(), *, block: int | None = None):

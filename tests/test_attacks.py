@@ -197,7 +197,9 @@ def test_fang_trmean_matches_oracle_with_the_same_draws():
         for agg in (None, "median"):
             out = np.asarray(fb.attack("fang", G, byz, key=jax.random.key(5), aggregator=agg))
             check_honest(out, G, byz)
-            u = np.asarray(jax.random.uniform(jax.random.key(5), G.shape, jnp.float32))
+            # Row i draws from fold_in(key, i) (attacks.base.byzantine_rows).
+            keys = [jax.random.fold_in(jax.random.key(5), i) for i in range(len(G))]
+            u = np.stack([jax.random.uniform(k, G.shape[1:], jnp.float32) for k in keys])
             G64 = G.astype(np.float64)
             direc = np.median(G64, 0) if agg == "median" else O.mean(G64, O.rows(byz))
             want = O.fang_trmean(G64, byz, direc, u.astype(np.float64))
@@ -253,6 +255,50 @@ def test_adaptive_lie_matches_grid_oracle():
         np.testing.assert_allclose(out, O.lie(G64, byz, z), rtol=2e-4, atol=2e-5 * np.abs(G).max())
 
 
+@pytest.mark.parametrize("name", ["minmax", "minsum"])
+def test_adaptive_minmax_minsum_match_oracle_and_maximise_the_damage(name):
+    # ν scales the γ on the constraint; the oracle searches γ in float64 and applies the
+    # grid against a numpy trimmed mean. The chosen ν is also the one, among the grid,
+    # whose attacked aggregate (the real trmean rule) lies farthest from μ_H.
+    oracle = O.minmax_gamma if name == "minmax" else O.minsum_gamma
+    grid = np.linspace(0.0, 2.0, 5)
+    for G, byz in [CASES[1], CASES[4]]:
+        f = int(byz.sum())
+        out = run(f"adaptive-{name}", G, byz, aggregator="trmean", evals=5, lo=0.0, hi=2.0)
+        check_honest(out, G, byz)
+        G64 = G.astype(np.float64)
+        H = O.rows(byz)
+        mu, p, gamma = O.mean(G64, H), O.direction(G64, H, "std"), oracle(G64, byz)
+        crafted = [O.fill(G64, byz, lambda i, m=mu + nu * gamma * p: m) for nu in grid]
+        scores = [np.linalg.norm(O.trmean(U, f) - mu) for U in crafted]
+        want = crafted[int(np.argmax(scores))]
+        np.testing.assert_allclose(out, want, rtol=1e-3, atol=1e-4 * np.abs(G).max())
+        ours = [run(name, G, byz, nu=nu) for nu in grid]
+        damage = [np.linalg.norm(fb.aggregate("trmean", U, f=f) - mu) for U in ours]
+        np.testing.assert_array_equal(out, ours[int(np.argmax(damage))])
+
+
+def test_minmax_nu_scales_gamma():
+    G, byz = CASES[1]
+    G64 = G.astype(np.float64)
+    H = O.rows(byz)
+    want = O.mean(G64, H) + 0.5 * O.minmax_gamma(G64, byz) * O.direction(G64, H, "std")
+    out = run("minmax", G, byz, nu=0.5)
+    np.testing.assert_allclose(out[byz][0], want, rtol=1e-3, atol=1e-4 * np.abs(G).max())
+
+
+@pytest.mark.parametrize("batch", [4, 7])
+def test_adaptive_vmap_mode_matches_the_sequential_map(batch):
+    # On CPU the grid runs one candidate at a time by default; ``batch`` evaluates it in
+    # vmapped chunks (the whole grid in one vmap when batch = evals, the accelerator
+    # default). Both must choose the same strength.
+    G, byz = CASES[4]
+    kw = {"aggregator": "trmean", "evals": 7, "lo": 0.0, "hi": 6.0}
+    np.testing.assert_array_equal(
+        run("adaptive-lie", G, byz, batch=batch, **kw), run("adaptive-lie", G, byz, **kw)
+    )
+
+
 def test_adaptive_needs_the_server_rule():
     G, byz = CASES[0]
     with pytest.raises(ConfigError, match="aggregator"):
@@ -261,7 +307,7 @@ def test_adaptive_needs_the_server_rule():
 
 # --- contract ------------------------------------------------------------------------------
 
-AGGREGATION_AWARE = {"adaptive-lie", "adaptive-ipm", "adaptive-strike", "adaptive-byzmean"}
+AGGREGATION_AWARE = {name for name in attacks.names() if name.startswith("adaptive-")}
 
 
 @pytest.mark.parametrize("name", attacks.names())
@@ -302,10 +348,11 @@ STRENGTHS = {
     "strike": ("nu", [0.25, 1.0, 2.0]),
     "byzmean": ("z", [0.3, 1.0, 5.0]),
     "minmax": ("gamma_init", [1.0, 10.0, 30.0]),
-    "minsum": ("gamma_init", [1.0, 10.0, 30.0]),
+    "minsum": ("nu", [0.5, 1.0, 1.5]),
     "fang": ("b", [1.5, 2.0, 4.0]),
     "adaptive-lie": ("hi", [2.0, 5.0, 10.0]),
     "adaptive-strike": ("hi", [1.0, 1.5, 2.0]),
+    "adaptive-minmax": ("hi", [0.5, 1.0, 2.0]),
 }
 
 

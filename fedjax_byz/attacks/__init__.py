@@ -45,6 +45,16 @@ ATTACKS.register("adaptive-lie", adaptive.adaptive_lie, static=("evals", "knowle
 ATTACKS.register("adaptive-ipm", adaptive.adaptive_ipm, static=("evals", "knowledge", "batch"))
 ATTACKS.register("adaptive-strike", adaptive.adaptive_strike, static=("evals", "batch"))
 ATTACKS.register(
+    "adaptive-minmax",
+    adaptive.adaptive_minmax,
+    static=("evals", "direction", "knowledge", "batch"),
+)
+ATTACKS.register(
+    "adaptive-minsum",
+    adaptive.adaptive_minsum,
+    static=("evals", "direction", "knowledge", "batch"),
+)
+ATTACKS.register(
     "adaptive-byzmean", adaptive.adaptive_byzmean, static=("evals", "knowledge", "batch")
 )
 

@@ -13,47 +13,46 @@ Min-Max or STRIKE) are computed once, outside the loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from fedjax_byz import ops
-from fedjax_byz.attacks.base import Attack
-from fedjax_byz.attacks.byzmean import byzmean
-from fedjax_byz.attacks.statistical import ipm, lie
-from fedjax_byz.attacks.strike import strike
+from fedjax_byz.attacks.base import Attack, Family, replace_byzantine
+from fedjax_byz.attacks.byzmean import byzmean_family
+from fedjax_byz.attacks.search import shejwalkar_family
+from fedjax_byz.attacks.statistical import ipm_family, lie_family
+from fedjax_byz.attacks.strike import strike_family
 from fedjax_byz.registry import ConfigError
 
 
 def adaptive(
-    build: Callable[[jax.Array], Attack],
+    family: Family,
     *,
     evals: int = 20,
     lo: ArrayLike = 0.0,
     hi: ArrayLike = 10.0,
     batch: int | None = None,
 ) -> Attack:
-    """Wraps ``build(strength) -> Attack`` with a per-round strength calibration.
+    """Wraps an attack ``Family`` with a per-round strength calibration.
 
-    Every round, for each strength ``s`` of ``linspace(lo, hi, evals)``, the Byzantine rows
-    are crafted with ``build(s)`` and the server's rule aggregates the result; the
-    strength maximising ``‖aggregate − μ_H‖₂`` (ByzFL's objective) is applied (ties: the
-    smallest). Needs ``ctx.aggregate`` (``fb.attack(..., aggregator=...)`` or the
-    simulator).
+    Every round, ``family(key, updates, ctx)`` does the strength-independent work once;
+    then for each strength ``s`` of ``linspace(lo, hi, evals)`` the Byzantine rows are
+    crafted at ``s`` and the server's rule aggregates the result; the strength maximising
+    ``‖aggregate − μ_H‖₂`` (ByzFL's objective) is applied (ties: the smallest). Needs
+    ``ctx.aggregate`` (``fb.attack(..., aggregator=...)`` or the simulator). Any
+    ``build(strength) -> Attack`` is a family through
+    ``lambda key, G, ctx: lambda s: build(s).apply(key, G, build(s).init(G.shape[1]), ctx)[0]``
+    (then without the shared work).
 
     Args:
-      build: strength -> attack; the strength may be a tracer.
+      family: ``base.Family``, e.g. ``statistical.lie_family()``.
       evals: grid size, static; 20 matches ByzFL's default evaluation budget.
       lo, hi: grid bounds (may be traced).
       batch: candidates evaluated together in one ``vmap`` (static); the grid is scanned
-        in such chunks (``lax.map``). None: the whole grid on accelerators, one at a time
-        on CPU (``_chunk``).
+        in such chunks (``lax.map``). None: the whole grid in one ``vmap`` on
+        accelerators, one candidate at a time on CPU (``_chunk``).
     """
-
-    def init(d):
-        return build(jnp.asarray(lo, jnp.float32)).init(d)
 
     def apply(key, G, state, ctx):
         if ctx.aggregate is None:
@@ -62,17 +61,17 @@ def adaptive(
                 "aggregator=... (the simulator does this)."
             )
         mu = ops.masked_mean(G, ctx.honest)
+        craft = family(key, G, ctx)
 
         def damage(s):
-            attack = build(s)
-            crafted, _ = attack.apply(key, G, state, ctx)
+            crafted = replace_byzantine(G, ctx.byz, craft(s))
             return jnp.linalg.norm(ctx.aggregate(crafted) - mu)
 
         grid = jnp.linspace(lo, hi, evals, dtype=jnp.float32)
         scores = jax.lax.map(damage, grid, batch_size=_chunk(batch, evals))
-        return build(grid[jnp.argmax(scores)]).apply(key, G, state, ctx)
+        return replace_byzantine(G, ctx.byz, craft(grid[jnp.argmax(scores)])), state
 
-    return Attack(init, apply)
+    return Attack(lambda d: (), apply)
 
 
 def _chunk(batch: int | None, evals: int) -> int | None:
@@ -96,7 +95,7 @@ def adaptive_lie(
 
     Defaults: 20 evaluations (ByzFL) over z ∈ [0, 10], the range Errami et al. sweep.
     """
-    return adaptive(lambda z: lie(z, knowledge=knowledge), evals=evals, lo=lo, hi=hi, batch=batch)
+    return adaptive(lie_family(knowledge), evals=evals, lo=lo, hi=hi, batch=batch)
 
 
 def adaptive_ipm(
@@ -111,7 +110,7 @@ def adaptive_ipm(
 
     Defaults: 20 evaluations (ByzFL) over ε ∈ [0, 10], the range Errami et al. sweep.
     """
-    return adaptive(lambda e: ipm(e, knowledge=knowledge), evals=evals, lo=lo, hi=hi, batch=batch)
+    return adaptive(ipm_family(knowledge), evals=evals, lo=lo, hi=hi, batch=batch)
 
 
 def adaptive_strike(
@@ -126,7 +125,46 @@ def adaptive_strike(
     Defaults: the STRIKE paper's sweep ν ∈ {0.25, 0.5, …, 2} (appendix D.1), which the
     paper tunes once per run rather than every round.
     """
-    return adaptive(strike, evals=evals, lo=lo, hi=hi, batch=batch)
+    return adaptive(strike_family(), evals=evals, lo=lo, hi=hi, batch=batch)
+
+
+def adaptive_minmax(
+    evals: int = 20,
+    lo: ArrayLike = 0.0,
+    hi: ArrayLike = 1.0,
+    *,
+    direction: str = "std",
+    knowledge: str = "omniscient",
+    batch: int | None = None,
+) -> Attack:
+    """Min-Max with ν calibrated on ``linspace(lo, hi, evals)`` every round.
+
+    The rows send ``μ_R + ν·γ·∇p`` (``search.minmax``: γ the largest value on Min-Max's
+    constraint). Defaults: 20 evaluations (ByzFL's budget) over ν ∈ [0, 1], i.e. over the
+    whole feasible set ``[0, γ]`` of Min-Max's constraint, so the update chosen still
+    satisfies it; ``hi > 1`` lets the calibration leave it. Tuning the scale of ∇p against
+    the known rule is Shejwalkar & Houmansadr's AGR-tailored attack, here restricted to
+    Min-Max's feasible set.
+    """
+    family = shejwalkar_family("max", direction, knowledge=knowledge)
+    return adaptive(family, evals=evals, lo=lo, hi=hi, batch=batch)
+
+
+def adaptive_minsum(
+    evals: int = 20,
+    lo: ArrayLike = 0.0,
+    hi: ArrayLike = 1.0,
+    *,
+    direction: str = "std",
+    knowledge: str = "omniscient",
+    batch: int | None = None,
+) -> Attack:
+    """Min-Sum with ν calibrated on ``linspace(lo, hi, evals)`` every round.
+
+    As ``adaptive_minmax``, on Min-Sum's constraint (``search.minsum``).
+    """
+    family = shejwalkar_family("sum", direction, knowledge=knowledge)
+    return adaptive(family, evals=evals, lo=lo, hi=hi, batch=batch)
 
 
 def adaptive_byzmean(
@@ -138,6 +176,4 @@ def adaptive_byzmean(
     batch: int | None = None,
 ) -> Attack:
     """ByzMean with its LIE target's z calibrated on ``linspace(lo, hi, evals)``."""
-    return adaptive(
-        lambda z: byzmean(z, knowledge=knowledge), evals=evals, lo=lo, hi=hi, batch=batch
-    )
+    return adaptive(byzmean_family(knowledge), evals=evals, lo=lo, hi=hi, batch=batch)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from fedjax_byz.attacks.base import Attack, stateless
+from fedjax_byz.attacks.base import Attack, rowwise, stateless
 
 
 def none() -> Attack:
@@ -44,12 +44,11 @@ def gaussian(sigma: ArrayLike = 0.5) -> Attack:
 
     Args:
       sigma: noise scale; 0.5 as in the SignGuard paper ("Random Attack", Sec. V-A).
+
+    Row ``i`` is ``σ·jax.random.normal(fold_in(key, i), (d,))``, drawn for the Byzantine
+    rows only (``base.byzantine_rows``).
     """
-
-    def fn(key, G, ctx):
-        return sigma * jax.random.normal(key, G.shape, G.dtype)
-
-    return stateless(fn)
+    return rowwise(lambda G, ctx: lambda k, g: sigma * jax.random.normal(k, g.shape, g.dtype))
 
 
 def noise(sigma: ArrayLike = 0.5) -> Attack:
@@ -57,12 +56,10 @@ def noise(sigma: ArrayLike = 0.5) -> Attack:
 
     Args:
       sigma: noise scale; 0.5 as in the SignGuard paper ("Noise Attack", Sec. V-A).
+
+    The noise of row ``i`` is the draw ``gaussian`` makes for row ``i`` with the same key.
     """
-
-    def fn(key, G, ctx):
-        return G + sigma * jax.random.normal(key, G.shape, G.dtype)
-
-    return stateless(fn)
+    return rowwise(lambda G, ctx: lambda k, g: g + sigma * jax.random.normal(k, g.shape, g.dtype))
 
 
 def _constant(value: float) -> Attack:

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from fedjax_byz import ops
-from fedjax_byz.attacks.base import Attack, replace_byzantine
-from fedjax_byz.attacks.statistical import lie
+from fedjax_byz.attacks.base import Attack, AttackContext, Family, at_strength, replace_byzantine
+from fedjax_byz.attacks.statistical import lie_family
+
+
+def _rows_around(t: jax.Array, honest_sum: jax.Array, n: int, ctx: AttackContext) -> jax.Array:
+    """Eq. 8: the first ``m₁ = ⌊f/2⌋`` Byzantine rows send ``t``, the others
+    ``((n − m₁)·t − Σ_{i∈H} g_i)/m₂``. ``-> [n, d]`` (read on Byzantine rows only)."""
+    f = ctx.f
+    m1 = f // 2
+    first = ctx.byz & (jnp.cumsum(ctx.byz) <= m1)
+    rest = ((n - m1) * t - honest_sum) / jnp.maximum(f - m1, 1).astype(t.dtype)
+    return jnp.where(first[:, None], t[None, :], rest[None, :])
 
 
 def byzmean_of(target: Attack) -> Attack:
@@ -26,14 +37,8 @@ def byzmean_of(target: Attack) -> Attack:
     def apply(key, G, state, ctx):
         crafted, state = target.apply(key, G, state, ctx)
         t = jnp.take(crafted, jnp.argmax(ctx.byz), axis=0)
-        f = ctx.f
-        m1 = f // 2
-        first = ctx.byz & (jnp.cumsum(ctx.byz) <= m1)
         honest_sum = ops.weighted_sum(ctx.honest, G)
-        rest = ((G.shape[0] - m1) * t - honest_sum) / jnp.maximum(f - m1, 1).astype(G.dtype)
-        return replace_byzantine(
-            G, ctx.byz, jnp.where(first[:, None], t[None, :], rest[None, :])
-        ), state
+        return replace_byzantine(G, ctx.byz, _rows_around(t, honest_sum, G.shape[0], ctx)), state
 
     return Attack(target.init, apply)
 
@@ -48,4 +53,17 @@ def byzmean(z: ArrayLike | None = None, *, knowledge: str = "omniscient") -> Att
 
     Any other target: ``byzmean_of(attack)``.
     """
-    return byzmean_of(lie(z, knowledge=knowledge))
+    return at_strength(byzmean_family(knowledge), z)
+
+
+def byzmean_family(knowledge: str = "omniscient") -> Family:
+    """ByzMean around ALIE as a ``Family``: ``μ_R``, ``σ_R`` and ``Σ_{i∈H} g_i`` once, then
+    ``z ->`` the Eq. 8 rows around ``t = μ_R − z·σ_R``."""
+    lie_craft = lie_family(knowledge)
+
+    def family(key, G, ctx):
+        target = lie_craft(key, G, ctx)
+        honest_sum = ops.weighted_sum(ctx.honest, G)
+        return lambda z: _rows_around(target(z), honest_sum, G.shape[0], ctx)
+
+    return family

@@ -16,51 +16,73 @@ from jax.typing import ArrayLike
 
 from fedjax_byz import ops
 from fedjax_byz.aggregators.distance import krum_scores
-from fedjax_byz.attacks.base import Attack, AttackContext, stateless
-from fedjax_byz.attacks.search import MAX_ITER, centred_gram, quadratic
+from fedjax_byz.attacks.base import Attack, AttackContext, rowwise, stateless
+from fedjax_byz.attacks.search import MAX_ITER, Quadratic
 from fedjax_byz.registry import ConfigError
 
 RULES = ("trmean", "median", "krum")
 
 
-def unattacked_aggregate(G: jax.Array, ctx: AttackContext) -> jax.Array:
+def unattacked_aggregate(G: jax.Array, ctx: AttackContext) -> jax.Array | None:
     """ĝ: the server's rule on the before-attack updates of all clients (Fang et al.'s full
-    knowledge), or μ_H when the rule is not known (as Shejwalkar & Houmansadr's code does)."""
-    if ctx.aggregate is not None:
-        return ctx.aggregate(G)
-    return ops.masked_mean(G, ctx.honest)
+    knowledge), or None when the rule is not known, in which case the attacks use μ_H (as
+    Shejwalkar & Houmansadr's code does) from their own pass over the updates."""
+    return ctx.aggregate(G) if ctx.aggregate is not None else None
 
 
-def _masked_extreme(G: jax.Array, rows: jax.Array, op, fill: float) -> jax.Array:
-    """Coordinate-wise ``op`` (max/min) over the selected rows, as one fused pass over G."""
-    out = jnp.full(G.shape[1:], fill, G.dtype)
-    for i in range(G.shape[0]):
-        out = op(out, jnp.where(rows[i], G[i], fill))
-    return out
+def _honest_range(G: jax.Array, honest: jax.Array, g_hat: jax.Array | None):
+    """``(ĝ or μ_H, g_max, g_min)``: the direction and the coordinate-wise extremes of the
+    honest rows, in one column-blocked pass. ``-> [d] x 3``."""
+
+    def fn(B, vs, carry):
+        direction = vs[0] if vs else ops.masked_moments(B, honest)[0]
+        hi = jnp.full(B.shape[1:], -jnp.inf, B.dtype)
+        lo = jnp.full(B.shape[1:], jnp.inf, B.dtype)
+        for i in range(B.shape[0]):  # elementwise over rows: one fused pass over the block
+            hi = jnp.maximum(hi, jnp.where(honest[i], B[i], -jnp.inf))
+            lo = jnp.minimum(lo, jnp.where(honest[i], B[i], jnp.inf))
+        return (direction, hi, lo), carry
+
+    return ops.scan_columns(fn, G, () if g_hat is None else (g_hat,))[0]
 
 
 def _trmean_attack(b: ArrayLike) -> Attack:
-    def fn(key, G, ctx):
-        s = jnp.sign(unattacked_aggregate(G, ctx))
-        g_max = _masked_extreme(G, ctx.honest, jnp.maximum, -jnp.inf)
-        g_min = _masked_extreme(G, ctx.honest, jnp.minimum, jnp.inf)
+    def make_row(G, ctx):
+        g_hat, g_max, g_min = _honest_range(G, ctx.honest, unattacked_aggregate(G, ctx))
+        s = jnp.sign(g_hat)
         # s_j > 0: push coordinate j's aggregate down, below the smallest honest value;
         # otherwise up, above the largest. The far end scales the edge by b or 1/b.
         edge = jnp.where(s > 0, g_min, g_max)
         grow = (s > 0) == (edge <= 0)
-        far = jnp.where(grow, b * edge, edge / b)
-        u = jax.random.uniform(key, G.shape, G.dtype)
-        return edge[None, :] + u * (far - edge)[None, :]
+        width = jnp.where(grow, b * edge, edge / b) - edge
+        return lambda key, g: edge + jax.random.uniform(key, g.shape, g.dtype) * width
 
-    return stateless(fn)
+    return rowwise(make_row)
 
 
 def _krum_attack(threshold: ArrayLike) -> Attack:
     def fn(key, G, ctx):
         n, d = G.shape
         honest, byz, f = ctx.honest, ctx.byz, ctx.f
-        s = jnp.sign(unattacked_aggregate(G, ctx))
-        _, K = centred_gram(G, ops.masked_mean(G, honest))
+        g_hat = unattacked_aggregate(G, ctx)
+
+        # One pass: the Gram matrix of the rows centred on μ_H (for the pairwise
+        # distances), and ‖g_i‖², ⟨g_i, s⟩, ‖s‖² for the quadratic ‖−λs − g_i‖² in λ.
+        def block(B, vs, carry):
+            mu, _, X = ops.masked_moments(B, honest)
+            s = jnp.sign(vs[0] if vs else mu)
+            K, gs, gg, ss = carry
+            return (s,), (
+                K + jnp.matmul(X, X.T, precision=lax.Precision.HIGHEST),
+                gs + jnp.matmul(B, s, precision=lax.Precision.HIGHEST),
+                gg + jnp.einsum("nc,nc->n", B, B, precision=lax.Precision.HIGHEST),
+                ss + jnp.vdot(s, s),
+            )
+
+        zn = jnp.zeros(n, G.dtype)
+        init = (jnp.zeros((n, n), G.dtype), zn, zn, jnp.zeros((), G.dtype))
+        vectors = () if g_hat is None else (g_hat,)
+        (s,), (K, gs, gg, ss) = ops.scan_columns(block, G, vectors, init)
         D = ops.sq_dists_from_gram(K)
         # λ's upper bound (Fang et al., Sec. 4.2): Σ over the n − f − 2 nearest honest rows
         # (Krum's score over the |H| = n − f honest rows with f = 0, on plain distances).
@@ -68,10 +90,10 @@ def _krum_attack(threshold: ArrayLike) -> Attack:
         sqrt_d = jnp.sqrt(jnp.asarray(d, G.dtype))
         lam0 = (
             jnp.min(jnp.where(honest, near, jnp.inf)) / (jnp.maximum(n - 2 * f - 1, 1) * sqrt_d)
-            + jnp.max(jnp.where(honest, ops.row_norms(G), 0.0)) / sqrt_d
+            + jnp.max(jnp.where(honest, jnp.sqrt(gg), 0.0)) / sqrt_d
         )
-        # ‖−λ s − g_i‖² as a quadratic in λ: Krum's scores cost O(n²) per λ.
-        q = quadratic(G, jnp.square(ops.row_norms(G)), -s)
+        # ‖−λ s − g_i‖² = λ²‖s‖² + 2λ⟨s, g_i⟩ + ‖g_i‖²: Krum's scores cost O(n²) per λ.
+        q = Quadratic(ss, 2.0 * gs, gg)
 
         def krum_picks_byzantine(lam):
             e = q(lam)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.typing import ArrayLike
 
 from fedjax_byz import ops
@@ -17,12 +18,19 @@ def principal_client(G: jax.Array, honest: jax.Array) -> jax.Array:
     With ``X`` the honest rows centred on μ_H (other rows zeroed) and ``v`` the top
     eigenvector of the ``[n, n]`` Gram matrix ``X Xᵀ`` (eigenvalue λ), the top principal
     direction is ``z = Xᵀv/√λ`` and the projections are ``⟨x_i, z⟩ = √λ·v_i``: one Gram
-    product and an ``n × n`` eigendecomposition, exact. The sign of ``z`` is arbitrary
-    (Karimireddy et al.'s code fixes it by a random start of their power iteration), so
-    the client with the largest ``|⟨x_i, z⟩|`` is chosen. ``-> int32``.
+    product (accumulated with μ_H in one column-blocked pass) and an ``n × n``
+    eigendecomposition, exact; no ``d × d`` or ``n × d`` SVD. The sign of ``z`` is
+    arbitrary (Karimireddy et al.'s code fixes it by a random start of their power
+    iteration), so the client with the largest ``|⟨x_i, z⟩|`` is chosen. ``-> int32``.
     """
-    X = jnp.where(honest[:, None], G - ops.masked_mean(G, honest)[None, :], 0.0)
-    _, V = jnp.linalg.eigh(ops.gram(X))
+
+    def fn(B, vs, K):
+        _, _, X = ops.masked_moments(B, honest)
+        return (), K + jnp.matmul(X, X.T, precision=lax.Precision.HIGHEST)
+
+    n = G.shape[0]
+    _, K = ops.scan_columns(fn, G, init=jnp.zeros((n, n), G.dtype))
+    _, V = jnp.linalg.eigh(jnp.where(honest[:, None] & honest[None, :], K, 0.0))
     return jnp.argmax(jnp.where(honest, jnp.abs(V[:, -1]), -1.0)).astype(jnp.int32)
 
 

@@ -7,9 +7,9 @@ constraint. Squared distances to the rows are quadratics in γ,
     ‖m₀ + γ p − g_i‖² = a γ² + b_i γ + c_i,   a = ‖p‖², b_i = −2⟨x_i, p⟩, c_i = ‖x_i‖²,
     x_i = g_i − m₀,
 
-so their coefficients (and the pairwise distances, from one Gram matrix of the centred
-rows) are computed once with a few matrix products; every step of the search then costs
-O(n) and never touches the ``[n, d]`` matrix.
+so their coefficients, the pairwise distances (one Gram matrix of the centred rows) and μ, σ
+are computed together in one column-blocked pass over the matrix (``centred_pass``); every
+step of the search then costs O(n) and never touches the ``[n, d]`` matrix.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from fedjax_byz import ops
-from fedjax_byz.attacks.base import Attack, stateless
-from fedjax_byz.attacks.statistical import check_knowledge, known_rows, mean_std
+from fedjax_byz.attacks.base import Attack, Family, at_strength
+from fedjax_byz.attacks.statistical import check_knowledge, known_rows
 from fedjax_byz.registry import ConfigError
 
 DIRECTIONS = ("std", "unit", "sign")
@@ -43,21 +43,64 @@ class Quadratic(NamedTuple):
         return (self.a * gamma + self.b) * gamma + self.c
 
 
-def centred_gram(G: jax.Array, center: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``X = G − center`` and its Gram matrix ``X Xᵀ``. ``-> [n, d], [n, n]``.
+class CentredPass(NamedTuple):
+    """What ``centred_pass`` returns.
 
-    Centring on a point inside the cloud (a mean) before the product keeps the squared
-    distances ``K_ii + K_jj − 2K_ij`` accurate in float32 when the updates share a large
-    common component.
+    Attributes:
+      mean: ``μ_R [d]``.
+      direction: ``p [d]``.
+      quadratic: ``‖μ_R + γ p − g_i‖²`` for every row.
+      gram: ``X Xᵀ [n, n]`` of the centred rows ``X = G − μ_R`` (None unless asked for).
     """
-    X = G - center[None, :]
-    return X, ops.gram(X)
+
+    mean: jax.Array
+    direction: jax.Array
+    quadratic: Quadratic
+    gram: jax.Array | None
 
 
-def quadratic(X: jax.Array, sq_norms: jax.Array, direction: jax.Array) -> Quadratic:
-    """Coefficients of ``‖m₀ + γ p − g_i‖²`` from ``X = G − m₀``, ``‖x_i‖²`` and ``p``."""
-    b = -2.0 * jnp.matmul(X, direction, precision=lax.Precision.HIGHEST)
-    return Quadratic(jnp.vdot(direction, direction), b, sq_norms)
+def centred_pass(
+    G: jax.Array,
+    rows: jax.Array,
+    direction: Callable[..., jax.Array],
+    vectors: tuple[jax.Array, ...] = (),
+    *,
+    unit: bool = False,
+    gram: bool = True,
+) -> CentredPass:
+    """Everything a search needs, in one column-blocked pass over ``G`` (``ops.scan_columns``).
+
+    With ``μ_R``, ``σ_R`` the mean and standard deviation (ddof=1) of the rows ``rows``,
+    ``x_i = g_i − μ_R`` and the coordinate-wise direction ``u = direction(μ_R, σ_R,
+    *vectors)`` (``p = u/‖u‖`` when ``unit``, else ``p = u``), each block of columns adds
+    its share of ``⟨x_i, u⟩``, ``‖u‖²`` and either the Gram matrix ``X Xᵀ`` (``gram``) or
+    just its diagonal ``‖x_i‖²``. Centring on ``μ_R`` keeps these float32 sums accurate
+    when the updates share a large common component. Off CPU the block is the matrix.
+    """
+    n = G.shape[0]
+
+    def fn(B, vs, carry):
+        mu, sigma, X = ops.masked_moments(B, rows)
+        u = direction(mu, sigma, *vs)
+        K, xu, uu = carry
+        if gram:
+            K = K + jnp.matmul(X, X.T, precision=lax.Precision.HIGHEST)
+        else:
+            K = K + jnp.einsum("nc,nc->n", X, X, precision=lax.Precision.HIGHEST)
+        xu = xu + jnp.matmul(X, u, precision=lax.Precision.HIGHEST)
+        return (mu, sigma), (K, xu, uu + jnp.vdot(u, u))
+
+    zero = jnp.zeros((), G.dtype)
+    init = (jnp.zeros((n, n) if gram else (n,), G.dtype), jnp.zeros(n, G.dtype), zero)
+    (mu, sigma), (K, xu, uu) = ops.scan_columns(fn, G, vectors, init)
+    scale = lax.rsqrt(jnp.maximum(uu, jnp.finfo(G.dtype).tiny)) if unit else 1.0
+    q = Quadratic(scale * scale * uu, -2.0 * scale * xu, jnp.diagonal(K) if gram else K)
+    return CentredPass(mu, scale * direction(mu, sigma, *vectors), q, K if gram else None)
+
+
+def diameter_sq(K: jax.Array, rows: jax.Array) -> jax.Array:
+    """``max_{i,j∈R} ‖g_i − g_j‖²`` from a Gram matrix (of any centring)."""
+    return jnp.max(jnp.where(rows[:, None] & rows[None, :], ops.sq_dists_from_gram(K), 0.0))
 
 
 def largest_feasible(
@@ -92,13 +135,14 @@ def largest_feasible(
     return lo
 
 
-def perturbation(mu: jax.Array, sigma: jax.Array, direction: str) -> jax.Array:
-    """Shejwalkar & Houmansadr's ∇p: ``−σ`` ("std"), ``−μ/‖μ‖`` ("unit"), ``−sign(μ)`` ("sign")."""
+def perturbation(direction: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """Shejwalkar & Houmansadr's ∇p as a coordinate-wise ``(μ, σ) -> u``: ``−σ`` ("std"),
+    ``−μ`` ("unit", normalised afterwards: ``−μ/‖μ‖``) or ``−sign(μ)`` ("sign")."""
     if direction == "std":
-        return -sigma
+        return lambda mu, sigma: -sigma
     if direction == "unit":
-        return -mu / jnp.maximum(jnp.linalg.norm(mu), jnp.finfo(mu.dtype).tiny)
-    return -jnp.sign(mu)
+        return lambda mu, sigma: -mu
+    return lambda mu, sigma: -jnp.sign(mu)
 
 
 def _check(direction: str, knowledge: str) -> None:
@@ -109,43 +153,49 @@ def _check(direction: str, knowledge: str) -> None:
     check_knowledge(knowledge)
 
 
-def _shejwalkar(objective: str, direction, gamma_init, tol, knowledge) -> Attack:
+def shejwalkar_family(
+    objective: str,
+    direction: str = "std",
+    *,
+    gamma_init: ArrayLike = 10.0,
+    tol: ArrayLike = 1e-5,
+    knowledge: str = "omniscient",
+) -> Family:
+    """Min-Max (``objective="max"``) or Min-Sum (``"sum"``) as a ``Family``: the pass and
+    the search for γ once, then ``ν -> μ_R + ν·γ·∇p``. Arguments as in ``minmax``."""
     _check(direction, knowledge)
 
-    def fn(key, G, ctx):
+    def family(key, G, ctx):
         rows = known_rows(ctx, knowledge)
-        mu, sigma = mean_std(G, rows)
-        p = perturbation(mu, sigma, direction)
+        cp = centred_pass(
+            G, rows, perturbation(direction), unit=direction == "unit", gram=objective == "max"
+        )
+        q = cp.quadratic
         if objective == "max":
-            X, K = centred_gram(G, mu)
-            q = quadratic(X, jnp.diagonal(K), p)
-            pair = rows[:, None] & rows[None, :]
-            bound = jnp.max(jnp.where(pair, ops.sq_dists_from_gram(K), 0.0))
+            bound = diameter_sq(cp.gram, rows)
 
             def feasible(gamma):
                 return jnp.max(jnp.where(rows, q(gamma), -jnp.inf)) <= bound
 
         else:
-            X = G - mu[None, :]
-            q = quadratic(X, jnp.einsum("nd,nd->n", X, X, precision=lax.Precision.HIGHEST), p)
             w = rows.astype(G.dtype)
-            k = w.sum()
             # Σ_{j∈R} ‖g_i − g_j‖² = k‖x_i‖² + Σ_j ‖x_j‖² − 2⟨x_i, Σ_j x_j⟩ and Σ_{j∈R} x_j = 0
             # because x is centred on μ_R: the bound needs no Gram matrix.
-            bound = jnp.max(jnp.where(rows, k * q.c + jnp.vdot(w, q.c), -jnp.inf))
+            bound = jnp.max(jnp.where(rows, w.sum() * q.c + jnp.vdot(w, q.c), -jnp.inf))
 
             def feasible(gamma):
                 return jnp.vdot(w, q(gamma)) <= bound
 
         gamma = largest_feasible(feasible, gamma_init, tol)
-        return mu + gamma * p
+        return lambda nu: cp.mean + nu * gamma * cp.direction
 
-    return stateless(fn)
+    return family
 
 
 def minmax(
     direction: str = "std",
     *,
+    nu: ArrayLike = 1.0,
     gamma_init: ArrayLike = 10.0,
     tol: ArrayLike = 1e-5,
     knowledge: str = "omniscient",
@@ -162,6 +212,10 @@ def minmax(
     Args:
       direction: ∇p, ``"std"`` (−σ_R, the default of Shejwalkar & Houmansadr and of the
         STRIKE paper's Table 3), ``"unit"`` (−μ_R/‖μ_R‖) or ``"sign"`` (−sign(μ_R)).
+      nu: ν, a multiplier on the γ found (may be traced): the rows send ``μ_R + ν·γ·∇p``.
+        1 (the default) is Shejwalkar & Houmansadr's attack, on its constraint; ν < 1 stays
+        inside it. ``adaptive-minmax`` calibrates ν against the server's rule, as STRIKE's
+        ν scales its α.
       gamma_init: first γ tried, 10 (Table 3 of the STRIKE paper).
       tol: relative tolerance on γ, 1e-5 (their τ, applied relative to γ here).
       knowledge: R = H (``"omniscient"``, their "full knowledge") or B (``"byzantine"``,
@@ -172,12 +226,16 @@ def minmax(
     Houmansadr's own loop (γ ± step/2 from γ_init) cannot return γ > 2·γ_init and stops
     on an absolute step of 1e-5.
     """
-    return _shejwalkar("max", direction, gamma_init, tol, knowledge)
+    family = shejwalkar_family(
+        "max", direction, gamma_init=gamma_init, tol=tol, knowledge=knowledge
+    )
+    return at_strength(family, nu)
 
 
 def minsum(
     direction: str = "std",
     *,
+    nu: ArrayLike = 1.0,
     gamma_init: ArrayLike = 10.0,
     tol: ArrayLike = 1e-5,
     knowledge: str = "omniscient",
@@ -191,4 +249,7 @@ def minsum(
     (squared distances, as in their paper and code). Arguments as in ``minmax``; the
     defaults (∇p = −σ, γ_init = 10, τ = 1e-5) are the STRIKE paper's Table 3.
     """
-    return _shejwalkar("sum", direction, gamma_init, tol, knowledge)
+    family = shejwalkar_family(
+        "sum", direction, gamma_init=gamma_init, tol=tol, knowledge=knowledge
+    )
+    return at_strength(family, nu)

@@ -16,7 +16,7 @@ from jax.scipy.special import ndtri
 from jax.typing import ArrayLike
 
 from fedjax_byz import ops
-from fedjax_byz.attacks.base import Attack, AttackContext, stateless
+from fedjax_byz.attacks.base import Attack, AttackContext, Family, at_strength
 from fedjax_byz.registry import ConfigError
 
 KNOWLEDGE = ("omniscient", "byzantine")
@@ -36,9 +36,11 @@ def known_rows(ctx: AttackContext, knowledge: str) -> jax.Array:
 
 
 def mean_std(G: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(μ_R, σ_R)`` of the rows ``rows`` of ``G [n, d]``, σ with ddof=1. ``-> [d], [d]``."""
-    mu = ops.masked_mean(G, rows)
-    return mu, ops.masked_std(G, rows, mu, ddof=1)
+    """``(μ_R, σ_R)`` of the rows ``rows`` of ``G [n, d]``, σ with ddof=1. ``-> [d], [d]``.
+
+    One column-blocked pass (``ops.masked_mean_std``).
+    """
+    return ops.masked_mean_std(G, rows, ddof=1)
 
 
 def lie_default_z(n: ArrayLike, f: ArrayLike) -> jax.Array:
@@ -65,14 +67,22 @@ def lie(z: ArrayLike | None = None, *, knowledge: str = "omniscient") -> Attack:
     STRIKE paper (appendix D.1) and Errami et al. (Table 3); ByzFL's ``ALittleIsEnough``
     sends ``μ + τσ`` (equal to ``z = −τ`` here). σ uses ddof=1, as ByzFL does.
     """
+    return at_strength(lie_family(knowledge), z)
+
+
+def lie_family(knowledge: str = "omniscient") -> Family:
+    """ALIE as a ``Family``: ``μ_R, σ_R`` once, then ``z -> μ_R − z·σ_R`` (None: z_max)."""
     check_knowledge(knowledge)
 
-    def fn(key, G, ctx):
+    def family(key, G, ctx):
         mu, sigma = mean_std(G, known_rows(ctx, knowledge))
-        zz = lie_default_z(G.shape[0], ctx.f) if z is None else z
-        return mu - zz * sigma
 
-    return stateless(fn)
+        def craft(z):
+            return mu - (lie_default_z(G.shape[0], ctx.f) if z is None else z) * sigma
+
+        return craft
+
+    return family
 
 
 def ipm(eps: ArrayLike = 0.1, *, knowledge: str = "omniscient") -> Attack:
@@ -85,9 +95,15 @@ def ipm(eps: ArrayLike = 0.1, *, knowledge: str = "omniscient") -> Attack:
       knowledge: ``"omniscient"`` (μ over H) or ``"byzantine"`` (over B, Errami et al.
         Table 3).
     """
+    return at_strength(ipm_family(knowledge), eps)
+
+
+def ipm_family(knowledge: str = "omniscient") -> Family:
+    """IPM as a ``Family``: ``μ_R`` once, then ``ε -> −ε·μ_R``."""
     check_knowledge(knowledge)
 
-    def fn(key, G, ctx):
-        return -eps * ops.masked_mean(G, known_rows(ctx, knowledge))
+    def family(key, G, ctx):
+        mu = ops.masked_mean(G, known_rows(ctx, knowledge))
+        return lambda eps: -eps * mu
 
-    return stateless(fn)
+    return family

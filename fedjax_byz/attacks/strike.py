@@ -8,24 +8,30 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from fedjax_byz import ops
-from fedjax_byz.attacks.base import Attack, stateless
-from fedjax_byz.attacks.search import centred_gram, largest_feasible, quadratic
-from fedjax_byz.attacks.statistical import mean_std
+from fedjax_byz.attacks.base import Attack, Family, at_strength
+from fedjax_byz.attacks.search import centred_pass, diameter_sq, largest_feasible
 
 
-def skewed_rows(G, honest, f, mu):
-    """Stage 1 (Eqs. 6–8): the ``n − 2f`` honest rows farthest along ``g_med − ḡ``.
+def skewed_rows(G, honest, f):
+    """Stage 1 (Eqs. 6–8): ``ḡ = μ_H`` and the ``n − 2f`` honest rows farthest along
+    ``g_med − ḡ``.
 
-    ``u = g_med − ḡ`` (Eq. 6, ``g_med`` the coordinate-wise median of H and ``ḡ = μ_H``),
+    ``u = g_med − ḡ`` (Eq. 6, ``g_med`` the coordinate-wise median of H),
     ``p_i = ⟨g_i, u/‖u‖⟩`` (Eq. 7); S is the ``n − 2f`` honest rows with the largest
-    ``p_i`` (Eq. 8; at least one). Projections are taken of ``g_i − ḡ``, which ranks the
-    rows identically and avoids cancellation. Ties go to the lower index.
-    ``-> bool[n]``.
+    ``p_i`` (Eq. 8; at least one). ``ḡ``, ``g_med`` and ``⟨g_i − ḡ, u⟩`` (which ranks the
+    rows like ``p_i`` and avoids cancellation) come from one column-blocked pass, as every
+    term is a sum over coordinates of coordinate-wise statistics. Ties go to the lower
+    index. ``-> ([d], bool[n])``.
     """
-    u = ops.masked_median(G, honest) - mu
-    p = jnp.matmul(G - mu[None, :], u, precision=lax.Precision.HIGHEST)
+
+    def fn(B, vs, proj):
+        mu, _, X = ops.masked_moments(B, honest)
+        u = ops.masked_median(B, honest) - mu
+        return (mu,), proj + jnp.matmul(X, u, precision=lax.Precision.HIGHEST)
+
+    (mu,), proj = ops.scan_columns(fn, G, init=jnp.zeros(G.shape[0], G.dtype))
     k = jnp.maximum(G.shape[0] - 2 * f, 1)
-    return ops.smallest_mask(jnp.where(honest, -p, jnp.inf), k)
+    return mu, ops.smallest_mask(jnp.where(honest, -proj, jnp.inf), k)
 
 
 def strike(nu: ArrayLike = 1.0, *, tol: ArrayLike = 1e-5) -> Attack:
@@ -40,8 +46,9 @@ def strike(nu: ArrayLike = 1.0, *, tol: ArrayLike = 1e-5) -> Attack:
 
         max_{i∈S} ‖ḡ_S + α·s − g_i‖ ≤ max_{i,j∈S} ‖g_i − g_j‖                  (Eq. 13)
 
-    found by Algorithm 2 (α = 1 doubled until infeasible, then bisection) on precomputed
-    quadratics (``search.largest_feasible``).
+    found by Algorithm 2 (α = 1 doubled until infeasible, then bisection) on quadratics
+    precomputed with ``ḡ_S``, ``σ_S`` and the Gram matrix in one pass
+    (``search.centred_pass``, ``search.largest_feasible``).
 
     Args:
       nu: ν, attack strength (may be traced); 1 by default (the paper's recommendation,
@@ -56,20 +63,23 @@ def strike(nu: ArrayLike = 1.0, *, tol: ArrayLike = 1e-5) -> Attack:
     only (the paper's threat model, Sec. 2.2).
     """
 
-    def fn(key, G, ctx):
-        honest = ctx.honest
-        mu = ops.masked_mean(G, honest)
-        S = skewed_rows(G, honest, ctx.f, mu)
-        mu_S, sigma_S = mean_std(G, S)
-        s = jnp.sign(mu_S - mu) * sigma_S
-        X, K = centred_gram(G, mu_S)
-        q = quadratic(X, jnp.diagonal(K), s)
-        bound = jnp.max(jnp.where(S[:, None] & S[None, :], ops.sq_dists_from_gram(K), 0.0))
+    return at_strength(strike_family(tol), nu)
+
+
+def strike_family(tol: ArrayLike = 1e-5) -> Family:
+    """STRIKE as a ``Family``: stage 1, the pass over S and the search for α once, then
+    ``ν -> ḡ_S + ν·α·s``."""
+
+    def family(key, G, ctx):
+        mu, S = skewed_rows(G, ctx.honest, ctx.f)
+        cp = centred_pass(G, S, lambda mu_S, sigma_S, mu: jnp.sign(mu_S - mu) * sigma_S, (mu,))
+        bound = diameter_sq(cp.gram, S)
+        q = cp.quadratic
 
         def feasible(alpha):
             return jnp.max(jnp.where(S, q(alpha), -jnp.inf)) <= bound
 
         alpha = largest_feasible(feasible, 1.0, tol)
-        return mu_S + nu * alpha * s
+        return lambda nu: cp.mean + nu * alpha * cp.direction
 
-    return stateless(fn)
+    return family
