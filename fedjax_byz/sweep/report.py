@@ -34,41 +34,43 @@ def _is_number(v: Any) -> bool:
 class Layout:
     """How records map to rows (attacks), columns (defenses), panels and x values.
 
-    Grid fields under ``attack`` label rows and those under ``aggregator`` label columns,
-    unless numeric; numeric fields with several values (β, f, z, ν, ...) and every other
-    field split the records into panels and become the x axis of ablation plots.
+    Grid fields under ``attack`` label rows and those under ``aggregator`` label columns
+    (a strength such as ``z`` or ``nu`` included); the number of Byzantine clients and
+    every other field (β, ``n``, ...) split the records into panels. Every numeric field
+    with several values is also the x axis of an ablation plot.
     """
+
+    COUNTS = ("attack.num_byzantine", "aggregator.assumed_byzantine")
 
     def __init__(self, records: Sequence[Mapping[str, Any]]):
         axes = [
             a for a in dict.fromkeys(k for r in records for k in r["grid"]) if a not in SEED_AXES
         ]
-        numeric = set()
+        self.numeric_axes = []
         for a in axes:
             present = [r["grid"][a] for r in records if a in r["grid"]]
             if all(_is_number(v) for v in present) and len(set(present)) > 1:
-                numeric.add(a)
-        self.row_axes = [a for a in axes if a.startswith("attack") and a not in numeric]
-        self.col_axes = [a for a in axes if a.startswith("aggregator") and a not in numeric]
+                self.numeric_axes.append(a)
+        self.row_axes = [a for a in axes if a.startswith("attack.") and a not in self.COUNTS]
+        self.col_axes = [a for a in axes if a.startswith("aggregator.") and a not in self.COUNTS]
         self.other_axes = [a for a in axes if a not in self.row_axes and a not in self.col_axes]
-        self.numeric_axes = [a for a in self.other_axes if a in numeric]
 
     @staticmethod
-    def _label(record, axes, section) -> str:
+    def _label(record, axes, section, skip) -> str:
         grid = record["grid"]
         name = grid.get(f"{section}.name", record["config"][section]["name"])
         extra = [
             f"{a.split('.', 1)[1]}={value_label(grid[a])}"
             for a in axes
-            if a in grid and a != f"{section}.name"
+            if a in grid and a not in (f"{section}.name", skip)
         ]
         return f"{name}({', '.join(extra)})" if extra else str(name)
 
-    def row(self, r) -> str:
-        return self._label(r, self.row_axes, "attack")
+    def row(self, r, skip: str | None = None) -> str:
+        return self._label(r, self.row_axes, "attack", skip)
 
-    def col(self, r) -> str:
-        return self._label(r, self.col_axes, "aggregator")
+    def col(self, r, skip: str | None = None) -> str:
+        return self._label(r, self.col_axes, "aggregator", skip)
 
     def panel(self, r, skip: str | None = None) -> tuple:
         return tuple(
@@ -203,7 +205,7 @@ def ablation_plot(
         if axis not in r["grid"]:
             continue
         rest = [f"{a}={json.loads(v)}" for a, v in layout.panel(r, skip=axis) if v != "null"]
-        name = " / ".join([layout.row(r), layout.col(r), *rest])
+        name = " / ".join([layout.row(r, skip=axis), layout.col(r, skip=axis), *rest])
         lines.setdefault(name, {}).setdefault(float(r["grid"][axis]), []).append(r[metric])
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, points in lines.items():
