@@ -29,7 +29,7 @@ def plot_accuracy(results: list[dict[str, Any]], path: Path, title: str) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     for r in results:
         ax.plot(r["eval_rounds"], [100 * a for a in r["test_acc"]], label=_label(r) or r["name"])
     ax.set_xlabel("round")
@@ -38,7 +38,6 @@ def plot_accuracy(results: list[dict[str, Any]], path: Path, title: str) -> None
     ax.grid(alpha=0.3)
     if len(results) > 1:
         ax.legend(fontsize=7, ncol=2 if len(results) > 8 else 1)
-    fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
 

@@ -179,7 +179,9 @@ def heatmap(rows, cols, stats, path: Path, title: str, scale: float = 100.0) -> 
     """attack × defense heatmap of the mean accuracy."""
     plt = _plt()
     grid = np.array([[stats.get((r, c), (math.nan,))[0] * scale for c in cols] for r in rows])
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(cols), 1.0 + 0.5 * len(rows)))
+    fig, ax = plt.subplots(
+        figsize=(2.5 + 1.1 * len(cols), 1.5 + 0.4 * len(rows)), layout="constrained"
+    )
     im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=scale, aspect="auto")
     ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), rows)
@@ -189,7 +191,6 @@ def heatmap(rows, cols, stats, path: Path, title: str, scale: float = 100.0) -> 
                 ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=8)
     fig.colorbar(im, ax=ax, label="test accuracy (%)")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
 
@@ -197,28 +198,45 @@ def heatmap(rows, cols, stats, path: Path, title: str, scale: float = 100.0) -> 
 def ablation_plot(
     records, layout: Layout, axis: str, path: Path, metric: str, scale: float = 100.0
 ) -> None:
-    """Mean ± std of ``metric`` against a numeric grid ``axis``, one line per (attack,
-    defense) pair and other panel values."""
+    """Mean ± std of ``metric`` against a numeric grid ``axis``: one subplot per defense,
+    one line per attack and other panel values (the layout of the papers' figures)."""
     plt = _plt()
-    lines: dict[str, dict[float, list[float]]] = {}
+    panels: dict[str, dict[str, dict[float, list[float]]]] = {}
     for r in records:
         if axis not in r["grid"]:
             continue
         rest = [f"{a}={json.loads(v)}" for a, v in layout.panel(r, skip=axis) if v != "null"]
-        name = " / ".join([layout.row(r, skip=axis), layout.col(r, skip=axis), *rest])
+        name = " / ".join([layout.row(r, skip=axis), *rest])
+        lines = panels.setdefault(layout.col(r, skip=axis), {})
         lines.setdefault(name, {}).setdefault(float(r["grid"][axis]), []).append(r[metric])
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for name, points in lines.items():
-        xs = sorted(points)
-        st = [_stats(points[x]) for x in xs]
-        m = np.array([s[0] for s in st]) * scale
-        sd = np.array([s[1] for s in st]) * scale
-        ax.errorbar(xs, m, yerr=sd, marker="o", capsize=3, label=name)
-    ax.set_xlabel(axis)
-    ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    cols = min(len(panels), 4)
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(
+        nrows,
+        cols,
+        figsize=(3.6 * cols, 3.2 * nrows + 1.0),
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
+    )
+    for ax, (title, lines) in zip(axes.flat, panels.items(), strict=False):
+        for name, points in lines.items():
+            xs = sorted(points)
+            st = [_stats(points[x]) for x in xs]
+            m = np.array([s[0] for s in st]) * scale
+            sd = np.array([s[1] for s in st]) * scale
+            ax.errorbar(xs, m, yerr=sd, marker="o", markersize=3, capsize=2, label=name)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(axis)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(
+        handles, labels, loc="outside lower center", fontsize=7, ncol=min(4, max(1, len(labels)))
+    )
     fig.savefig(path, dpi=150)
     plt.close(fig)
 
