@@ -62,54 +62,50 @@ def sorting_network(n: int) -> tuple[tuple[int, int], ...]:
     return tuple(pairs)
 
 
-# XLA's CPU fusion stops fusing a comparator network over more than ~40 static slices of
-# one operand (it judges the code duplication too high) and falls back to dozens of
-# materialised passes; separate row buffers fuse into one loop. Past _NETWORK_MAX_N rows
-# the network's compile time grows too large and ``jnp.sort`` is used instead.
-_SLICES_FUSE_N = 32
+# Past _NETWORK_MAX_N rows the network's compile time grows too large and ``jnp.sort`` is
+# used instead; a full sort (``sort_rows``, n outputs) uses it past _SORT_NETWORK_MAX_N.
 _NETWORK_MAX_N = 128
+_SORT_NETWORK_MAX_N = 32
 
 
-def _rows(G: jax.Array) -> list[jax.Array]:
-    rows = tuple(G[i] for i in range(G.shape[0]))
-    if G.shape[0] > _SLICES_FUSE_N:
-        rows = jax.lax.optimization_barrier(rows)
-    return list(rows)
-
-
-def sorted_rows(G: jax.Array) -> list[jax.Array]:
-    """The order statistics of every coordinate: ``S_0 <= ... <= S_{n-1}``, each ``[d]``.
+def sorted_rows(G: jax.Array, valid: jax.Array | None = None) -> list[jax.Array]:
+    """The order statistics of every coordinate: ``S_0 <= ... <= S_{n-1}``, each ``[1, d]``.
 
     For ``n <= 128`` this is a sorting network of elementwise ``min``/``max`` over the
     rows, which XLA fuses into one pass over ``G`` (and prunes to a selection network
     when only some order statistics are used); ``jnp.sort`` along the client axis is
     several times slower than numpy on CPU. Exact: it only moves values.
+
+    Rows are kept ``[1, d]`` (``G[i:i+1]``) rather than ``[d]``: on XLA's CPU backend a
+    reshape between the network and a consumer that reads an order statistic more than
+    once makes the fusion pass split the network into dozens of fusions that each
+    recompute it.
+
+    Args:
+      G: ``[n, d]`` matrix.
+      valid: optional ``bool[n]``; rows outside it are pushed to ``+inf`` (they sort
+        last, after the ``Σ valid`` values that count).
     """
     n = G.shape[0]
     if n > _NETWORK_MAX_N:
-        return list(jnp.sort(G, axis=0))
-    rows = _rows(G)
+        S = jnp.sort(G if valid is None else jnp.where(valid[:, None], G, jnp.inf), axis=0)
+        return [S[i : i + 1] for i in range(n)]
+    rows = [G[i : i + 1] for i in range(n)]
+    if valid is not None:
+        rows = [jnp.where(valid[i], r, jnp.inf) for i, r in enumerate(rows)]
     for a, b in sorting_network(n):
         rows[a], rows[b] = jnp.minimum(rows[a], rows[b]), jnp.maximum(rows[a], rows[b])
     return rows
 
 
-def sorted_by_key(keys: jax.Array, payload: jax.Array) -> list[jax.Array]:
-    """Rows of ``payload`` reordered per coordinate by ascending ``(keys, payload)``.
+def materialize(x: jax.Array) -> jax.Array:
+    """A ``[1, d]`` result of the order-statistics kernels as ``[d]``, computed once.
 
-    ``keys, payload: [n, d]``; returns ``n`` arrays ``[d]``: entry ``r`` is the payload
-    with the ``r``-th smallest key in its coordinate, ties broken by the smaller payload.
+    The optimisation barrier keeps XLA from fusing the sorting network into a consumer
+    that broadcasts the result over the rows (``G − med``), which would recompute the
+    network once per row.
     """
-    n = keys.shape[0]
-    if n > _NETWORK_MAX_N:
-        order = jnp.lexsort((payload, keys), axis=0)
-        return list(jnp.take_along_axis(payload, order, axis=0))
-    ks, ps = _rows(keys), _rows(payload)
-    for a, b in sorting_network(n):
-        swap = (ks[a] > ks[b]) | ((ks[a] == ks[b]) & (ps[a] > ps[b]))
-        ks[a], ks[b] = jnp.where(swap, ks[b], ks[a]), jnp.where(swap, ks[a], ks[b])
-        ps[a], ps[b] = jnp.where(swap, ps[b], ps[a]), jnp.where(swap, ps[a], ps[b])
-    return ps
+    return jax.lax.optimization_barrier(x)[0]
 
 
 def rank_sum(S: list[jax.Array], w: ArrayLike) -> jax.Array:
@@ -127,12 +123,70 @@ def rank_sum(S: list[jax.Array], w: ArrayLike) -> jax.Array:
     out = terms[0]
     for t in terms[1:]:
         out = out + t
+    return materialize(out)
+
+
+def rank_select(S: list[jax.Array], r: ArrayLike) -> jax.Array:
+    """``S_r`` for a traced rank ``r`` (the same in every coordinate). ``-> [1, d]``."""
+    out = S[0]
+    for i in range(1, len(S)):
+        out = jnp.where(r == i, S[i], out)
     return out
 
 
+def shift_ranks(S: list[jax.Array], k: ArrayLike, kmin: int, count: int) -> list[jax.Array]:
+    """``R_s = S_{s+k}`` for ``s < count`` (``+inf`` past ``S_{n-1}``), ``k`` traced.
+
+    A barrel shifter: ``k − kmin`` (clamped to ``[0, n − kmin]``) is applied one bit at a
+    time as a static shift under a scalar ``where``, ``count · log₂(n − kmin + 1)``
+    selects per coordinate instead of a gather (which XLA's CPU backend does badly) or
+    ``count · (n − kmin)`` selects.
+    """
+    n = len(S)
+    inf = jnp.full_like(S[0], jnp.inf)
+    span = n - kmin
+    delta = jnp.clip(k - kmin, 0, span)
+    shifts = [1 << b for b in range(span.bit_length())]
+    need = [count]  # entries needed after each stage, last stage first
+    for b in reversed(shifts):
+        need.append(need[-1] + b)
+    need.reverse()
+    A = [S[kmin + i] if kmin + i < n else inf for i in range(need[0])]
+    for b, size in zip(shifts, need[1:], strict=True):
+        on = (delta & b) != 0
+        A = [jnp.where(on, A[i + b], A[i]) for i in range(size)]
+    return A
+
+
+def two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Knuth's TwoSum: ``(s, e)`` with ``s = fl(a + b)`` and ``a + b = s + e`` exactly.
+
+    Comparing ``(s, e)`` pairs lexicographically (``sum_less``) compares exact sums of
+    two floats (no overflow assumed), which a rounded ``a + b < c + d`` does not.
+    """
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def sum_less(x: tuple[jax.Array, jax.Array], y: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Exact ``a + b < c + d`` from ``x = two_sum(a, b)``, ``y = two_sum(c, d)``."""
+    return (x[0] < y[0]) | ((x[0] == y[0]) & (x[1] < y[1]))
+
+
 def sort_rows(G: jax.Array) -> jax.Array:
-    """Sorts every coordinate over the client axis. ``[n, d] -> [n, d]`` ascending."""
-    return jnp.stack(sorted_rows(G))
+    """Sorts every coordinate over the client axis. ``[n, d] -> [n, d]`` ascending.
+
+    A full sort has ``n`` outputs, which XLA's CPU backend emits as ``n`` loops that
+    each recompute their part of the network: for ``n <= 32`` the network is still
+    5x faster than ``jnp.sort`` (140 ms against 700 ms at (25, 500k)), past that its
+    compile time explodes (100 s at ``n = 100``) and ``jnp.sort`` is used. Rules that
+    need a weighted sum of order statistics use ``sorted_rows`` with ``rank_sum``
+    instead, one fused pass.
+    """
+    if G.shape[0] > _SORT_NETWORK_MAX_N:
+        return jnp.sort(G, axis=0)
+    return jnp.concatenate(sorted_rows(G))
 
 
 def median_weights(k: ArrayLike, n: int) -> jax.Array:
@@ -147,11 +201,27 @@ def masked_median(G: jax.Array, mask: jax.Array) -> jax.Array:
     Unmasked rows are pushed to +inf, so the ``k = Σ mask`` smallest values per
     coordinate are the masked ones; ``k`` may be traced.
     """
-    S = sorted_rows(jnp.where(mask[:, None], G, jnp.inf))
-    return rank_sum(S, median_weights(mask.sum(), G.shape[0]))
+    return rank_sum(sorted_rows(G, mask), median_weights(mask.sum(), G.shape[0]))
 
 
-_GRAM_BLOCK = 8192
+_BLOCK = 8192
+
+
+def _blockwise(G: jax.Array, center: jax.Array, fn) -> jax.Array:
+    """``Σ_b fn(G_b − c_b)`` over blocks ``b`` of 8192 columns, in a ``fori_loop``."""
+    n, d = G.shape
+    nb = d // _BLOCK
+
+    def block(start, size):
+        B = jax.lax.dynamic_slice(G, (0, start), (n, size))
+        return fn(B - jax.lax.dynamic_slice(center, (start,), (size,))[None, :])
+
+    rest = d - nb * _BLOCK
+    if not nb:
+        return block(0, rest)
+    acc = jax.eval_shape(fn, jax.ShapeDtypeStruct((n, _BLOCK), G.dtype))
+    acc = block(nb * _BLOCK, rest) if rest else jnp.zeros(acc.shape, acc.dtype)
+    return jax.lax.fori_loop(0, nb, lambda b, acc: acc + block(b * _BLOCK, _BLOCK), acc)
 
 
 def gram(G: jax.Array, center: jax.Array | None = None) -> jax.Array:
@@ -161,23 +231,22 @@ def gram(G: jax.Array, center: jax.Array | None = None) -> jax.Array:
     and multiplied while it is in cache): XLA's CPU dot for a long contraction was 5x
     slower than this here. Other backends use one matmul.
     """
-    n, d = G.shape
-    center = jnp.zeros(d, G.dtype) if center is None else center
-    nb = d // _GRAM_BLOCK
-    if jax.default_backend() != "cpu" or nb < 2:
+    center = jnp.zeros(G.shape[1], G.dtype) if center is None else center
+    if jax.default_backend() != "cpu":
         Gc = G - center[None, :]
         return jnp.matmul(Gc, Gc.T, precision=_HI)
+    return _blockwise(G, center, lambda B: jnp.matmul(B, B.T, precision=_HI))
 
-    def block(start, size):
-        B = jax.lax.dynamic_slice(G, (0, start), (n, size))
-        B = B - jax.lax.dynamic_slice(center, (start,), (size,))[None, :]
-        return jnp.matmul(B, B.T, precision=_HI)
 
-    K = jax.lax.fori_loop(
-        0, nb, lambda b, K: K + block(b * _GRAM_BLOCK, _GRAM_BLOCK), jnp.zeros((n, n), G.dtype)
-    )
-    rest = d - nb * _GRAM_BLOCK
-    return K + block(nb * _GRAM_BLOCK, rest) if rest else K
+def row_sq_dists(G: jax.Array, center: jax.Array) -> jax.Array:
+    """``‖g_i − c‖²`` for every row. ``[n, d], [d] -> [n]``.
+
+    Accumulated over blocks of columns in a loop, on every backend: the loop boundary
+    makes XLA compute ``c`` once. Written as one reduction, a fused producer of ``c``
+    (the sorting network of a median) is fused into the row reduction and recomputed
+    once per row, 10x slower here at (25, 500k).
+    """
+    return _blockwise(G, center, lambda B: jnp.sum(B * B, axis=1))
 
 
 def sq_dists_from_gram(K: jax.Array) -> jax.Array:
@@ -251,15 +320,18 @@ def to_matrix(updates):
 # call, and first-touching those pages costs more than the arithmetic: computing μ and σ as
 # ``w @ G`` and ``w @ (G − μ)²`` took 23 ms at n=25, d=500k here, the same work done block
 # by block in cache 6 ms. Passes that build centred rows, squares or Gram matrices
-# therefore run over blocks of columns on CPU (about 2^17 elements, half an L2 cache).
-_BLOCK_ELEMS = 2**17
+# therefore run over blocks of 2048 columns on CPU (fewer past n = 256, so that a block
+# stays within 2 MiB); Gram products in such blocks ran at XLA's best dot speed here
+# (n = 25, 50, 100; 512 to 8192 columns tried).
+_BLOCK_COLS = 2048
+_BLOCK_ELEMS = 2**19
 
 
 def column_block(n: int, d: int) -> int:
     """Columns per block of ``scan_columns`` for an ``[n, d]`` matrix (``d`` off CPU)."""
     if jax.default_backend() != "cpu":
         return d
-    return min(d, max(256, 1 << (_BLOCK_ELEMS // n).bit_length() - 1))
+    return min(d, _BLOCK_COLS, max(256, 1 << (_BLOCK_ELEMS // n).bit_length() - 1))
 
 
 def scan_columns(fn, G: jax.Array, vectors=(), init=(), *, block: int | None = None):

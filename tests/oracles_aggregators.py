@@ -47,6 +47,7 @@ def trmean(G, f):
 
 def meamed(G, f):
     n, d = G.shape
+    G = G.astype(np.float64)
     out = np.empty(d)
     for j in range(d):
         m = _median(G[:, j])

@@ -123,12 +123,15 @@ def route_params(
         if not idx:
             allowed = sorted({k for e in entries for k in e.defaults})
             raise ConfigError(
-                f"{field}: {'+'.join(e.name for e in entries)!r} has no parameter {key!r}; "
+                f"{field}.{key}: {'+'.join(e.name for e in entries)!r} has no such parameter; "
                 f"allowed: {allowed or 'none'}."
             )
         if len(idx) > 1:
             options = [f"{entries[i].name}.{short}" for i in idx]
-            raise ConfigError(f"{field}: parameter {key!r} is ambiguous; use one of {options}.")
+            raise ConfigError(
+                f"{field}.{key}: {'+'.join(e.name for e in entries)!r} has this parameter in "
+                f"more than one stage; use one of {options}."
+            )
         routed[idx[0]][short] = value
     return routed
 

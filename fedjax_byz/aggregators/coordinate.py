@@ -70,19 +70,36 @@ def trmean() -> Aggregator:
     return stateless(fn)
 
 
-def closest_mean(G: jax.Array, center: jax.Array, k, valid: jax.Array | None = None):
-    """Per coordinate, the mean of the ``k`` values closest to ``center``. ``-> [d]``.
+def closest_mean(S: list[jax.Array], q, k, *, kmin: int, starts: int) -> jax.Array:
+    """Per coordinate, the mean of the ``k`` of the ``q`` smallest order statistics
+    closest to their median, ties in distance going to the smaller value. ``-> [d]``.
 
-    Distances ``|[g_i]_j − c_j|`` are ranked with ties going to the smaller value; rows
-    outside ``valid`` (bool[n]) never count. ``k`` may be traced.
+    The ``k`` values closest to the median ``m`` are consecutive in sorted order, a
+    window ``S_c .. S_{c+k−1}``. Sliding it from start ``s`` to ``s + 1`` trades ``S_s``
+    for ``S_{s+k}``, which is strictly closer iff ``S_s + S_{s+k} < 2m``; these sums do
+    not decrease with ``s``, so ``c = #{s : S_s + S_{s+k} < S_lo + S_hi}`` (``lo, hi``
+    the median ranks of the ``q``), with both sums compared exactly (``ops.two_sum``).
+    One pass over the sorted values, no per-coordinate gather.
+
+    Args:
+      S: order statistics from ``ops.sorted_rows``; ranks ``>= q`` hold ``+inf``.
+      q: number of values that count (static or traced).
+      k: window size (traced), at least ``kmin`` (smaller values act as ``kmin``).
+      kmin: static lower bound of ``k``.
+      starts: static bound on the number of window starts ``q − k + 1`` minus one.
     """
-    n = G.shape[0]
-    dist = jnp.abs(G - center[None, :])
-    if valid is not None:
-        dist = jnp.where(valid[:, None], dist, jnp.inf)
-        G = jnp.where(valid[:, None], G, 0.0)
-    w = (jnp.arange(n) < k) / jnp.maximum(k, 1).astype(jnp.float32)
-    return ops.rank_sum(ops.sorted_by_key(dist, G), w)
+    k = jnp.maximum(k, kmin)
+    lo, hi = (q - 1) // 2, q // 2
+    pick = (lambda r: S[r]) if isinstance(q, int) else (lambda r: ops.rank_select(S, r))
+    two_m = ops.two_sum(pick(lo), pick(hi))
+    shifted = ops.shift_ranks(S, k, kmin, starts)
+    c = jnp.zeros(S[0].shape, jnp.int32)
+    for s in range(starts):
+        c = c + ops.sum_less(ops.two_sum(S[s], shifted[s]), two_m).astype(jnp.int32)
+    out = jnp.zeros_like(S[0])
+    for r, v in enumerate(S):
+        out = out + jnp.where((r >= c) & (r < c + k), v, 0.0)
+    return ops.materialize(out / k.astype(out.dtype))
 
 
 def meamed() -> Aggregator:
@@ -91,15 +108,15 @@ def meamed() -> Aggregator:
 
     ``[Meamed_f(g)]_j = (1/(n−f)) Σ_{i=1}^{n−f} [g_{π_j(i)}]_j`` where ``π_j`` orders the
     clients by ``|[g_i]_j − Med_j|``: per coordinate, the average of the ``n − f`` values
-    closest to the coordinate-wise median. Ties in distance go to the smaller value
-    (ByzFL ``Meamed`` leaves them to ``argpartition``). Needs ``f < n/2``.
+    closest to the coordinate-wise median (``closest_mean``). Ties in distance go to the
+    smaller value (ByzFL ``Meamed`` leaves them to ``argpartition``). Needs ``f < n/2``.
     """
-    med = median()
 
     def fn(G, ctx):
         n = G.shape[0]
-        center, _, _ = med.update(G, (), ctx)
-        return closest_mean(G, center, n - ctx.f), no_weights(n)
+        fmax = (n - 1) // 2
+        out = closest_mean(ops.sorted_rows(G), n, n - ctx.f, kmin=n - fmax, starts=fmax)
+        return out, no_weights(n)
 
     return stateless(fn)
 
@@ -122,7 +139,7 @@ def rbtm() -> Aggregator:
         n = G.shape[0]
         order = jax.random.permutation(ctx.key, n)
         delivered = jnp.zeros(n, bool).at[order].set(jnp.arange(n) < n - ctx.f)
-        S = ops.sorted_rows(jnp.where(delivered[:, None], G, jnp.inf))
+        S = ops.sorted_rows(G, delivered)
         return ops.rank_sum(S, trmean_weights(n, ctx.f, n - ctx.f)), no_weights(n)
 
     return stateless(fn)

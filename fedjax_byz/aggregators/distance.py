@@ -97,8 +97,9 @@ def bulyan() -> Aggregator:
             return jnp.where(t < theta, chosen.at[best].set(True), chosen)
 
         chosen = jax.lax.fori_loop(0, n, pick, jnp.zeros(n, bool))
-        med = ops.masked_median(G, chosen)
-        out = coordinate.closest_mean(G, med, theta - 2 * f, valid=chosen)
+        fmax = (n - 3) // 4
+        S = ops.sorted_rows(G, chosen)
+        out = coordinate.closest_mean(S, theta, theta - 2 * f, kmin=n - 4 * fmax, starts=2 * fmax)
         return out, chosen / jnp.asarray(theta, G.dtype)
 
     return stateless(fn)
@@ -143,6 +144,10 @@ def cclip(tau: ArrayLike = 10.0, iters: int = 1) -> Aggregator:
     ByzFL ``CenteredClipping`` defaults to ``τ = 100, L = 1``. ``aux["weights"]`` are
     the normalised coefficients of the rows in ``v − (1 − Σc) v_prev``.
 
+    Every iterate is ``v = Σ_i c_i g_i + (1 − Σc) v_prev``, so its distances to the rows
+    follow from the Gram matrix of ``G − v_prev``; with ``L = 1`` only the row norms of
+    ``G − v_prev`` are needed (one pass, no Gram product).
+
     Args:
       tau: clipping radius ``τ`` (traced).
       iters: number of clipping steps ``L`` (static).
@@ -153,14 +158,18 @@ def cclip(tau: ArrayLike = 10.0, iters: int = 1) -> Aggregator:
 
     def update(G, v0, ctx):
         n = G.shape[0]
-        K = ops.gram(G, v0)
 
-        def step(_, c):
-            dist = jnp.sqrt(sq_dists_to_combination(K, c))
+        def step(c, sq_dists):
+            dist = jnp.sqrt(sq_dists)
             s = jnp.minimum(1.0, tau / jnp.maximum(dist, jnp.finfo(G.dtype).tiny))
             return c + (s - c * s.sum()) / n
 
-        c = jax.lax.fori_loop(0, iters, step, jnp.zeros(n, G.dtype))
+        c = jnp.zeros(n, G.dtype)
+        if iters == 1:
+            c = step(c, ops.row_sq_dists(G, v0))
+        else:
+            K = ops.gram(G, v0)
+            c = jax.lax.fori_loop(0, iters, lambda _, c: step(c, sq_dists_to_combination(K, c)), c)
         out = ops.weighted_sum(c, G) + (1.0 - c.sum()) * v0
         return out, out, {"weights": c / jnp.maximum(c.sum(), jnp.finfo(G.dtype).tiny)}
 
@@ -185,7 +194,7 @@ def aksel(mode: str = "mid") -> Aggregator:
     def fn(G, ctx):
         n = G.shape[0]
         center, _, _ = med.update(G, (), ctx)
-        r = jnp.sum(jnp.square(G - center[None, :]), axis=1)
+        r = ops.row_sq_dists(G, center)
         if mode == "mid":
             keep = r <= jnp.median(r)
         else:
