@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fedjax_byz as fb
-from fedjax_byz import attacks
+from fedjax_byz import attacks, ops
 from fedjax_byz.attacks import AttackContext
 from fedjax_byz.registry import ConfigError
 from tests import oracles_attacks as O
@@ -156,6 +156,36 @@ def test_strike_selects_the_skewed_cluster():
     assert len(S) == n - 2 * f and set(range(10)) <= set(S)
     out = run("strike", G, byz)
     assert np.linalg.norm(out[-1] - dense.mean(0)) < np.linalg.norm(out[-1] - G[:16].mean(0))
+
+
+def test_column_blocked_passes_match_oracles():
+    # d spans several column blocks of ops.scan_columns plus a ragged tail (the small
+    # cases above fit in one block), on updates with a large common component.
+    n, d = 20, 20_000
+    assert d // ops.column_block(n, d) >= 2 and d % ops.column_block(n, d)
+    G = skewed(7, n, d, "offset")
+    byz = byz_mask(7, n, 4)
+    G64 = G.astype(np.float64)
+    H = O.rows(byz)
+    mu, sigma = ops.masked_mean_std(jnp.asarray(G), jnp.asarray(~byz))
+    np.testing.assert_allclose(mu, O.mean(G64, H), rtol=1e-6)
+    np.testing.assert_allclose(sigma, O.std(G64, H), rtol=1e-4)
+    tol = {"rtol": 1e-3, "atol": 1e-4 * np.abs(G).max()}
+    np.testing.assert_allclose(run("lie", G, byz, z=1.5), O.lie(G64, byz, 1.5), **tol)
+    for name, oracle in [("minmax", O.minmax), ("minsum", O.minsum)]:
+        np.testing.assert_allclose(run(name, G, byz), oracle(G64, byz, "std", "omniscient"), **tol)
+    np.testing.assert_allclose(
+        run("minmax", G, byz, direction="unit"), O.minmax(G64, byz, "unit"), **tol
+    )
+    np.testing.assert_allclose(run("strike", G, byz), O.strike(G64, byz), **tol)
+    assert np.array_equal(run("mimic", G, byz)[byz][0], G[O.mimic_client(G64, byz)])
+    lam = O.fang_krum_lambda(G64, byz, O.mean(G64, H))
+    np.testing.assert_allclose(run("fang", G, byz, rule="krum")[byz][0], -lam * np.sign(mu), 1e-4)
+    cols = np.arange(0, d, 97)  # Fang's trmean attack, checked on columns from every block
+    keys = [jax.random.fold_in(jax.random.key(3), i) for i in range(n)]
+    u = np.stack([jax.random.uniform(k, (d,), jnp.float32) for k in keys])[:, cols]
+    want = O.fang_trmean(G64[:, cols], byz, O.mean(G64, H)[cols], u.astype(np.float64))
+    np.testing.assert_allclose(run("fang", G, byz)[:, cols], want, **tol)
 
 
 def test_byzmean_mean_equals_target():
