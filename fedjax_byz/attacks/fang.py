@@ -36,11 +36,8 @@ def _honest_range(G: jax.Array, honest: jax.Array, g_hat: jax.Array | None):
 
     def fn(B, vs, carry):
         direction = vs[0] if vs else ops.masked_moments(B, honest)[0]
-        hi = jnp.full(B.shape[1:], -jnp.inf, B.dtype)
-        lo = jnp.full(B.shape[1:], jnp.inf, B.dtype)
-        for i in range(B.shape[0]):  # elementwise over rows: one fused pass over the block
-            hi = jnp.maximum(hi, jnp.where(honest[i], B[i], -jnp.inf))
-            lo = jnp.minimum(lo, jnp.where(honest[i], B[i], jnp.inf))
+        hi = jnp.max(jnp.where(honest[:, None], B, -jnp.inf), axis=0)
+        lo = jnp.min(jnp.where(honest[:, None], B, jnp.inf), axis=0)
         return (direction, hi, lo), carry
 
     return ops.scan_columns(fn, G, () if g_hat is None else (g_hat,))[0]
