@@ -126,11 +126,12 @@ def test_round_batches_over_hyperparameters_with_vmap():
     hp = jax.tree.map(lambda *a: jnp.stack(a), *hps)
     key = jax.random.key(0)
     state = jax.vmap(program.init, (None, 0, None))(key, hp, data)
-    run = jax.jit(jax.vmap(program.run, (0, 0, None, None)), static_argnums=3)
-    _, (rm, em) = run(state, hp, data, 2)
+    start = jnp.zeros((), jnp.int32)
+    run = jax.jit(jax.vmap(program.run, (0, 0, None, None, None)), static_argnums=4)
+    _, (rm, em) = run(state, hp, data, start, 2)
     for i, h in enumerate(hps):
         s_i = program.init(key, h, data)
-        _, (rm_i, em_i) = jax.jit(program.run, static_argnums=3)(s_i, h, data, 2)
+        _, (rm_i, em_i) = jax.jit(program.run, static_argnums=4)(s_i, h, data, start, 2)
         np.testing.assert_allclose(em["test_acc"][i], em_i["test_acc"], atol=1e-6)
         np.testing.assert_allclose(rm["train_loss"][i], rm_i["train_loss"], rtol=1e-4)
 
@@ -197,3 +198,25 @@ def test_bad_input_fails_before_compiling(monkeypatch, over, field):
         sim.simulate(tiny(**over), progress=False)
     assert str(err.value).startswith(field), str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_capture_rounds_keep_the_update_matrix():
+    cfg = tiny(
+        **{
+            "diagnostics.capture_rounds": [1, 3],
+            "attack.name": "bitflip",
+            "attack.num_byzantine": 2,
+            "server.clients_per_round": 4,
+        }
+    )
+    r = sim.simulate(cfg, progress=False)
+    caps = r["captures"]
+    assert caps["updates"].shape[:2] == (2, 4) and list(caps["rounds"]) == [1, 3]
+    # the mean rule's aggregate is the mean of the captured rows; the mask matches clients
+    np.testing.assert_allclose(caps["aggregate"], caps["updates"].mean(1), rtol=1e-5, atol=1e-7)
+    byz_clients = set(r["byzantine_clients"])
+    for k in range(2):
+        assert [c in byz_clients for c in caps["clients"][k]] == list(caps["byz"][k])
+    assert not np.allclose(caps["updates"][0], caps["updates"][1])
+    with pytest.raises(fb.ConfigError, match="diagnostics.capture_rounds"):
+        sim.simulate(tiny(**{"diagnostics.capture_rounds": [5]}), progress=False)

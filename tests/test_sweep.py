@@ -177,3 +177,13 @@ def test_markdown_table_bolds_the_strongest_attack():
     }
     md = report.markdown_table(["a", "b"], ["x", "y"], stats)
     assert "**20.0 ± 2.0**" in md and "**50.0 ± 0.0**" in md and "**90.0" not in md
+
+
+def test_captures_are_saved_beside_the_store(tmp_path):
+    cfg = dict(TINY, seed=[0, 1], diagnostics={"capture_rounds": [2]})
+    records = fb.sweep(cfg, out=tmp_path, progress=False)
+    for r in records:
+        with np.load(tmp_path / r["captures"]) as z:
+            assert z["updates"].shape[0] == 1 and list(z["rounds"]) == [2]
+    first, second = (np.load(tmp_path / r["captures"])["updates"] for r in records)
+    assert not np.allclose(first, second)  # each seed keeps its own matrices

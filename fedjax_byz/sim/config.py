@@ -93,6 +93,14 @@ class AggregatorConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DiagnosticsConfig:
+    """What to record beyond the metrics: ``capture_rounds`` lists the rounds (1-based)
+    whose full update matrix, Byzantine mask, aggregate and rule weights are kept."""
+
+    capture_rounds: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One experiment.
 
@@ -109,6 +117,7 @@ class Config:
     server: ServerConfig = ServerConfig()
     attack: AttackConfig = AttackConfig()
     aggregator: AggregatorConfig = AggregatorConfig()
+    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     client_parallelism: int | str = "auto"
 
     @property
@@ -131,6 +140,7 @@ SECTIONS = {
     "server": ServerConfig,
     "attack": AttackConfig,
     "aggregator": AggregatorConfig,
+    "diagnostics": DiagnosticsConfig,
 }
 
 
@@ -229,7 +239,7 @@ def set_path(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
 
 
 # Settings whose value is itself a list; a list of lists makes them a grid axis.
-LIST_VALUED = frozenset({"hidden", "channels", "widths", "shape"})
+LIST_VALUED = frozenset({"hidden", "channels", "widths", "shape", "capture_rounds"})
 
 
 def grid_axes(raw: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[tuple, list]]:
@@ -361,6 +371,12 @@ def validate(cfg: Config) -> None:
         cfg.assumed_byzantine,
         cfg.aggregator.params,
         "aggregator",
+    )
+    caps = cfg.diagnostics.capture_rounds
+    _require(
+        all(isinstance(c, int) and 1 <= c <= s.rounds for c in caps),
+        "diagnostics.capture_rounds",
+        f"must be round numbers between 1 and server.rounds ({s.rounds}), got {list(caps)}.",
     )
     cp = cfg.client_parallelism
     _require(

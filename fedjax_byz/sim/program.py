@@ -1,7 +1,7 @@
 """The compiled federated-learning program: static structure, traced hyperparameters.
 
 ``make_program(static)`` returns pure functions ``init(key, hp, data)`` and
-``run(state, hp, data, periods)``; one round is
+``run(state, hp, data, start, periods)``; one round is
 
   1. sample the participating clients (all, or ``m`` of ``n``);
   2. local training of every participant (one mapped client function);
@@ -124,6 +124,7 @@ class StaticConfig:
     aggregator: str
     aggregator_static: tuple
     client_parallelism: int
+    capture_rounds: tuple[int, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: Config, num_classes: int, input_shape) -> StaticConfig:
@@ -148,6 +149,7 @@ class StaticConfig:
             aggregator=cfg.aggregator.name,
             aggregator_static=_frozen(agg_static),
             client_parallelism=int(cp),
+            capture_rounds=tuple(sorted(set(cfg.diagnostics.capture_rounds))),
         )
 
 
@@ -160,14 +162,14 @@ class ServerState(struct.PyTreeNode):
     attack_state: Any
     byz: jax.Array  # bool[n], fixed for the run
     key: jax.Array
-    round: jax.Array  # int32
+    captures: Any  # {} or the update matrices of the capture rounds (see ``make_program``)
 
 
 class Program(NamedTuple):
     """The pure functions of one experiment structure."""
 
     init: Any  # (key, hp, data) -> ServerState
-    run: Any  # (state, hp, data, periods) -> (state, (round_metrics, eval_metrics))
+    run: Any  # (state, hp, data, start, periods) -> (state, (round_metrics, eval_metrics))
     evaluate: Any  # (params, data) -> (accuracy, loss)
     model: models.Model
 
@@ -202,8 +204,35 @@ def make_program(static: StaticConfig) -> Program:
             attack_state=attack.init(d),
             byz=byz,
             key=k_run,
-            round=jnp.zeros((), jnp.int32),
+            captures=empty_captures(d),
         )
+
+    K = len(static.capture_rounds)
+    capture_at = jnp.asarray(static.capture_rounds or (0,), jnp.int32)
+
+    def empty_captures(d):
+        if not K:
+            return {}
+        return {
+            "updates": jnp.zeros((K, m, d), jnp.float32),  # rows as the rule received them
+            "byz": jnp.zeros((K, m), bool),
+            "clients": jnp.zeros((K, m), jnp.int32),
+            "aggregate": jnp.zeros((K, d), jnp.float32),
+            "weights": jnp.zeros((K, m), jnp.float32),
+        }
+
+    def capture(captures, r, record):
+        """Stores ``record`` in the slot of round ``r + 1`` if it is a capture round (the
+        round index is not batched, so this is a real branch even in a vmapped sweep)."""
+        if not K:
+            return captures
+        slot = jnp.minimum(jnp.searchsorted(capture_at, r + 1), K - 1)
+        hit = capture_at[slot] == r + 1
+
+        def write(c):
+            return {k: c[k].at[slot].set(record[k]) for k in c}
+
+        return lax.cond(hit, write, lambda c: c, captures)
 
     def evaluate(params, data: ClientData):
         N = data.x_test.shape[0]
@@ -225,7 +254,7 @@ def make_program(static: StaticConfig) -> Program:
         )
         return correct.sum() / N, loss.sum() / N
 
-    def round_step(state: ServerState, hp: HParams, data: ClientData):
+    def round_step(state: ServerState, r: jax.Array, hp: HParams, data: ClientData):
         attack, rule = build(hp)
         key, k_sample, k_train, k_attack, k_agg = jax.random.split(state.key, 5)
         if m == n:
@@ -258,12 +287,12 @@ def make_program(static: StaticConfig) -> Program:
         )
 
         flat_params, unravel = jax.flatten_util.ravel_pytree(state.params)
-        agg_ctx = aggregators.AggregatorContext(hp.assumed_byzantine, k_agg, state.round)
+        agg_ctx = aggregators.AggregatorContext(hp.assumed_byzantine, k_agg, r)
 
         def server_rule(U):
             return rule.update(U, state.agg_state, agg_ctx)[0]
 
-        atk_ctx = attacks.AttackContext(byz, state.round, flat_params, server_rule)
+        atk_ctx = attacks.AttackContext(byz, r, flat_params, server_rule)
         G, attack_state = attack.apply(k_attack, G, state.attack_state, atk_ctx)
 
         aggregate, agg_state, aux = rule.update(G, state.agg_state, agg_ctx)
@@ -279,6 +308,17 @@ def make_program(static: StaticConfig) -> Program:
             "agg_norm": jnp.linalg.norm(aggregate),
             "nonfinite": jnp.sum(aux["nonfinite"]),
         }
+        captures = capture(
+            state.captures,
+            r,
+            {
+                "updates": G,
+                "byz": byz,
+                "clients": idx.astype(jnp.int32),
+                "aggregate": aggregate,
+                "weights": aux["weights"],
+            },
+        )
         new_state = ServerState(
             params=optax.apply_updates(state.params, updates),
             opt_state=opt_state,
@@ -286,19 +326,21 @@ def make_program(static: StaticConfig) -> Program:
             attack_state=attack_state,
             byz=state.byz,
             key=key,
-            round=state.round + 1,
+            captures=captures,
         )
         return new_state, metrics
 
-    def period(state, hp, data):
-        state, round_metrics = lax.scan(
-            lambda s, _: round_step(s, hp, data), state, None, length=static.eval_every
-        )
+    def period(state, first, hp, data):
+        rounds = first + jnp.arange(static.eval_every, dtype=jnp.int32)
+        state, round_metrics = lax.scan(lambda s, r: round_step(s, r, hp, data), state, rounds)
         acc, loss = evaluate(state.params, data)
         return state, (round_metrics, {"test_acc": acc, "test_loss": loss})
 
-    def run(state, hp, data, periods: int):
-        state, (rm, em) = lax.scan(lambda s, _: period(s, hp, data), state, None, length=periods)
+    def run(state, hp, data, start, periods: int):
+        """``periods`` evaluation periods from round index ``start`` (an int32 that is
+        never batched: every cell of a sweep runs the same rounds)."""
+        firsts = start + static.eval_every * jnp.arange(periods, dtype=jnp.int32)
+        state, (rm, em) = lax.scan(lambda s, p: period(s, p, hp, data), state, firsts)
         rm = jax.tree.map(lambda a: a.reshape(-1), rm)  # [periods * eval_every]
         return state, (rm, em)
 

@@ -158,16 +158,19 @@ class Batch:
         return _jitted_init(*self._spec)(self.keys, self.hp, self.data)
 
     def compile(self, state, periods: int):
-        """The compiled chunk ``(state, hp, data) -> (state, metrics)`` and the seconds its
+        """The compiled chunk ``(state, hp, data, start) -> (state, metrics)`` and the seconds its
         compilation took (compiled once per process; the persistent cache may shorten it)."""
         shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype)), (state, self.hp, self.data))
         key = (*self._spec, periods, jax.tree.structure(shapes), tuple(jax.tree.leaves(shapes)))
         if key in _COMPILED:
             return _COMPILED[key]
         program = _program(self.static)
-        run = _over_batch(lambda s, hp, d: program.run(s, hp, d, periods), *self._spec[1:])
+        run = _over_batch(
+            lambda s, hp, d, start: program.run(s, hp, d, start, periods), *self._spec[1:]
+        )
         t0 = time.perf_counter()
-        compiled = jax.jit(run, donate_argnums=0).lower(state, self.hp, self.data).compile()
+        start = jnp.zeros((), jnp.int32)
+        compiled = jax.jit(run, donate_argnums=0).lower(state, self.hp, self.data, start).compile()
         _COMPILED[key] = (compiled, time.perf_counter() - t0)
         return _COMPILED[key]
 
@@ -176,17 +179,19 @@ _COMPILED: dict[tuple, Any] = {}
 
 
 def _over_batch(fn, mode: str, batched: bool, data_axis: int | None):
-    """``fn(a, hp, data)`` mapped over the batch axis of ``a`` and ``hp`` (and of ``data``
-    when ``data_axis`` is 0): ``vmap``, or ``lax.map`` in ``"map"`` mode."""
+    """``fn(a, hp, data, *rest)`` mapped over the batch axis of ``a`` and ``hp`` (and of
+    ``data`` when ``data_axis`` is 0; ``rest`` is shared): ``vmap``, or ``lax.map`` in
+    ``"map"`` mode."""
     if not batched:
         return fn
-    if mode == "vmap":
-        return jax.vmap(fn, in_axes=(0, 0, data_axis))
 
-    def mapped(a, hp, data):
+    def mapped(a, hp, data, *rest):
+        one = lambda a, hp, data: fn(a, hp, data, *rest)  # noqa: E731
+        if mode == "vmap":
+            return jax.vmap(one, in_axes=(0, 0, data_axis))(a, hp, data)
         if data_axis is None:
-            return lax.map(lambda t: fn(t[0], t[1], data), (a, hp))
-        return lax.map(lambda t: fn(*t), (a, hp, data))
+            return lax.map(lambda t: one(t[0], t[1], data), (a, hp))
+        return lax.map(lambda t: one(*t), (a, hp, data))
 
     return mapped
 
@@ -289,7 +294,8 @@ def run_batch(
         leave=False,
     )
     for chunk in range(start, total // periods):
-        state, (rm, em) = run(state, batch.hp, batch.data)
+        first = jnp.asarray(chunk * periods * batch.eval_every, jnp.int32)
+        state, (rm, em) = run(state, batch.hp, batch.data, first)
         rm, em = jax.device_get((rm, em))
         rounds.append(rm)
         evals.append(em)
@@ -303,8 +309,10 @@ def run_batch(
     curves = {k: np.concatenate([np.asarray(r[k]) for r in rounds], axis=-1) for k in rounds[0]}
     curves.update({k: np.concatenate([np.asarray(e[k]) for e in evals], axis=-1) for k in evals[0]})
     curves["byz"] = np.asarray(state.byz)
+    captures = jax.device_get(state.captures)
     if not batch.batched:
         curves = {k: v[None] for k, v in curves.items()}
+        captures = {k: v[None] for k, v in captures.items()}
     results = []
     for i, cfg in enumerate(batch.cfgs):
         cell = {k: v[i] for k, v in curves.items()}
@@ -325,6 +333,11 @@ def run_batch(
                 "byzantine_clients": np.flatnonzero(cell["byz"]).tolist(),
             }
         )
+        if captures:
+            results[-1]["captures"] = {
+                "rounds": np.asarray(batch.static.capture_rounds),
+                **{k: np.asarray(v[i]) for k, v in captures.items()},
+            }
     if ckpt is not None and ckpt.exists():
         ckpt.unlink()
     return results
@@ -350,7 +363,10 @@ def simulate(
       the rule gave Byzantine clients, NaN for coordinate-wise rules), ``agg_error``
       (‖aggregate − honest mean‖), ``agg_norm``, ``nonfinite`` (rows dropped); per
       evaluation ``eval_rounds``, ``test_acc``, ``test_loss``; ``final_acc``, ``best_acc``,
-      ``compile_time``, ``wall_time`` (seconds), ``byzantine_clients``.
+      ``compile_time``, ``wall_time`` (seconds), ``byzantine_clients``; with
+      ``diagnostics.capture_rounds``, ``captures``: numpy arrays ``rounds [K]``,
+      ``updates [K, m, d]`` (the rows the rule received), ``byz [K, m]``, ``clients [K, m]``
+      (which clients took part), ``aggregate [K, d]``, ``weights [K, m]``.
     """
     cfg = config if isinstance(config, Config) else from_dict(config)
     return run_batch(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from fedjax_byz.sim import config as config_lib
 from fedjax_byz.sim.run import Batch, enable_compilation_cache, periods_per_chunk, run_batch
@@ -153,6 +154,12 @@ def sweep(
             label=label,
         )
         program = next(i for i, g in enumerate(groups) if batch_cells[0] in g)
+        for c, r in zip(batch_cells, results, strict=True):
+            if "captures" in r:  # big arrays go beside the store, the record keeps the path
+                path = out / "captures" / f"{c.key}.npz"
+                path.parent.mkdir(exist_ok=True)
+                np.savez(path, **r["captures"])
+                r["captures"] = str(path.relative_to(out))
         store.add(
             dict(r, key=c.key, grid=dict(c.grid), program=program, batch=b)
             for c, r in zip(batch_cells, results, strict=True)
