@@ -185,9 +185,14 @@ def test_tfds_with_mock_data():
 def test_arrays_source(tmp_path):
     rng = np.random.default_rng(0)
     path = tmp_path / "mine.npz"
-    np.savez(path, x_train=rng.random((30, 5, 5)).astype(np.float32),
-             y_train=rng.integers(0, 3, 30), x_test=rng.random((6, 5, 5)).astype(np.float32),
-             y_test=rng.integers(0, 3, 6), groups=np.repeat(np.arange(3), 10))
+    np.savez(
+        path,
+        x_train=rng.random((30, 5, 5)).astype(np.float32),
+        y_train=rng.integers(0, 3, 30),
+        x_test=rng.random((6, 5, 5)).astype(np.float32),
+        y_test=rng.integers(0, 3, 6),
+        groups=np.repeat(np.arange(3), 10),
+    )
     ds = data_lib.load("arrays", path=str(path))
     assert ds.x_train.shape == (30, 5, 5, 1) and ds.num_classes == 3
     assert len(data_lib.partition("natural", ds.y_train, 3, 0, groups=ds.groups)) == 3
