@@ -10,16 +10,11 @@ from typing import Any
 import yaml
 
 from fedjax_byz.registry import ConfigError
+from fedjax_byz.sweep.report import Layout
 
 
 def _parse_value(text: str) -> Any:
     return yaml.safe_load(text)
-
-
-def _label(record: dict[str, Any]) -> str:
-    from fedjax_byz.sweep.report import value_label
-
-    return " ".join(f"{k.split('.')[-1]}={value_label(v)}" for k, v in record["grid"].items())
 
 
 def plot_accuracy(results: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -30,8 +25,9 @@ def plot_accuracy(results: list[dict[str, Any]], path: Path, title: str) -> None
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    layout = Layout(results)
     for r in results:
-        ax.plot(r["eval_rounds"], [100 * a for a in r["test_acc"]], label=_label(r) or r["name"])
+        ax.plot(r["eval_rounds"], [100 * a for a in r["test_acc"]], label=layout.label(r))
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
@@ -108,6 +104,55 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_skew(args) -> int:
+    """Runs a config capturing chosen rounds; draws LLE/PCA pictures and skew measures."""
+    import numpy as np
+
+    from fedjax_byz.diagnostics import plot_captures
+    from fedjax_byz.sim.config import load_yaml
+
+    raw = load_yaml(args.config, args.profile)
+    sets = _overrides(args.set)
+    rounds = sets.get("server.rounds", (raw.get("server") or {}).get("rounds", 50))
+    if "diagnostics.capture_rounds" not in sets and not (raw.get("diagnostics") or {}).get(
+        "capture_rounds"
+    ):
+        picks = np.linspace(1, rounds, args.rounds).round().astype(int)
+        sets["diagnostics.capture_rounds"] = sorted({int(r) for r in picks})
+    args.set = [f"{k}={v}" for k, v in sets.items()]
+    records, out = _sweep(args)
+    layout = Layout(records)
+    lines = [
+        "| cell | round | skew (moment) | skew (median) | mean–mode distance | κ | "
+        "honest kept | Byzantine kept |",
+        "|---" * 8 + "|",
+    ]
+    for r in records:
+        label = layout.label(r)
+        with np.load(out / r["captures"]) as z:
+            png = plot_captures(dict(z), out / "skew" / f"{r['key']}.png", label)
+        diag = r["diagnostics"]
+        for k, rnd in enumerate(diag["rounds"]):
+            vals = [
+                diag[m][k]
+                for m in (
+                    "skew_moment",
+                    "skew_median",
+                    "mode_distance",
+                    "kappa",
+                    "honest_kept",
+                    "byzantine_kept",
+                )
+            ]
+            cells = " | ".join("n/a" if v is None or v != v else f"{v:.3f}" for v in vals)
+            lines.append(f"| {label} | {rnd} | {cells} |")
+        print(f"{label}: {png}")
+    table = "\n".join(lines)
+    (out / "skew" / "measures.md").write_text(table + "\n")
+    print(f"\n{table}\n\npictures and measures in {out / 'skew'}/")
+    return 0
+
+
 def cmd_list(args) -> int:
     from fedjax_byz import aggregators, attacks, data, models
 
@@ -141,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn, text in (
         ("run", cmd_run, "run a config (every cell of its grid); table, JSON and a plot"),
         ("sweep", cmd_sweep, "run a grid batched and resumably; tables, heatmaps, ablations"),
+        ("skew", cmd_skew, "capture rounds of a run: LLE/PCA pictures, skew and robustness"),
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("config")
@@ -153,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
             help="override a setting, e.g. --set server.rounds=10",
         )
         cmd.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "skew":
+            cmd.add_argument(
+                "--rounds",
+                type=int,
+                default=6,
+                help="how many evenly spaced rounds to capture (default 6)",
+            )
         cmd.set_defaults(fn=fn)
     rep = sub.add_parser("report", help="tables and plots of a results store")
     rep.add_argument("results", help="a sweep folder or its results.jsonl")

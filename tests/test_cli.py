@@ -75,3 +75,18 @@ def test_profiles_overlay(tmp_path):
     path.write_text(yaml.safe_dump(dict(TINY, profiles={"cpu": {"server": {"rounds": 2}}})))
     assert sim.load_yaml(path, "cpu")["server"] == {"rounds": 2, "eval_every": 2}
     assert sim.load_yaml(path)["server"]["rounds"] == 4
+
+
+def test_skew_command_draws_and_measures(tmp_path, capsys):
+    path = tmp_path / "skew.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            dict(TINY, attack={"name": "lie", "num_byzantine": 1}, aggregator={"name": "multikrum"})
+        )
+    )
+    out = tmp_path / "out"
+    assert cli.main(["skew", str(path), "--out", str(out), "--quiet", "--rounds", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "skew (moment)" in text and "lie / multikrum" in text
+    assert len(list((out / "skew").glob("*.png"))) == 1
+    assert (out / "skew" / "measures.md").read_text().count("lie / multikrum") == 2

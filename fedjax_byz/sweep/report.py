@@ -72,6 +72,11 @@ class Layout:
     def col(self, r, skip: str | None = None) -> str:
         return self._label(r, self.col_axes, "aggregator", skip)
 
+    def label(self, r) -> str:
+        """``attack / defense / other grid values`` of a record."""
+        rest = [f"{a}={json.loads(v)}" for a, v in self.panel(r) if v != "null"]
+        return " / ".join([self.row(r), self.col(r), *rest])
+
     def panel(self, r, skip: str | None = None) -> tuple:
         return tuple(
             (a, json.dumps(r["grid"].get(a), default=str)) for a in self.other_axes if a != skip

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from fedjax_byz.diagnostics.measures import capture_measures
 from fedjax_byz.sim import config as config_lib
 from fedjax_byz.sim.run import Batch, enable_compilation_cache, periods_per_chunk, run_batch
 from fedjax_byz.sweep.grid import Cell, describe, expand_cells, group_cells, split_options
@@ -159,6 +160,7 @@ def sweep(
                 path = out / "captures" / f"{c.key}.npz"
                 path.parent.mkdir(exist_ok=True)
                 np.savez(path, **r["captures"])
+                r["diagnostics"] = capture_measures(r["captures"])
                 r["captures"] = str(path.relative_to(out))
         store.add(
             dict(r, key=c.key, grid=dict(c.grid), program=program, batch=b)
