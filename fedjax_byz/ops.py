@@ -68,7 +68,9 @@ _NETWORK_MAX_N = 128
 _SORT_NETWORK_MAX_N = 32
 
 
-def sorted_rows(G: jax.Array, valid: jax.Array | None = None) -> list[jax.Array]:
+def sorted_rows(
+    G: jax.Array, valid: jax.Array | None = None, below: jax.Array | None = None
+) -> list[jax.Array]:
     """The order statistics of every coordinate: ``S_0 <= ... <= S_{n-1}``, each ``[1, d]``.
 
     For ``n <= 128`` this is a sorting network of elementwise ``min``/``max`` over the
@@ -84,28 +86,24 @@ def sorted_rows(G: jax.Array, valid: jax.Array | None = None) -> list[jax.Array]
     Args:
       G: ``[n, d]`` matrix.
       valid: optional ``bool[n]``; rows outside it are pushed to ``+inf`` (they sort
-        last, after the ``Σ valid`` values that count).
+        last, after the ``Σ valid`` values that count) ...
+      below: optional ``bool[n]``: ... or to ``−inf`` where ``below`` is True (they sort
+        first; pushing as many rows each way keeps the median of the valid values at
+        the static ranks ``(n − 1) // 2`` and ``n // 2``).
     """
     n = G.shape[0]
+    fill = None
+    if valid is not None:
+        fill = jnp.where(below, -jnp.inf, jnp.inf) if below is not None else jnp.full(n, jnp.inf)
     if n > _NETWORK_MAX_N:
-        S = jnp.sort(G if valid is None else jnp.where(valid[:, None], G, jnp.inf), axis=0)
+        S = jnp.sort(G if fill is None else jnp.where(valid[:, None], G, fill[:, None]), axis=0)
         return [S[i : i + 1] for i in range(n)]
     rows = [G[i : i + 1] for i in range(n)]
-    if valid is not None:
-        rows = [jnp.where(valid[i], r, jnp.inf) for i, r in enumerate(rows)]
+    if fill is not None:
+        rows = [jnp.where(valid[i], r, fill[i]) for i, r in enumerate(rows)]
     for a, b in sorting_network(n):
         rows[a], rows[b] = jnp.minimum(rows[a], rows[b]), jnp.maximum(rows[a], rows[b])
     return rows
-
-
-def materialize(x: jax.Array) -> jax.Array:
-    """A ``[1, d]`` result of the order-statistics kernels as ``[d]``, computed once.
-
-    The optimisation barrier keeps XLA from fusing the sorting network into a consumer
-    that broadcasts the result over the rows (``G − med``), which would recompute the
-    network once per row.
-    """
-    return jax.lax.optimization_barrier(x)[0]
 
 
 def rank_sum(S: list[jax.Array], w: ArrayLike) -> jax.Array:
@@ -123,39 +121,38 @@ def rank_sum(S: list[jax.Array], w: ArrayLike) -> jax.Array:
     out = terms[0]
     for t in terms[1:]:
         out = out + t
-    return materialize(out)
+    return out[0]
 
 
-def rank_select(S: list[jax.Array], r: ArrayLike) -> jax.Array:
-    """``S_r`` for a traced rank ``r`` (the same in every coordinate). ``-> [1, d]``."""
-    out = S[0]
-    for i in range(1, len(S)):
-        out = jnp.where(r == i, S[i], out)
-    return out
-
-
-def shift_ranks(S: list[jax.Array], k: ArrayLike, kmin: int, count: int) -> list[jax.Array]:
+def shift_ranks(
+    S: list[jax.Array], k: ArrayLike, kmin: int, count: int, step: int = 1
+) -> list[jax.Array]:
     """``R_s = S_{s+k}`` for ``s < count`` (``+inf`` past ``S_{n-1}``), ``k`` traced.
 
-    A barrel shifter: ``k − kmin`` (clamped to ``[0, n − kmin]``) is applied one bit at a
-    time as a static shift under a scalar ``where``, ``count · log₂(n − kmin + 1)``
-    selects per coordinate instead of a gather (which XLA's CPU backend does badly) or
-    ``count · (n − kmin)`` selects.
+    A barrel shifter: ``k − kmin`` (clamped to ``[0, n − kmin]``, a multiple of ``step``)
+    is applied one bit at a time as a static shift under a scalar ``where``, about
+    ``count · log₂((n − kmin)/step + 1)`` selects per coordinate (``shift_sizes``)
+    instead of a gather (which XLA's CPU backend does badly) or ``count · (n − kmin)``.
     """
     n = len(S)
     inf = jnp.full_like(S[0], jnp.inf)
-    span = n - kmin
-    delta = jnp.clip(k - kmin, 0, span)
-    shifts = [1 << b for b in range(span.bit_length())]
-    need = [count]  # entries needed after each stage, last stage first
-    for b in reversed(shifts):
-        need.append(need[-1] + b)
-    need.reverse()
-    A = [S[kmin + i] if kmin + i < n else inf for i in range(need[0])]
-    for b, size in zip(shifts, need[1:], strict=True):
-        on = (delta & b) != 0
+    units = jnp.clip(k - kmin, 0, n - kmin) // step
+    shifts = _shifts(n, kmin, step)
+    A = [S[j] if j < n else inf for j in range(kmin, kmin + count + sum(shifts))]
+    for b, size in zip(shifts, shift_sizes(n, kmin, count, step), strict=True):
+        on = (units & (b // step)) != 0
         A = [jnp.where(on, A[i + b], A[i]) for i in range(size)]
     return A
+
+
+def _shifts(n: int, kmin: int, step: int) -> list[int]:
+    return [step << b for b in range(((n - kmin) // step).bit_length())]
+
+
+def shift_sizes(n: int, kmin: int, count: int, step: int = 1) -> list[int]:
+    """Entries ``shift_ranks`` keeps after each of its stages (its cost in selects)."""
+    shifts = _shifts(n, kmin, step)
+    return [count + sum(shifts[i + 1 :]) for i in range(len(shifts))]
 
 
 def two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -204,49 +201,37 @@ def masked_median(G: jax.Array, mask: jax.Array) -> jax.Array:
     return rank_sum(sorted_rows(G, mask), median_weights(mask.sum(), G.shape[0]))
 
 
-_BLOCK = 8192
-
-
-def _blockwise(G: jax.Array, center: jax.Array, fn) -> jax.Array:
-    """``Σ_b fn(G_b − c_b)`` over blocks ``b`` of 8192 columns, in a ``fori_loop``."""
-    n, d = G.shape
-    nb = d // _BLOCK
-
-    def block(start, size):
-        B = jax.lax.dynamic_slice(G, (0, start), (n, size))
-        return fn(B - jax.lax.dynamic_slice(center, (start,), (size,))[None, :])
-
-    rest = d - nb * _BLOCK
-    if not nb:
-        return block(0, rest)
-    acc = jax.eval_shape(fn, jax.ShapeDtypeStruct((n, _BLOCK), G.dtype))
-    acc = block(nb * _BLOCK, rest) if rest else jnp.zeros(acc.shape, acc.dtype)
-    return jax.lax.fori_loop(0, nb, lambda b, acc: acc + block(b * _BLOCK, _BLOCK), acc)
-
-
 def gram(G: jax.Array, center: jax.Array | None = None) -> jax.Array:
     """Inner products ``(G − c)(G − c)ᵀ`` (``c = 0`` by default). ``[n, d] -> [n, n]``.
 
-    On CPU the product is accumulated over blocks of 8192 columns (each block centred
-    and multiplied while it is in cache): XLA's CPU dot for a long contraction was 5x
+    Accumulated over column blocks (``scan_columns``): each block is centred and
+    multiplied while it is in cache; XLA's CPU dot for one long contraction was 5x
     slower than this here. Other backends use one matmul.
     """
-    center = jnp.zeros(G.shape[1], G.dtype) if center is None else center
-    if jax.default_backend() != "cpu":
-        Gc = G - center[None, :]
-        return jnp.matmul(Gc, Gc.T, precision=_HI)
-    return _blockwise(G, center, lambda B: jnp.matmul(B, B.T, precision=_HI))
+    n, d = G.shape
+    center = jnp.zeros(d, G.dtype) if center is None else center
+
+    def fn(B, vs, K):
+        X = B - vs[0][None, :]
+        return (), K + jnp.matmul(X, X.T, precision=_HI)
+
+    return scan_columns(fn, G, (center,), jnp.zeros((n, n), G.dtype))[1]
 
 
 def row_sq_dists(G: jax.Array, center: jax.Array) -> jax.Array:
     """``‖g_i − c‖²`` for every row. ``[n, d], [d] -> [n]``.
 
-    Accumulated over blocks of columns in a loop, on every backend: the loop boundary
-    makes XLA compute ``c`` once. Written as one reduction, a fused producer of ``c``
-    (the sorting network of a median) is fused into the row reduction and recomputed
-    once per row, 10x slower here at (25, 500k).
+    Accumulated over column blocks (``scan_columns``): on CPU the loop boundary makes XLA
+    compute ``c`` once. Written as one reduction, a fused producer of ``c`` (the sorting
+    network of a median) was fused into the row reduction and recomputed once per row,
+    10x slower here at (25, 500k).
     """
-    return _blockwise(G, center, lambda B: jnp.sum(B * B, axis=1))
+
+    def fn(B, vs, r):
+        X = B - vs[0][None, :]
+        return (), r + jnp.sum(X * X, axis=1)
+
+    return scan_columns(fn, G, (center,), jnp.zeros(G.shape[0], G.dtype))[1]
 
 
 def sq_dists_from_gram(K: jax.Array) -> jax.Array:

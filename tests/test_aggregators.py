@@ -10,7 +10,7 @@ import pytest
 
 import fedjax_byz as fb
 from fedjax_byz import ops
-from fedjax_byz.aggregators import AggregatorContext, check, get, pre, spectral
+from fedjax_byz.aggregators import AggregatorContext, check, coordinate, get, pre, spectral
 from fedjax_byz.registry import ConfigError
 
 try:  # tests/ as a package or as a plain directory on sys.path
@@ -412,9 +412,11 @@ def test_sorting_network_sorts(n):
 def test_shift_ranks():
     n, kmin, count = 9, 4, 3
     S = [jnp.full((1, 2), float(r)) for r in range(n)]
-    for k in range(kmin, n + 1):
-        got = np.concatenate(ops.shift_ranks(S, jnp.int32(k), kmin, count))[:, 0]
-        np.testing.assert_array_equal(got, [s + k if s + k < n else np.inf for s in range(count)])
+    for step in (1, 2):
+        for k in range(kmin, n + 1, step):
+            got = np.concatenate(ops.shift_ranks(S, jnp.int32(k), kmin, count, step))[:, 0]
+            ref = [s + k if s + k < n else np.inf for s in range(count)]
+            np.testing.assert_array_equal(got, ref)
 
 
 def test_closest_mean_ties_and_rounding():
@@ -431,6 +433,19 @@ def test_closest_mean_ties_and_rounding():
     assert (G[0] + G[2])[0] == 2 * big  # float32 rounding ties big - 3 with big + 2
     ref = oracle.meamed(G, 1)[0]  # keeps big and big + 2: mean big + 1
     np.testing.assert_allclose(run("meamed", G, 1)[0], ref, atol=1.0)  # big - 2 if wrong
+
+
+@pytest.mark.parametrize("plan", ["materialized", "sort"])
+@pytest.mark.parametrize("name", ["meamed", "bulyan"])
+def test_closest_mean_past_the_fusion_budget(name, plan, monkeypatch):
+    """The plans used for large n: the masked matrix written first, or jnp.sort."""
+    monkeypatch.setattr(coordinate, "_plan", lambda *args: plan)
+    n, d, f = 13, 2 * 2048 + 3, 2  # several column blocks
+    G = updates(n, d, f)
+    rule = get(name)
+    fn = jax.jit(lambda G, f: rule.update(G, (), AggregatorContext.create(f, KEY))[0])
+    ref, _ = getattr(oracle, name)(G, f)
+    assert_close(fn(jnp.asarray(G), jnp.int32(f)), ref, G)
 
 
 def test_blocked_kernels():
