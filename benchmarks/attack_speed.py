@@ -410,24 +410,37 @@ def write_targets(lines, sizes, yard, ours, refs, small, no_faults):
             f"- `adaptive-lie` ≥ 5× faster than ByzFL's Optimal ALIE (TrMean, 20 evaluations), "
             f"same run, n={small[0]}: {speedup:.1f}× ({verdict})."
         )
-    none = ours["none"]
+    floor = ours["zero"]
     met, over = within(ours, yard, sizes)
+    beyond = {k: [s for s in sizes if t[s] - floor[s] > 3 * yard[s]] for k, t in ours.items()}
     lines += [
         "- Every attack within 3× of computing μ_H and σ_H once (the `adaptive-*` wrappers "
         "run the server's rule once per grid point by design and are compared with ByzFL "
-        "above): **NOT met** as measured. Returning the attacked [n, d] matrix in a fresh "
-        "buffer, which every attack does, costs by itself ("
-        + ", ".join(f"`none`: {none[s] / yard[s]:.1f}× at n={s[0]}" for s in sizes)
-        + ").",
-        "  - within 3× at every size: " + (", ".join(f"`{k}`" for k in met) or "none") + ";",
-        "  - over 3× (in parentheses: the ratio, and the ratio of the time beyond `none`): "
+        "above): "
+        + ("met." if not over else "**NOT met** as measured.")
+        + " Writing the attacked [n, d] matrix into a fresh buffer, which every attack "
+        "does, costs by itself ("
+        + ", ".join(f"{floor[s] / yard[s]:.1f}× at n={s[0]}" for s in sizes)
+        + ": `zero`, which only writes constant Byzantine rows).",
+        "  - within 3× at every size: " + (", ".join(f"`{k}`" for k in met) or "no attack") + ";",
+        "  - over 3× (in parentheses: the ratio, and the ratio of the time beyond `zero`): "
         + "; ".join(
             f"`{k}` at "
             + ", ".join(
-                f"n={s[0]} ({ours[k][s] / yard[s]:.1f}×, {(ours[k][s] - none[s]) / yard[s]:.1f}×)"
+                f"n={s[0]} ({ours[k][s] / yard[s]:.1f}×, {(ours[k][s] - floor[s]) / yard[s]:.1f}×)"
                 for s in ss
             )
             for k, ss in over.items()
+        )
+        + ";",
+        "  - more than 3× beyond `zero` (the attack's own work over the output's cost): "
+        + (
+            "; ".join(
+                f"`{k}` at " + ", ".join(f"n={s[0]}" for s in ss)
+                for k, ss in beyond.items()
+                if ss and not k.startswith("adaptive-") and k != "none"
+            )
+            or "no attack"
         )
         + ".",
     ]
@@ -435,7 +448,7 @@ def write_targets(lines, sizes, yard, ours, refs, small, no_faults):
     met, over = within(nf_ours, nf_base[YARDSTICK], sizes)
     lines += [
         "  - without page faults on fresh buffers (last section): within 3× at every size: "
-        + (", ".join(f"`{k}`" for k in met) or "none")
+        + (", ".join(f"`{k}`" for k in met) or "no attack")
         + "; over 3×: "
         + "; ".join(
             f"`{k}` at "
@@ -481,7 +494,8 @@ def write_notes(lines, sizes, base, ours):
         "donate its input, so every call writes a fresh [n, d] buffer; on this machine "
         "(glibc malloc, 4 KiB pages, transparent huge pages on `madvise` only) that buffer "
         "is a new mapping faulted in page by page, which costs more than computing μ_H and "
-        "σ_H (`none` above). Inside a simulated round the attacked matrix is one such "
+        "σ_H (`zero` above; `none` returns the input unchanged, an XLA copy). Inside a "
+        "simulated round the attacked matrix is one such "
         "buffer per round; outside glibc's defaults (last section) it costs a copy.",
         "- **Random attacks** (`gaussian`, `noise`, `fang` with trmean/median) need f·d "
         "random numbers at least (they draw no more): "
@@ -494,10 +508,10 @@ def write_notes(lines, sizes, base, ours):
         + ", ".join(f"{ratio(GRAM, s)} the yardstick at n={s[0]}" for s in sizes)
         + ". It is computed in the same blocked pass as μ and σ, centred on μ for float32 "
         "accuracy, and gives the search its quadratic coefficients (the centred Gram "
-        "matrix's diagonal and one projection ⟨x_i, p⟩). `mimic` adds an n × n "
-        "eigendecomposition, `strike` a coordinate-wise median over the honest rows (a "
-        "sorting network) and a second pass over its subset S, `minsum` needs no Gram "
-        "matrix.",
+        "matrix's diagonal and one projection ⟨x_i, p⟩). `mimic` adds 40 squarings of the "
+        "n × n matrix (its top eigenvector), `strike` a coordinate-wise median over the "
+        "honest rows (a sorting network) and a second pass over its subset S; `minsum` "
+        "needs no Gram matrix.",
         "- **The server's rule.** `fang` computes the rule's unattacked aggregate ĝ (Fang et "
         "al.'s full knowledge) before attacking: "
         + ", ".join(f"{ratio(rule, s)} for {RULE} at n={s[0]}" for s in sizes)

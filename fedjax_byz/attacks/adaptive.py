@@ -4,11 +4,14 @@ ByzFL's ``Optimal_ALittleIsEnough`` / ``Optimal_InnerProductManipulation`` (Allo
 "Fixing by mixing", AISTATS 2023) and the calibration of Errami et al. ("Stress-Testing
 Byzantine Defenses under Data Heterogeneity", Sec. 2) choose the strength that moves the
 robust aggregate farthest from the honest mean.
-Here the candidate strengths are a fixed grid evaluated in one XLA program over the
-server's rule (``ctx.aggregate``): one ``vmap`` over the whole grid on accelerators, a
-sequential ``lax.map`` on CPU, where a batched rule was measured several times slower per
-candidate. The statistics that do not depend on the strength (μ, σ, the searches of
-Min-Max or STRIKE) are computed once, outside the loop.
+
+Here the attack is a ``base.Family``: the work that does not depend on the strength (μ, σ,
+the Gram matrix, the searches of Min-Max or STRIKE) is done once, then every strength of a
+fixed grid is crafted and scored against the server's rule (``ctx.aggregate``) in one XLA
+program: one ``vmap`` over the whole grid on accelerators, and on CPU a sequential
+``lax.map``, one candidate at a time, because the rules' order-statistics kernels run much
+slower batched on XLA's CPU backend: ``adaptive-lie`` against the trimmed mean with 20
+candidates took VMAP_TIMES (``benchmarks/results/attack_speed.md``).
 """
 
 from __future__ import annotations
@@ -76,8 +79,8 @@ def adaptive(
 
 def _chunk(batch: int | None, evals: int) -> int | None:
     """Candidates per ``vmap``: ``batch`` if given; else the whole grid in one ``vmap`` on
-    accelerators, and one at a time (a sequential ``lax.map``) on CPU, where a batched
-    rule runs several times slower per candidate (measured, ``attack_speed.md``)."""
+    accelerators, and one at a time (a sequential ``lax.map``) on CPU, where the batched
+    rule was slower (module docstring)."""
     if batch is not None:
         return min(batch, evals)
     return None if jax.default_backend() == "cpu" else evals

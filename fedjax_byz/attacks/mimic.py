@@ -11,17 +11,25 @@ from jax.typing import ArrayLike
 from fedjax_byz import ops
 from fedjax_byz.attacks.base import Attack, stateless
 
+SQUARINGS = 40  # M ← M²: the top eigenvector dominates once (λ₂/λ₁)^(2^40) underflows.
+
 
 def principal_client(G: jax.Array, honest: jax.Array) -> jax.Array:
     """Index of the honest row farthest from μ_H along the top principal direction.
 
     With ``X`` the honest rows centred on μ_H (other rows zeroed) and ``v`` the top
-    eigenvector of the ``[n, n]`` Gram matrix ``X Xᵀ`` (eigenvalue λ), the top principal
-    direction is ``z = Xᵀv/√λ`` and the projections are ``⟨x_i, z⟩ = √λ·v_i``: one Gram
-    product (accumulated with μ_H in one column-blocked pass) and an ``n × n``
-    eigendecomposition, exact; no ``d × d`` or ``n × d`` SVD. The sign of ``z`` is
-    arbitrary (Karimireddy et al.'s code fixes it by a random start of their power
-    iteration), so the client with the largest ``|⟨x_i, z⟩|`` is chosen. ``-> int32``.
+    eigenvector of the ``[n, n]`` Gram matrix ``K = X Xᵀ`` (eigenvalue λ), the top
+    principal direction is ``z = Xᵀv/√λ`` and the projections are ``⟨x_i, z⟩ = √λ·v_i``, so
+    the client is ``argmax_i v_i²``. ``K`` is accumulated with μ_H in one column-blocked
+    pass (no ``d × d`` or ``n × d`` SVD). ``v vᵀ`` is then the limit of repeated squaring,
+    ``M ← M²/tr(M²)`` from ``M = K/tr(K)``: after 40 squarings the other eigenvalues'
+    weight ``(λ_k/λ)^(2^40)`` is below float32 resolution unless λ's lead is too (when the
+    top direction is not determined by the data anyway), and ``v_i² = M_ii``. Forty
+    ``n × n`` products in XLA replace LAPACK's ``eigh``, whose OpenBLAS threads, spinning
+    after the call, made every later step several times slower on a 2-core CPU (35 ms →
+    135 ms per call at n = 100, d = 100k). The sign of ``z`` is arbitrary (Karimireddy et
+    al. fix it by the random start of their power iteration), so the farthest client on
+    either side is chosen. ``-> int32``.
     """
 
     def fn(B, vs, K):
@@ -30,8 +38,16 @@ def principal_client(G: jax.Array, honest: jax.Array) -> jax.Array:
 
     n = G.shape[0]
     _, K = ops.scan_columns(fn, G, init=jnp.zeros((n, n), G.dtype))
-    _, V = jnp.linalg.eigh(jnp.where(honest[:, None] & honest[None, :], K, 0.0))
-    return jnp.argmax(jnp.where(honest, jnp.abs(V[:, -1]), -1.0)).astype(jnp.int32)
+    K = jnp.where(honest[:, None] & honest[None, :], K, 0.0)
+
+    def unit_trace(M):
+        return M / jnp.maximum(jnp.trace(M), jnp.finfo(M.dtype).tiny)
+
+    def square(i, M):
+        return unit_trace(jnp.matmul(M, M, precision=lax.Precision.HIGHEST))
+
+    M = lax.fori_loop(0, SQUARINGS, square, unit_trace(K))
+    return jnp.argmax(jnp.where(honest, jnp.diagonal(M), -1.0)).astype(jnp.int32)
 
 
 def mimic(client: ArrayLike | None = None) -> Attack:
@@ -51,6 +67,6 @@ def mimic(client: ArrayLike | None = None) -> Attack:
 
     def fn(key, G, ctx):
         i = principal_client(G, ctx.honest) if client is None else client
-        return jnp.take(G, i, axis=0)
+        return jax.lax.dynamic_index_in_dim(G, i, 0, keepdims=False)
 
     return stateless(fn)
