@@ -353,6 +353,7 @@ def test_vmap_over_f_and_knobs_compiles_once(name, knobs):
 def test_every_rule_rejects_nonfinite_rows(name):
     n, d, f = PROPS
     G = updates(n, d, f)
+    assert not run(name, G, f)[1]["nonfinite"].any()
     G[3, 2] = np.nan
     G[5, 0] = np.inf
     out, aux = run(name, G, f)

@@ -113,7 +113,7 @@ def compose(*stages: PreAggregator | Aggregator) -> Aggregator:
     return Aggregator(init, update)
 
 
-def guard_nonfinite(rule: Aggregator) -> Aggregator:
+def guard_nonfinite(rule: Aggregator, *, propagates: bool = False) -> Aggregator:
     """Rejects non-finite client rows before ``rule`` sees them.
 
     A row holding a NaN or an infinity (a faulty client), detected as a non-finite row
@@ -123,9 +123,15 @@ def guard_nonfinite(rule: Aggregator) -> Aggregator:
     ``aux["nonfinite"]`` (bool[n]) marks the rejected rows for the round's metrics. This
     is the published SignGuard code's convention (NaN entries set to 0), applied to
     whole rows. The rule runs on a zeroed copy only in rounds that have such a row.
+
+    Args:
+      rule: the rule to guard.
+      propagates: the rule's output is non-finite whenever a row is (a mean with
+        positive weights). Then the rule runs first and the rows are checked only when
+        its output is not finite: one pass over the matrix in clean rounds, not two.
     """
 
-    def update(G, state, ctx):
+    def checked(G, state, ctx):
         ones = jnp.ones(G.shape[1], G.dtype)
         bad = ~jnp.isfinite(jnp.matmul(G, ones))
         out, state, aux = jax.lax.cond(
@@ -136,5 +142,12 @@ def guard_nonfinite(rule: Aggregator) -> Aggregator:
             state,
         )
         return out, state, dict(aux, nonfinite=bad)
+
+    def update(G, state, ctx):
+        if not propagates:
+            return checked(G, state, ctx)
+        out, new_state, aux = rule.update(G, state, ctx)
+        clean = (out, new_state, dict(aux, nonfinite=jnp.zeros(G.shape[0], bool)))
+        return jax.lax.cond(jnp.isfinite(out).all(), lambda: clean, lambda: checked(G, state, ctx))
 
     return Aggregator(rule.init, update)
