@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.metadata
 import os
 import platform
@@ -230,9 +231,9 @@ def main():
         G = updates(n, d, f)
         T, Gj = torch.from_numpy(G), jnp.asarray(G)
         size = {"n": n, "d": d, "f": f, "rows": []}
-        size["floor"] = best_time(lambda G=G: np.add.reduce(G, 0), 20, 5.0, True)[1]
+        floor = functools.partial(np.add.reduce, G, 0)
+        size["floor"] = best_time(floor, 20, 5.0, True)[1]
         size["gram"] = best_time(lambda G=G: G @ G.T, 10, 5.0, True)[1]
-        refs = {} if args.skip_refs else references(n, d, f)
         for rule in rules:
             fr = min(f, (n - 3) // 4) if rule == "bulyan" else f
             row = {"rule": rule, "f": fr, "refs": []}
@@ -242,29 +243,27 @@ def main():
             except fb.ConfigError as e:
                 row["refused"] = str(e)
                 continue
-            compile_s, ours = best_time(
-                lambda rule=rule, fr=fr, Gj=Gj: fb.aggregate(rule, Gj, f=fr), 5, 3.0, True
-            )
-            row.update(ours=ours, compile=compile_s)
+            row["call"] = lambda rule=rule, fr=fr, Gj=Gj: fb.aggregate(rule, Gj, f=fr)
+            row["compile"], row["ours"] = best_time(row["call"], 5, 3.0, True)
+            print(n, d, rule, f"{row['ours'] * 1e3:.1f} ms", flush=True)
+        # A second round, a minute later: the machine is shared and a burst of other
+        # work can slow every repeat of one rule; each rule keeps its better round. Ours
+        # are all timed before any reference runs (torch and ByzPy leave worker threads
+        # spinning for a while after a call).
+        for row in size["rows"]:
+            if "ours" in row:
+                row["ours"] = min(row["ours"], best_time(row.pop("call"), 5, 3.0, True)[1])
+        size["floor"] = min(size["floor"], best_time(floor, 20, 5.0, True)[1])
+        refs = {} if args.skip_refs else references(n, d, f)
+        for row in size["rows"]:
+            rule = row["rule"]
+            if "ours" not in row:
+                continue
             for label, make in refs.get(rule, []):
                 row["refs"].append((label, time_reference(make, T, G, args.ref_timeout)))
             if rule in QUOTED and (n, d) == SIZES[0]:
                 row["refs"].append(QUOTED[rule])
-            print(n, d, rule, f"{ours * 1e3:.1f} ms", row["refs"], flush=True)
-        # A second round, minutes later: the machine is shared and a burst of other work
-        # can slow every repeat of one rule; each rule keeps its better round.
-        for row in size["rows"]:
-            if "ours" in row:
-                again = best_time(
-                    lambda r=row["rule"], fr=row["f"], Gj=Gj: fb.aggregate(r, Gj, f=fr),
-                    5,
-                    3.0,
-                    True,
-                )[1]
-                row["ours"] = min(row["ours"], again)
-        size["floor"] = min(
-            size["floor"], best_time(lambda G=G: np.add.reduce(G, 0), 20, 5.0, True)[1]
-        )
+            print(n, d, rule, row["refs"], flush=True)
         results.append(size)
     meta = {
         "start": datetime.datetime.fromtimestamp(start).strftime("%Y-%m-%d %H:%M"),
