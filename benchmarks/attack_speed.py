@@ -412,7 +412,9 @@ def write_targets(lines, sizes, yard, ours, refs, small, no_faults):
         )
     floor = ours["zero"]
     met, over = within(ours, yard, sizes)
-    beyond = {k: [s for s in sizes if t[s] - floor[s] > 3 * yard[s]] for k, t in ours.items()}
+    beyond = {
+        k: [s for s in sizes if ours[k][s] - floor[s] > 3 * yard[s]] for k in met + list(over)
+    }
     lines += [
         "- Every attack within 3× of computing μ_H and σ_H once (the `adaptive-*` wrappers "
         "run the server's rule once per grid point by design and are compared with ByzFL "
@@ -436,9 +438,7 @@ def write_targets(lines, sizes, yard, ours, refs, small, no_faults):
         "  - more than 3× beyond `zero` (the attack's own work over the output's cost): "
         + (
             "; ".join(
-                f"`{k}` at " + ", ".join(f"n={s[0]}" for s in ss)
-                for k, ss in beyond.items()
-                if ss and not k.startswith("adaptive-") and k != "none"
+                f"`{k}` at " + ", ".join(f"n={s[0]}" for s in ss) for k, ss in beyond.items() if ss
             )
             or "no attack"
         )
