@@ -11,7 +11,8 @@ fixed grid is crafted and scored against the server's rule (``ctx.aggregate``) i
 program: one ``vmap`` over the whole grid on accelerators, and on CPU a sequential
 ``lax.map``, one candidate at a time, because the rules' order-statistics kernels run much
 slower batched on XLA's CPU backend: ``adaptive-lie`` against the trimmed mean with 20
-candidates took VMAP_TIMES (``benchmarks/results/attack_speed.md``).
+candidates took 1155 ms as one ``vmap`` against 231 ms sequentially at n = 25, d = 500k,
+and 853 against 336 ms at n = 100, d = 100k (``benchmarks/results/attack_speed.md``).
 """
 
 from __future__ import annotations
