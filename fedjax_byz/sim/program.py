@@ -4,7 +4,8 @@
 ``run(state, hp, data, start, periods)``; one round is
 
   1. sample the participating clients (all, or ``m`` of ``n``);
-  2. local training of every participant (one mapped client function);
+  2. local training of every participant (one mapped client function; with a device
+     mesh, each device trains its own slice of the participants, see ``sharding``);
   3. updates ``g_i = w − w_i`` as ``f32[m, d]``;
   4. the attack replaces the Byzantine rows;
   5. the rule aggregates (every rule drops non-finite rows first, see
@@ -30,9 +31,11 @@ import numpy as np
 import optax
 from flax import struct
 from jax import lax
+from jax.sharding import Mesh
 
 from fedjax_byz import aggregators, attacks, models, ops
 from fedjax_byz.data import ClientData
+from fedjax_byz.sim import sharding
 from fedjax_byz.sim.client import local_optimizer, make_client_update, map_clients
 from fedjax_byz.sim.config import Config
 
@@ -179,8 +182,9 @@ def server_optimizer(hp: HParams) -> optax.GradientTransformation:
     return optax.chain(optax.trace(decay=hp.server_momentum), optax.scale(-hp.server_lr))
 
 
-def make_program(static: StaticConfig) -> Program:
-    """Builds the program for ``static``; nothing is compiled until it is called."""
+def make_program(static: StaticConfig, mesh: Mesh | None = None) -> Program:
+    """Builds the program for ``static``; nothing is compiled until it is called. With a
+    ``mesh`` (``sharding.make_mesh``) every round's clients are split over its devices."""
     model = models.get(
         static.model, static.num_classes, static.input_shape, **dict(static.model_params)
     )
@@ -254,15 +258,11 @@ def make_program(static: StaticConfig) -> Program:
         )
         return correct.sum() / N, loss.sum() / N
 
-    def round_step(state: ServerState, r: jax.Array, hp: HParams, data: ClientData):
-        attack, rule = build(hp)
-        key, k_sample, k_train, k_attack, k_agg = jax.random.split(state.key, 5)
-        if m == n:
-            idx = jnp.arange(n)
-        else:
-            idx = jax.random.choice(k_sample, n, (m,), replace=False)
-        byz = state.byz[idx]
-
+    def train_clients(shared, per_client):
+        """Local training of the clients ``per_client = (idx [k], byz [k], keys [k])``
+        from the shared ``(params, hp, data)``: ``(G [k, d], losses [k])``."""
+        params, hp, data = shared
+        attack, _ = build(hp)
         opt = local_optimizer(hp.client_lr, hp.client_momentum, hp.weight_decay, hp.clip_norm)
         client_update = make_client_update(
             model.apply,
@@ -278,13 +278,26 @@ def make_program(static: StaticConfig) -> Program:
                     return y
                 return jnp.where(is_byz, attack.relabel(y, data.num_classes), y)
 
-            return client_update(
-                state.params, data.x[i], data.y[i], data.counts[i], key, opt, relabel
-            )
+            return client_update(params, data.x[i], data.y[i], data.counts[i], key, opt, relabel)
 
-        G, losses = map_clients(  # [m, d], [m]
-            train_client, (idx, byz, jax.random.split(k_train, m)), static.client_parallelism
+        return map_clients(train_client, per_client, static.client_parallelism)
+
+    def round_step(state: ServerState, r: jax.Array, hp: HParams, data: ClientData):
+        attack, rule = build(hp)
+        key, k_sample, k_train, k_attack, k_agg = jax.random.split(state.key, 5)
+        if m == n:
+            idx = jnp.arange(n)
+        else:
+            idx = jax.random.choice(k_sample, n, (m,), replace=False)
+        byz = state.byz[idx]
+
+        G, losses = sharding.over_clients(  # [m, d], [m]
+            train_clients,
+            (state.params, hp, data),
+            (idx, byz, jax.random.split(k_train, m)),
+            mesh,
         )
+        G = sharding.spread_columns(G, mesh)
 
         flat_params, unravel = jax.flatten_util.ravel_pytree(state.params)
         agg_ctx = aggregators.AggregatorContext(hp.assumed_byzantine, k_agg, r)

@@ -21,9 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import Mesh
 
 from fedjax_byz import attacks
 from fedjax_byz import data as data_lib
+from fedjax_byz.sim import sharding
 from fedjax_byz.sim.config import Config, DataConfig, from_dict, validate
 from fedjax_byz.sim.program import (
     HParams,
@@ -99,8 +101,8 @@ def data_seed(cfg: Config) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _program(static: StaticConfig):
-    return make_program(static)
+def _program(static: StaticConfig, mesh: Mesh | None):
+    return make_program(static, mesh)
 
 
 def periods_per_chunk(total: int, target: int) -> int:
@@ -119,9 +121,11 @@ class Batch:
       cfgs: configs of the same structure (``structure_key``); one config runs unbatched.
       mode: ``"vmap"`` vectorises the configs, ``"map"`` runs them one after another in
         the same compiled program.
+      devices: how many devices to spread the batch over (``None``: every device JAX
+        sees); see ``sharding.make_mesh``.
     """
 
-    def __init__(self, cfgs: Sequence[Config], mode: str = "vmap"):
+    def __init__(self, cfgs: Sequence[Config], mode: str = "vmap", devices: int | None = None):
         if mode not in BATCH_MODES:
             raise ValueError(f"batch mode must be one of {BATCH_MODES}, got {mode!r}")
         self.cfgs = list(cfgs)
@@ -141,17 +145,25 @@ class Batch:
         self.data = datas[0] if self.data_axis is None else _stack(datas)
         self.num_classes = datas[0].num_classes
         self.static = StaticConfig.from_config(cfg0, self.num_classes, datas[0].x.shape[2:])
-        self.program = _program(self.static)
+        self.mesh = sharding.make_mesh(len(self.cfgs) if mode == "vmap" else 1, devices)
+        self.program = _program(self.static, self.mesh)
         hps = [HParams.from_config(c) for c in self.cfgs]
         keys = [jax.random.key(c.seed) for c in self.cfgs]
-        self.hp = _stack(hps) if self.batched else hps[0]
-        self.keys = jnp.stack(keys) if self.batched else keys[0]
+        self.hp = self.place(_stack(hps) if self.batched else hps[0])
+        self.keys = self.place(jnp.stack(keys) if self.batched else keys[0])
+        self.data = sharding.place(
+            self.data, sharding.batch_sharding(self.mesh, self.data_axis is not None)
+        )
         self.rounds = cfg0.server.rounds
         self.eval_every = cfg0.server.eval_every
 
     @property
     def _spec(self) -> tuple:
-        return (self.static, self.mode, self.batched, self.data_axis)
+        return (self.static, self.mode, self.batched, self.data_axis, self.mesh)
+
+    def place(self, tree):
+        """``tree`` (leading batch axis when batched) laid out on the batch's devices."""
+        return sharding.place(tree, sharding.batch_sharding(self.mesh, self.batched))
 
     def init(self):
         """The stacked initial states (model, optimizer, rule and attack states, mask)."""
@@ -164,13 +176,15 @@ class Batch:
         key = (*self._spec, periods, jax.tree.structure(shapes), tuple(jax.tree.leaves(shapes)))
         if key in _COMPILED:
             return _COMPILED[key]
-        program = _program(self.static)
+        program = _program(self.static, self.mesh)
         run = _over_batch(
             lambda s, hp, d, start: program.run(s, hp, d, start, periods), *self._spec[1:]
         )
         t0 = time.perf_counter()
         start = jnp.zeros((), jnp.int32)
-        compiled = jax.jit(run, donate_argnums=0).lower(state, self.hp, self.data, start).compile()
+        out = sharding.batch_sharding(self.mesh, self.batched)
+        jitted = jax.jit(run, donate_argnums=0, out_shardings=out)
+        compiled = jitted.lower(state, self.hp, self.data, start).compile()
         _COMPILED[key] = (compiled, time.perf_counter() - t0)
         return _COMPILED[key]
 
@@ -178,17 +192,18 @@ class Batch:
 _COMPILED: dict[tuple, Any] = {}
 
 
-def _over_batch(fn, mode: str, batched: bool, data_axis: int | None):
+def _over_batch(fn, mode: str, batched: bool, data_axis: int | None, mesh: Mesh | None):
     """``fn(a, hp, data, *rest)`` mapped over the batch axis of ``a`` and ``hp`` (and of
-    ``data`` when ``data_axis`` is 0; ``rest`` is shared): ``vmap``, or ``lax.map`` in
-    ``"map"`` mode."""
+    ``data`` when ``data_axis`` is 0; ``rest`` is shared): ``vmap`` (split over the mesh's
+    ``batch`` devices), or ``lax.map`` in ``"map"`` mode."""
     if not batched:
         return fn
+    spmd = None if mesh is None else sharding.BATCH
 
     def mapped(a, hp, data, *rest):
         one = lambda a, hp, data: fn(a, hp, data, *rest)  # noqa: E731
         if mode == "vmap":
-            return jax.vmap(one, in_axes=(0, 0, data_axis))(a, hp, data)
+            return jax.vmap(one, in_axes=(0, 0, data_axis), spmd_axis_name=spmd)(a, hp, data)
         if data_axis is None:
             return lax.map(lambda t: one(t[0], t[1], data), (a, hp))
         return lax.map(lambda t: one(*t), (a, hp, data))
@@ -197,8 +212,11 @@ def _over_batch(fn, mode: str, batched: bool, data_axis: int | None):
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted_init(static: StaticConfig, mode: str, batched: bool, data_axis: int | None):
-    return jax.jit(_over_batch(_program(static).init, mode, batched, data_axis))
+def _jitted_init(
+    static: StaticConfig, mode: str, batched: bool, data_axis: int | None, mesh: Mesh | None
+):
+    init = _over_batch(_program(static, mesh).init, mode, batched, data_axis, mesh)
+    return jax.jit(init, out_shardings=sharding.batch_sharding(mesh, batched))
 
 
 def structure_key(cfg: Config) -> tuple:
@@ -224,8 +242,8 @@ def _given(params: Mapping[str, Any]) -> tuple[str, ...]:
 
 def _key_data(x):
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-        return np.asarray(jax.random.key_data(x))
-    return np.asarray(x)
+        x = jax.random.key_data(x)
+    return np.asarray(sharding.fetch(x))
 
 
 def save_checkpoint(path: Path, state, chunk: int, rounds: list, evals: list) -> None:
@@ -282,6 +300,7 @@ def run_batch(
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and ckpt.exists():
         state, start, rounds, evals = load_checkpoint(ckpt, state)
+        state = batch.place(state)
 
     from tqdm.auto import tqdm
 
@@ -296,7 +315,7 @@ def run_batch(
     for chunk in range(start, total // periods):
         first = jnp.asarray(chunk * periods * batch.eval_every, jnp.int32)
         state, (rm, em) = run(state, batch.hp, batch.data, first)
-        rm, em = jax.device_get((rm, em))
+        rm, em = sharding.fetch((rm, em))
         rounds.append(rm)
         evals.append(em)
         if ckpt is not None:
@@ -308,8 +327,7 @@ def run_batch(
 
     curves = {k: np.concatenate([np.asarray(r[k]) for r in rounds], axis=-1) for k in rounds[0]}
     curves.update({k: np.concatenate([np.asarray(e[k]) for e in evals], axis=-1) for k in evals[0]})
-    curves["byz"] = np.asarray(state.byz)
-    captures = jax.device_get(state.captures)
+    curves["byz"], captures = sharding.fetch((state.byz, state.captures))
     if not batch.batched:
         curves = {k: v[None] for k, v in curves.items()}
         captures = {k: v[None] for k, v in captures.items()}
@@ -349,6 +367,7 @@ def simulate(
     progress: bool = True,
     chunk_periods: int = 10,
     checkpoint: str | Path | None = None,
+    devices: int | None = None,
 ) -> dict[str, Any]:
     """Runs one federated training experiment.
 
@@ -357,6 +376,8 @@ def simulate(
       progress: show a progress bar.
       chunk_periods: evaluation periods per compiled call (between progress updates).
       checkpoint: a file to save the state to after every chunk and resume from.
+      devices: how many devices to split the round's clients over (``None``: all that
+        JAX sees; the numbers match one device's up to float reduction order).
 
     Returns:
       A JSON-serialisable dict: ``config``; per round ``train_loss``, ``byz_weight`` (weight
@@ -370,7 +391,10 @@ def simulate(
     """
     cfg = config if isinstance(config, Config) else from_dict(config)
     return run_batch(
-        Batch([cfg]), progress=progress, chunk_periods=chunk_periods, checkpoint=checkpoint
+        Batch([cfg], devices=devices),
+        progress=progress,
+        chunk_periods=chunk_periods,
+        checkpoint=checkpoint,
     )[0]
 
 

@@ -1,0 +1,117 @@
+"""One program over many devices: a sweep's batch axis and a round's client axis.
+
+The devices form a two-axis ``Mesh``: ``batch`` splits the cells of a vmapped sweep batch
+(independent runs: no communication but the metrics), ``clients`` splits the participants
+of every round. Local training runs under ``shard_map``, each device training its own
+slice of the participants one after another (their data-dependent loops stay local); the
+update matrix ``f32[m, d]`` is then laid out by columns, so coordinate-wise rules sort
+their own coordinates on each device and distance-based and spectral rules reduce partial
+Gram matrices across devices (XLA inserts the collectives). With one device there is no
+mesh and the program is the unsharded one.
+
+Multi-host: call ``initialize_distributed()`` first in every process; ``jax.devices()``
+then lists every host's devices and the same mesh spans them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fedjax_byz.registry import ConfigError
+
+BATCH, CLIENTS = "batch", "clients"
+
+
+def initialize_distributed(**kwargs: Any) -> None:
+    """Joins a multi-host job: ``jax.distributed.initialize(**kwargs)`` (coordinator address,
+    process count and id; detected automatically under SLURM, Open MPI and on TPU pods).
+    Call it before anything touches a device."""
+    jax.distributed.initialize(**kwargs)
+
+
+def make_mesh(batch: int, devices: int | None = None) -> Mesh | None:
+    """The ``(batch, clients)`` mesh over the first ``devices`` devices (all by default).
+
+    The batch axis gets ``gcd(batch, devices)`` devices (so it divides the cells evenly),
+    the client axis the rest. Returns ``None`` for a single device.
+    """
+    available = jax.device_count()
+    count = available if devices is None else devices
+    if not (isinstance(count, int) and 1 <= count <= available):
+        raise ConfigError(
+            f"devices: must be null (all) or an integer between 1 and the {available} "
+            f"device(s) JAX sees, got {devices!r}."
+        )
+    if count == 1:
+        return None
+    b = math.gcd(batch, count)
+    return Mesh(np.asarray(jax.devices()[:count]).reshape(b, count // b), (BATCH, CLIENTS))
+
+
+def batch_sharding(mesh: Mesh | None, batched: bool) -> NamedSharding | None:
+    """Leading axis split over ``batch`` (or replicated when not batched)."""
+    if mesh is None:
+        return None
+    return NamedSharding(mesh, P(BATCH) if batched else P())
+
+
+def over_clients(fn: Callable, shared: Any, per_client: Any, mesh: Mesh | None) -> Any:
+    """``fn(shared, per_client)`` with the leading client axis ``m`` of ``per_client`` (and
+    of every output) split over the mesh's ``clients`` devices.
+
+    Each device runs ``fn`` on its own ``⌈m / k⌉`` clients; ``shared`` (model, numbers,
+    data) is replicated. When ``k`` does not divide ``m`` the first clients are repeated to
+    fill the last slots and their results dropped. ``check_vma`` is off: a client's loops
+    carry values that start replicated and become per-device.
+    """
+    if mesh is None:
+        return fn(shared, per_client)
+    k = mesh.shape[CLIENTS]
+    m = jax.tree.leaves(per_client)[0].shape[0]
+    take = jnp.arange(-(-m // k) * k) % m
+    padded = jax.tree.map(lambda a: a[take], per_client)
+    out = jax.shard_map(
+        fn, mesh=mesh, in_specs=(P(), P(CLIENTS)), out_specs=P(CLIENTS), check_vma=False
+    )(shared, padded)
+    return jax.tree.map(lambda a: a[:m], out)
+
+
+def spread_columns(updates: jax.Array, mesh: Mesh | None) -> jax.Array:
+    """The update matrix ``[m, d]`` laid out by columns over the ``clients`` devices."""
+    if mesh is None:
+        return updates
+    return jax.lax.with_sharding_constraint(updates, NamedSharding(mesh, P(None, CLIENTS)))
+
+
+def place(tree: Any, sharding: NamedSharding | None) -> Any:
+    """Host or device arrays as global arrays with ``sharding`` (every process passes the
+    same full values, as every process of a multi-host run builds the same batch)."""
+    if sharding is None:
+        return tree
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda a: _global(a, sharding), tree)
+
+
+def _global(a: jax.Array, sharding: NamedSharding) -> jax.Array:
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+        data = _global(jax.random.key_data(a), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
+    host = np.asarray(a)
+    return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
+
+
+def fetch(tree: Any) -> Any:
+    """Arrays to host numpy, gathered from every process in a multi-host run."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
