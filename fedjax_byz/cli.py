@@ -52,6 +52,10 @@ def _sweep(args):
     from fedjax_byz.sim.config import load_yaml
     from fedjax_byz.sweep.runner import sweep
 
+    if args.distributed:
+        from fedjax_byz.sim.sharding import initialize_distributed
+
+        initialize_distributed()
     name = load_yaml(args.config, args.profile).get("name", "experiment")
     out = Path(args.out or Path("runs") / name)
     records = sweep(
@@ -60,6 +64,7 @@ def _sweep(args):
         profile=args.profile,
         overrides=_overrides(args.set),
         progress=not args.quiet,
+        ray=getattr(args, "ray", None),
     )
     return records, out
 
@@ -108,7 +113,7 @@ def cmd_skew(args) -> int:
     """Runs a config capturing chosen rounds; draws LLE/PCA pictures and skew measures."""
     import numpy as np
 
-    from fedjax_byz.diagnostics import plot_captures
+    from fedjax_byz.diagnostics import capture_measures, plot_captures
     from fedjax_byz.sim.config import load_yaml
 
     raw = load_yaml(args.config, args.profile)
@@ -131,7 +136,7 @@ def cmd_skew(args) -> int:
         label = layout.label(r)
         with np.load(out / r["captures"]) as z:
             png = plot_captures(dict(z), out / "skew" / f"{r['key']}.png", label)
-        diag = r["diagnostics"]
+            diag = capture_measures(dict(z))
         for k, rnd in enumerate(diag["rounds"]):
             vals = [
                 diag[m][k]
@@ -150,6 +155,23 @@ def cmd_skew(args) -> int:
     table = "\n".join(lines)
     (out / "skew" / "measures.md").write_text(table + "\n")
     print(f"\n{table}\n\npictures and measures in {out / 'skew'}/")
+    return 0
+
+
+def cmd_kappa(args) -> int:
+    """Captures a no-attack run's updates; κ of every rule × attack on them."""
+    from fedjax_byz.diagnostics.robustness import kappa_report
+    from fedjax_byz.sim.config import load_yaml
+
+    name = load_yaml(args.config, args.profile).get("name", "experiment")
+    path = kappa_report(
+        args.config,
+        out=Path(args.out or Path("runs") / name),
+        profile=args.profile,
+        overrides=_overrides(args.set),
+        progress=not args.quiet,
+    )
+    print(f"\n{path.read_text()}\nκ table: {path}")
     return 0
 
 
@@ -187,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         ("run", cmd_run, "run a config (every cell of its grid); table, JSON and a plot"),
         ("sweep", cmd_sweep, "run a grid batched and resumably; tables, heatmaps, ablations"),
         ("skew", cmd_skew, "capture rounds of a run: LLE/PCA pictures, skew and robustness"),
+        ("kappa", cmd_kappa, "empirical κ of every rule × attack on a run's captured updates"),
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("config")
@@ -199,6 +222,17 @@ def main(argv: list[str] | None = None) -> int:
             help="override a setting, e.g. --set server.rounds=10",
         )
         cmd.add_argument("--quiet", action="store_true", help="no progress bars")
+        cmd.add_argument(
+            "--distributed",
+            action="store_true",
+            help="join a multi-host JAX job first (jax.distributed.initialize)",
+        )
+        if name == "sweep":
+            cmd.add_argument(
+                "--ray",
+                metavar="ADDRESS",
+                help="run the batches on a Ray cluster (auto, ray://HOST:PORT, or local)",
+            )
         if name == "skew":
             cmd.add_argument(
                 "--rounds",

@@ -38,7 +38,13 @@ BATCHABLE = frozenset(
     }
 )
 
-SWEEP_DEFAULTS = {"mode": "vmap", "vmap": None, "max_batch": None, "memory_fraction": 0.5}
+SWEEP_DEFAULTS = {
+    "mode": "vmap",
+    "vmap": None,
+    "max_batch": None,
+    "memory_fraction": 0.5,
+    "devices": None,
+}
 
 
 @dataclasses.dataclass(frozen=True)

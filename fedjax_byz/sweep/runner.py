@@ -11,6 +11,7 @@ midway resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -56,7 +57,7 @@ def plan_batches(
     """Splits a group into batches that fit ``budget`` bytes (one trial compile)."""
     size = len(group) if opts["max_batch"] is None else min(len(group), opts["max_batch"])
     while size > 1:
-        batch = Batch([c.config for c in group[:size]], opts["mode"])
+        batch = Batch([c.config for c in group[:size]], opts["mode"], opts["devices"])
         state = batch.init()
         compiled, _ = batch.compile(state, _periods(batch, chunk_periods))
         need = program_bytes(compiled)
@@ -85,31 +86,37 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def sweep(
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A sweep's cells, compiled groups and batches, and where its results go."""
+
+    out: Path
+    cells: list[Cell]
+    groups: list[list[Cell]]
+    batches: list[list[Cell]]
+    opts: Mapping[str, Any]
+
+    @property
+    def store(self) -> ResultStore:
+        """The results store, read afresh (other processes may have added to it)."""
+        return ResultStore(self.out / "results.jsonl")
+
+    def pending(self) -> list[int]:
+        """Indices of the batches with a cell not in the store yet."""
+        store = self.store
+        return [b for b, cells in enumerate(self.batches) if any(c.key not in store for c in cells)]
+
+
+def plan_sweep(
     config: str | Path | Mapping[str, Any],
     *,
     out: str | Path | None = None,
     profile: str | None = None,
     overrides: Mapping[str, Any] | None = None,
-    progress: bool = True,
     chunk_periods: int = 10,
     log=print,
-) -> list[dict[str, Any]]:
-    """Runs every cell of a grid config; returns the store's records.
-
-    Args:
-      config: a YAML path or a plain dict whose lists are grid axes; an optional
-        ``sweep:`` section sets ``mode`` (``vmap`` | ``map``), ``vmap`` (the only fields to
-        batch), ``max_batch`` and ``memory_fraction``.
-      out: the sweep's folder (``results.jsonl``, ``plan.json``, ``checkpoints/``);
-        default ``runs/<name>``.
-      profile: a ``profiles:`` entry of the config to overlay (e.g. ``cpu``).
-      overrides: ``{dotted.field: value}`` applied last.
-      progress: progress bars.
-      chunk_periods: evaluation periods per compiled call (and per checkpoint).
-      log: where to print the plan and progress lines (None: silent).
-    """
-    log = log or (lambda *a, **k: None)
+) -> Plan:
+    """Expands and groups the grid and plans its batches (reusing ``plan.json``)."""
     raw = config_lib.load_yaml(config, profile) if isinstance(config, str | Path) else dict(config)
     for key, value in (overrides or {}).items():
         raw = config_lib.set_path(raw, key, value)
@@ -123,51 +130,128 @@ def sweep(
     enable_compilation_cache()
 
     by_key = {c.key: c for c in cells}
-    plan = _load_plan(out / "plan.json", by_key)
-    if plan is None:
+    batches = _load_plan(out / "plan.json", by_key)
+    if batches is None:
         budget = memory_budget(opts["memory_fraction"])
         pending = [g for g in groups if any(c.key not in store for c in g)]
-        plan = [
+        batches = [
             b
             for g in groups
             for b in (plan_batches(g, opts, budget, chunk_periods) if g in pending else [g])
         ]
-        _write_json(out / "plan.json", {"batches": [[c.key for c in b] for b in plan]})
+        _write_json(out / "plan.json", {"batches": [[c.key for c in b] for b in batches]})
     done = sum(c.key in store for c in cells)
     log(
         f"{name}: {len(cells)} cells in {len(groups)} compiled program(s), "
-        f"{len(plan)} batch(es); {done} already finished."
+        f"{len(batches)} batch(es); {done} already finished."
     )
     for i, g in enumerate(groups):
         log(f"  program {i + 1}: {len(g)} cell(s), e.g. {describe(g[0])}")
+    return Plan(out, cells, groups, batches, opts)
 
-    for b, batch_cells in enumerate(plan):
-        if all(c.key in store for c in batch_cells):
-            continue
-        label = f"batch {b + 1}/{len(plan)} ({len(batch_cells)} cells)"
-        t0 = time.perf_counter()
-        batch = Batch([c.config for c in batch_cells], opts["mode"])
-        results = run_batch(
-            batch,
-            progress=progress,
-            chunk_periods=chunk_periods,
-            checkpoint=out / "checkpoints" / f"batch-{b:04d}.npz",
-            label=label,
-        )
-        program = next(i for i, g in enumerate(groups) if batch_cells[0] in g)
-        for c, r in zip(batch_cells, results, strict=True):
-            if "captures" in r:  # big arrays go beside the store, the record keeps the path
-                path = out / "captures" / f"{c.key}.npz"
-                path.parent.mkdir(exist_ok=True)
-                np.savez(path, **r["captures"])
-                r["diagnostics"] = capture_measures(r["captures"])
-                r["captures"] = str(path.relative_to(out))
-        store.add(
-            dict(r, key=c.key, grid=dict(c.grid), program=program, batch=b)
-            for c, r in zip(batch_cells, results, strict=True)
-        )
-        log(
-            f"{label}: {time.perf_counter() - t0:.1f}s, "
-            f"compile {results[0]['compile_time']:.1f}s; {len(store)}/{len(cells)} cells done"
-        )
-    return [store.get(c.key) for c in cells]
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def memory_line(batch: Batch, compiled, budget: int) -> str:
+    """The compiled program's memory per device, before it runs."""
+    m = compiled.memory_analysis()
+    data = sum(a.nbytes for a in jax.tree.leaves(batch.data))
+    devices = 1 if batch.mesh is None else batch.mesh.size
+    if m is None:
+        return f"memory estimate: unavailable on this backend (data {_mib(data)})"
+    return (
+        f"memory estimate per device: {_mib(program_bytes(compiled))} of a "
+        f"{_mib(budget)} budget (arguments {_mib(m.argument_size_in_bytes)}, of which client "
+        f"data {_mib(data)}; temporaries {_mib(m.temp_size_in_bytes)}); "
+        f"{batch.static.participants} of {batch.static.num_clients} clients per round, "
+        f"{len(batch.cfgs)} cell(s), {devices} device(s)"
+    )
+
+
+def run_planned_batch(
+    plan: Plan, b: int, *, progress: bool = True, chunk_periods: int = 10, log=print
+) -> None:
+    """Runs batch ``b`` of ``plan`` (resuming its checkpoint) and adds its records to the
+    store; prints the compiled program's memory estimate before the first round."""
+    log = log or (lambda *a, **k: None)
+    batch_cells = plan.batches[b]
+    label = f"batch {b + 1}/{len(plan.batches)} ({len(batch_cells)} cells)"
+    t0 = time.perf_counter()
+    batch = Batch([c.config for c in batch_cells], plan.opts["mode"], plan.opts["devices"])
+    compiled, _ = batch.compile(batch.init(), _periods(batch, chunk_periods))
+    log(f"{label}: {memory_line(batch, compiled, memory_budget(plan.opts['memory_fraction']))}")
+    results = run_batch(
+        batch,
+        progress=progress,
+        chunk_periods=chunk_periods,
+        checkpoint=plan.out / "checkpoints" / f"batch-{b:04d}.npz",
+        label=label,
+    )
+    program = next(i for i, g in enumerate(plan.groups) if batch_cells[0] in g)
+    for c, r in zip(batch_cells, results, strict=True):
+        if "captures" in r:  # big arrays go beside the store, the record keeps the path
+            path = plan.out / "captures" / f"{c.key}.npz"
+            path.parent.mkdir(exist_ok=True)
+            np.savez(path, **r["captures"])
+            r["diagnostics"] = capture_measures(r["captures"])
+            r["captures"] = str(path.relative_to(plan.out))
+    store = plan.store
+    store.add(
+        dict(r, key=c.key, grid=dict(c.grid), program=program, batch=b)
+        for c, r in zip(batch_cells, results, strict=True)
+    )
+    log(
+        f"{label}: {time.perf_counter() - t0:.1f}s, "
+        f"compile {results[0]['compile_time']:.1f}s; {len(store)}/{len(plan.cells)} cells done"
+    )
+
+
+def sweep(
+    config: str | Path | Mapping[str, Any],
+    *,
+    out: str | Path | None = None,
+    profile: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    chunk_periods: int = 10,
+    log=print,
+    ray: str | None = None,
+) -> list[dict[str, Any]]:
+    """Runs every cell of a grid config; returns the store's records.
+
+    Args:
+      config: a YAML path or a plain dict whose lists are grid axes; an optional
+        ``sweep:`` section sets ``mode`` (``vmap`` | ``map``), ``vmap`` (the only fields to
+        batch), ``max_batch``, ``memory_fraction`` and ``devices`` (how many local devices
+        a batch is split over; null: all).
+      out: the sweep's folder (``results.jsonl``, ``plan.json``, ``checkpoints/``);
+        default ``runs/<name>``.
+      profile: a ``profiles:`` entry of the config to overlay (e.g. ``cpu``).
+      overrides: ``{dotted.field: value}`` applied last.
+      progress: progress bars.
+      chunk_periods: evaluation periods per compiled call (and per checkpoint).
+      log: where to print the plan and progress lines (None: silent).
+      ray: a Ray cluster address (``auto``, ``ray://host:10001``, or ``local`` to start
+        one here): the batches run as Ray tasks (``sweep.cluster``); ``out`` must be on a
+        file system every worker sees.
+    """
+    log = log or (lambda *a, **k: None)
+    plan = plan_sweep(
+        config,
+        out=out,
+        profile=profile,
+        overrides=overrides,
+        chunk_periods=chunk_periods,
+        log=log,
+    )
+    if ray is not None:
+        from fedjax_byz.sweep.cluster import run_on_ray
+
+        run_on_ray(plan, ray, chunk_periods=chunk_periods, log=log)
+    else:
+        for b in plan.pending():
+            run_planned_batch(plan, b, progress=progress, chunk_periods=chunk_periods, log=log)
+    store = plan.store
+    return [store.get(c.key) for c in plan.cells]

@@ -5,13 +5,17 @@ config, its grid values, final and best accuracy, per-round curves, the weight t
 gave Byzantine clients, wall and compile time. ``pandas.read_json(path, lines=True)``
 reads it directly. The file is replaced with ``os.replace`` after a complete write, so an
 interruption at any moment leaves either the old or the new file, never a partial one.
+Several processes (the workers of a Ray sweep) may add to one store: each write re-reads
+the file under an exclusive lock (``results.jsonl.lock``), so none drops another's records.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +31,20 @@ class ResultStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._records: dict[str, dict[str, Any]] = {}
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                if line.strip():
-                    record = json.loads(line)
-                    self._records[record["key"]] = record
+        self._records = self._read()
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        if not self.path.exists():
+            return {}
+        records = (json.loads(line) for line in self.path.read_text().splitlines() if line.strip())
+        return {r["key"]: r for r in records}
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
     def __contains__(self, key: str) -> bool:
         return key in self._records
@@ -47,17 +59,19 @@ class ResultStore:
         return list(self._records.values())
 
     def add(self, records: Iterable[Mapping[str, Any]]) -> None:
-        """Adds (or replaces) records and rewrites the file atomically."""
-        for r in records:
-            self._records[r["key"]] = json.loads(json.dumps(clean_json(dict(r)), default=str))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as fh:
-            for r in self._records.values():
-                fh.write(json.dumps(r) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        """Adds (or replaces) records and rewrites the file atomically, keeping the records
+        other processes added since this store last read it."""
+        new = [json.loads(json.dumps(clean_json(dict(r)), default=str)) for r in records]
+        with self._locked():
+            self._records = self._read()
+            self._records.update((r["key"], r) for r in new)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with open(tmp, "w") as fh:
+                for r in self._records.values():
+                    fh.write(json.dumps(r) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
 
 
 def load_results(path: str | Path):

@@ -1,0 +1,136 @@
+"""Sharded runs: 8 simulated CPU devices give the numbers of one device.
+
+The device count is fixed when JAX starts, so the sharded code runs in a subprocess
+started with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``, which computes every
+case unsharded and sharded and prints both.
+
+Tolerance: aggregates and every per-round and per-evaluation metric agree to
+``rtol=1e-5, atol=1e-6`` (the split changes only the order of float reductions in the
+rule; observed differences are at most a few 1e-7).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fedjax_byz.registry import ConfigError
+from fedjax_byz.sim import sharding
+
+from .test_sim import TINY
+
+RTOL, ATOL = 1e-5, 1e-6
+CURVES = ("train_loss", "agg_norm", "agg_error", "byz_weight", "test_acc", "test_loss")
+
+# Rule families (DESIGN.md): coordinate-wise, distance-based, SVD-based, and a
+# pre-aggregator in front of a coordinate-wise rule.
+FAMILIES = ("median", "trmean", "krum", "multikrum", "geomed", "dnc", "nnm+median")
+
+RULES_SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+from fedjax_byz import aggregators
+from fedjax_byz.sim import sharding
+
+n, d, f = 12, 301, 2  # d not a multiple of 8: uneven column blocks
+G = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
+G[:f] += 3.0
+mesh = sharding.make_mesh(batch=1)
+out = {}
+for name in json.loads(sys.argv[1]):
+    rule = aggregators.get(name)
+    ctx = aggregators.AggregatorContext.create(f=f, key=jax.random.key(1))
+    def agg(G, m):
+        return rule.update(sharding.spread_columns(G, m), rule.init(d), ctx)[0]
+    plain = jax.jit(lambda G: agg(G, None))(G)
+    split = jax.jit(lambda G: agg(G, mesh))(G)
+    assert len(split.sharding.device_set) == 8 or split.sharding.is_fully_replicated
+    out[name] = [np.asarray(plain).tolist(), np.asarray(split).tolist()]
+print("RESULT" + json.dumps(out))
+"""
+
+SIM_SCRIPT = r"""
+import json, sys
+from fedjax_byz.sim.config import from_dict
+from fedjax_byz.sim.run import Batch, run_batch
+
+out = {}
+for name, cfgs, mode in json.loads(sys.argv[1]):
+    cfgs = [from_dict(c) for c in cfgs]
+    runs = {}
+    for devices in (1, 8):
+        batch = Batch(cfgs, mode, devices=devices)
+        records = run_batch(batch, progress=False)
+        curves = [{k: r[k] for k in sys.argv[2].split(",")} for r in records]
+        runs[devices] = {"mesh": batch.mesh and dict(batch.mesh.shape), "curves": curves}
+    out[name] = runs
+print("RESULT" + json.dumps(out))
+"""
+
+
+def _on_8_devices(script: str, *args: str) -> dict:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+    return json.loads(line[len("RESULT") :])
+
+
+def _config(rule: str, **over) -> dict:
+    return {
+        **TINY,
+        "attack": {"name": "lie", "num_byzantine": 1},
+        "aggregator": {"name": rule},
+        **over,
+    }
+
+
+def _simulate_both(cases: list) -> dict:
+    """``[(name, [config, ...], mode), ...]`` run on 1 and on 8 simulated devices."""
+    return _on_8_devices(SIM_SCRIPT, json.dumps(cases), ",".join(CURVES))
+
+
+def _assert_same_runs(runs: dict, mesh: dict) -> None:
+    assert runs["1"]["mesh"] is None and runs["8"]["mesh"] == mesh
+    for one, eight in zip(runs["1"]["curves"], runs["8"]["curves"], strict=True):
+        for k in CURVES:
+            a, b = np.asarray(one[k], float), np.asarray(eight[k], float)
+            np.testing.assert_allclose(b, a, rtol=RTOL, atol=ATOL, err_msg=k)
+
+
+def test_rules_on_column_sharded_updates_match_every_family():
+    out = _on_8_devices(RULES_SCRIPT, json.dumps(FAMILIES))
+    for name in FAMILIES:
+        plain, split = out[name]
+        np.testing.assert_allclose(split, plain, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+def test_sharded_sweep_batch_matches_one_device():
+    # 2 cells x 3 sampled clients of 6: the cell axis takes 2 devices, the clients 4 (one
+    # slot padded); training under shard_map, DnC's SVD on column-sharded updates.
+    server = dict(TINY["server"], clients_per_round=3)
+    cells = [_config("dnc", seed=s, server=server) for s in (0, 1)]
+    out = _simulate_both([("sweep", cells, "vmap")])
+    _assert_same_runs(out["sweep"], {"batch": 2, "clients": 4})
+
+
+@pytest.mark.slow
+def test_sharded_runs_match_one_device_every_family_and_map_mode():
+    data = dict(TINY["data"], num_clients=16)
+    cases = [(rule, [_config(rule, data=data)], "vmap") for rule in FAMILIES]
+    cases.append(("map", [_config("trmean", seed=s) for s in (0, 1, 2)], "map"))
+    out = _simulate_both(cases)
+    for name, _, _ in cases:
+        _assert_same_runs(out[name], {"batch": 1, "clients": 8})
+
+
+def test_mesh_splits_cells_then_clients():
+    assert sharding.make_mesh(batch=4, devices=1) is None
+    for bad in (0, 10_000):
+        with pytest.raises(ConfigError, match="devices: must be null"):
+            sharding.make_mesh(batch=1, devices=bad)
