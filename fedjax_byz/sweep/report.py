@@ -5,6 +5,17 @@ The grid axes of the records decide the layout: ``seed`` axes are averaged (mean
 (β, f, n, a strength...) splits the records into panels and, when numeric, becomes the
 x axis of an ablation plot. The reported number is the best test accuracy reached during
 training (as in the STRIKE and SignGuard papers) unless ``metric`` says otherwise.
+
+Two more tables appear when the store allows them:
+
+- **Attack impact** (SignGuard, Definition 3): the accuracy drop of each cell against the
+  cell with no attack and mean aggregation and otherwise the same config (seed included).
+  A grid holds that baseline when ``none`` is one of its attacks and ``mean`` one of its
+  rules, e.g. ``attack: {name: [none, lie, minmax]}`` with
+  ``aggregator: {name: [mean, median, signguard]}``.
+- **Selection rates** (SignGuard, Table II): the fractions of honest and of Byzantine
+  updates each rule kept (positive weight), averaged over the captured rounds
+  (``diagnostics: {capture_rounds: [...]}``), for rules that weight whole rows.
 """
 
 from __future__ import annotations
@@ -108,12 +119,12 @@ def _panel_title(panel: tuple) -> str:
     return ", ".join(f"{a} = {json.loads(v)}" for a, v in panel if v != "null") or "all"
 
 
-def markdown_table(rows, cols, stats, scale: float = 100.0) -> str:
-    """attack × defense, mean ± std, the lowest accuracy of each column (the strongest
-    attack against that rule) in bold."""
+def markdown_table(rows, cols, stats, scale: float = 100.0, strongest=min) -> str:
+    """attack × defense, mean ± std, the strongest attack against each rule in bold: the
+    ``strongest`` (``min`` for accuracy, ``max`` for attack impact) value of its column."""
     lines = ["| attack \\ defense | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     worst = {
-        c: min(
+        c: strongest(
             (stats[r, c][0] for r in rows if (r, c) in stats and math.isfinite(stats[r, c][0])),
             default=None,
         )
@@ -246,12 +257,86 @@ def ablation_plot(
     plt.close(fig)
 
 
+# Config sections that do not change what the attack-impact baseline must share.
+IMPACT_FREE = ("name", "attack", "aggregator", "diagnostics", "client_parallelism")
+
+
+def _is_baseline(r: Mapping[str, Any]) -> bool:
+    return r["config"]["attack"]["name"] == "none" and r["config"]["aggregator"]["name"] == "mean"
+
+
+def _setting(r: Mapping[str, Any]) -> str:
+    """A record's config without its attack and rule: what its baseline shares."""
+    return json.dumps(
+        {k: v for k, v in r["config"].items() if k not in IMPACT_FREE}, sort_keys=True
+    )
+
+
+def attack_impact(
+    records: Sequence[Mapping[str, Any]], metric: str = "best_acc"
+) -> list[float | None]:
+    """SignGuard's attack impact (Definition 3) of every record: ``metric`` of the baseline
+    (no attack, mean aggregation, otherwise the same config and seed) minus the record's;
+    None where the records hold no such baseline. The baseline's number of Byzantine
+    clients does not matter: with no attack they send honest updates, and the mean does
+    not depend on who they are."""
+    base = {}
+    for r in records:
+        if _is_baseline(r):
+            base.setdefault(_setting(r), r[metric])
+    out = []
+    for r in records:
+        b = base.get(_setting(r))
+        out.append(None if b is None or r[metric] is None else b - r[metric])
+    return out
+
+
+def selection_rates(r: Mapping[str, Any]) -> tuple[float, float]:
+    """``(honest, Byzantine)`` fractions of updates a record's rule kept, averaged over its
+    captured rounds (SignGuard's Table II); NaN without captures or row weights."""
+    diag = r.get("diagnostics") or {}
+    return _stats(diag.get("honest_kept", []))[0], _stats(diag.get("byzantine_kept", []))[0]
+
+
+def selection_table(records: Sequence[Mapping[str, Any]], layout: Layout) -> dict[tuple, str]:
+    """``{panel: markdown}`` attack × rule tables of ``H / B`` selection rates (mean over
+    captured rounds and seeds); only records whose rule weights whole rows."""
+    panels: dict[tuple, dict] = {}
+    for r in records:
+        h, b = selection_rates(r)
+        if math.isfinite(h):
+            cell = panels.setdefault(layout.panel(r), {})
+            cell.setdefault((layout.row(r), layout.col(r)), []).append((h, b))
+    out = {}
+    for p, cells in panels.items():
+        rows = list(dict.fromkeys(k[0] for k in cells))
+        cols = list(dict.fromkeys(k[1] for k in cells))
+        lines = [
+            "| attack \\ defense | " + " | ".join(cols) + " |",
+            "|---" * (len(cols) + 1) + "|",
+        ]
+        for row in rows:
+            texts = []
+            for c in cols:
+                if (row, c) not in cells:
+                    texts.append("")
+                    continue
+                h, b = (_stats(v)[0] for v in zip(*cells[row, c], strict=True))
+                texts.append(f"{h:.3f} / " + ("–" if math.isnan(b) else f"{b:.3f}"))
+            lines.append(f"| {row} | " + " | ".join(texts) + " |")
+        out[p] = "\n".join(lines)
+    return out
+
+
 def summary(records: Sequence[Mapping[str, Any]], metric: str = "best_acc") -> str:
-    """The markdown tables of ``records``: one attack × defense table per panel."""
+    """The markdown tables of ``records``: per panel, attack × defense tables of ``metric``,
+    of the attack impact (when the baseline cells are there) and of the selection rates
+    (when rounds were captured)."""
     layout = Layout(records)
     seeds = {json.dumps([r["grid"].get(a) for a in SEED_AXES]) for r in records}
+    name = metric.replace("_", " ")
     md = [
-        f"{metric.replace('_', ' ')} (%), mean ± std over {len(seeds)} seed(s); "
+        f"{name} (%), mean ± std over {len(seeds)} seed(s); "
         "bold: the strongest attack against each defense (lowest accuracy).",
         "",
     ]
@@ -259,6 +344,41 @@ def summary(records: Sequence[Mapping[str, Any]], metric: str = "best_acc") -> s
         if panel:
             md += [f"**{_panel_title(panel)}**", ""]
         md += [markdown_table(rows, cols, stats), ""]
+    impact = attack_impact(records, metric)
+    attacked = [r for r in records if r["config"]["attack"]["name"] != "none"]
+    with_impact = [
+        dict(r, attack_impact=v) for r, v in zip(records, impact, strict=True) if v is not None
+    ]
+    if any(r["config"]["attack"]["name"] != "none" for r in with_impact):
+        md += [
+            f"Attack impact (SignGuard, Definition 3): {name} of the no-attack, "
+            f"mean-aggregation run minus {name}, in points; bold: the largest drop against "
+            "each defense.",
+            "",
+        ]
+        for panel, (rows, cols, stats) in aggregate_table(
+            with_impact, layout, "attack_impact"
+        ).items():
+            if panel:
+                md += [f"**{_panel_title(panel)}**", ""]
+            md += [markdown_table(rows, cols, stats, strongest=max), ""]
+    elif attacked:
+        md += [
+            "Attack impact (SignGuard, Definition 3) needs the no-attack, mean-aggregation "
+            "run of the same setting: add `none` to the attacks and `mean` to the rules.",
+            "",
+        ]
+    selection = selection_table(records, layout)
+    if selection:
+        md += [
+            "Selection rates (SignGuard, Table II): fraction of honest / Byzantine updates "
+            "each rule kept, mean over the captured rounds.",
+            "",
+        ]
+        for panel, table in selection.items():
+            if panel:
+                md += [f"**{_panel_title(panel)}**", ""]
+            md += [table, ""]
     return "\n".join(md)
 
 
