@@ -11,6 +11,7 @@ rule; observed differences are at most a few 1e-7).
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -71,6 +72,22 @@ print("RESULT" + json.dumps(out))
 """
 
 
+DISTRIBUTED_SCRIPT = r"""
+import json, sys
+from fedjax_byz.sim import sharding
+from fedjax_byz.sim.config import from_dict
+from fedjax_byz.sim.run import Batch, run_batch
+
+port, pid, cfgs = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+sharding.initialize_distributed(
+    coordinator_address=f"localhost:{port}", num_processes=2, process_id=pid
+)
+batch = Batch([from_dict(c) for c in cfgs])
+curves = [{k: r[k] for k in sys.argv[4].split(",")} for r in run_batch(batch, progress=False)]
+print("RESULT" + json.dumps({"mesh": dict(batch.mesh.shape), "curves": curves}))
+"""
+
+
 def _on_8_devices(script: str, *args: str) -> dict:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     proc = subprocess.run(
@@ -127,6 +144,38 @@ def test_sharded_runs_match_one_device_every_family_and_map_mode():
     out = _simulate_both(cases)
     for name, _, _ in cases:
         _assert_same_runs(out[name], {"batch": 1, "clients": 8})
+
+
+@pytest.mark.slow
+def test_two_processes_with_jax_distributed_match_one_device():
+    # 2 processes x 4 CPU devices joined by jax.distributed (gloo collectives)
+    from fedjax_byz.sim.config import from_dict
+    from fedjax_byz.sim.run import Batch, run_batch
+
+    cells = [_config("trmean", seed=s) for s in (0, 1)]
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = str(sock.getsockname()[1])
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    args = [json.dumps(cells), ",".join(CURVES)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", DISTRIBUTED_SCRIPT, port, str(pid), *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for pid in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    one = run_batch(Batch([from_dict(c) for c in cells]), progress=False)
+    for proc, (stdout, stderr) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, stderr[-3000:]
+        line = next(x for x in stdout.splitlines() if x.startswith("RESULT"))
+        split = json.loads(line[len("RESULT") :])
+        runs = {"1": {"mesh": None, "curves": one}, "8": split}
+        _assert_same_runs(runs, {"batch": 2, "clients": 4})
 
 
 def test_mesh_splits_cells_then_clients():
