@@ -238,6 +238,10 @@ def sweep(
         file system every worker sees.
     """
     log = log or (lambda *a, **k: None)
+    if ray is not None:  # before planning compiles anything: Ray forks its processes
+        from fedjax_byz.sweep.cluster import connect, run_on_ray
+
+        connect(ray)
     plan = plan_sweep(
         config,
         out=out,
@@ -247,8 +251,6 @@ def sweep(
         log=log,
     )
     if ray is not None:
-        from fedjax_byz.sweep.cluster import run_on_ray
-
         run_on_ray(plan, ray, chunk_periods=chunk_periods, log=log)
     else:
         for b in plan.pending():
