@@ -181,5 +181,5 @@ def test_two_processes_with_jax_distributed_match_one_device():
 def test_mesh_splits_cells_then_clients():
     assert sharding.make_mesh(batch=4, devices=1) is None
     for bad in (0, 10_000):
-        with pytest.raises(ConfigError, match="devices: must be null"):
+        with pytest.raises(ConfigError, match=r"^devices \(sweep.devices .*\): must be null"):
             sharding.make_mesh(batch=1, devices=bad)

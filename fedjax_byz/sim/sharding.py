@@ -48,8 +48,8 @@ def make_mesh(batch: int, devices: int | None = None) -> Mesh | None:
     count = available if devices is None else devices
     if not (isinstance(count, int) and 1 <= count <= available):
         raise ConfigError(
-            f"devices: must be null (all) or an integer between 1 and the {available} "
-            f"device(s) JAX sees, got {devices!r}."
+            f"devices (sweep.devices in a config): must be null (all) or an integer between "
+            f"1 and the {available} device(s) JAX sees, got {devices!r}."
         )
     if count == 1:
         return None
