@@ -19,7 +19,10 @@ MARKERS = {
     "honest": dict(marker="o", s=18, c="tab:blue", alpha=0.7),
     "byzantine": dict(marker="x", s=40, c="tab:red"),
     "mean": dict(marker="*", s=220, c="tab:green", edgecolors="k", zorder=5),
-    "aggregate": dict(marker="D", s=70, c="k", zorder=6),
+    # hollow, so that the mean stays visible when the rule returns it (FedAvg)
+    "aggregate": dict(
+        marker="D", s=90, facecolors="none", edgecolors="k", linewidths=1.5, zorder=6
+    ),
 }
 
 
