@@ -57,6 +57,8 @@ def local_ray():
     ray.shutdown()
 
 
+# Ray starts its processes with fork + exec, which JAX (already running) warns about.
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
 def test_killed_worker_loses_no_cell(tmp_path, local_ray):
     killed: list[int] = []
     done = threading.Event()
