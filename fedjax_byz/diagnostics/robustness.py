@@ -10,8 +10,8 @@ the simulator, so aggregation-aware attacks tailor themselves to it), each rule 
 (``fb.aggregate``) and the round's measures are taken. These are pure functions of the
 matrices: no training, one compile per attack × rule. Attacks that act through training
 (``labelflip`` poisons labels) cannot be replayed on fixed updates and are left out; the
-others are stateless here, so an attack with memory across rounds acts as in its first
-round.
+others run from their initial state on every matrix, so an attack or a rule with memory
+across rounds (CClip's centre, Clipped Clustering's history) acts as in its first round.
 """
 
 from __future__ import annotations
@@ -143,9 +143,12 @@ def mean_over_rounds(rows: Sequence[Mapping[str, Any]], measure: str) -> dict[tu
 
 
 def _fmt(v: float) -> str:
+    """Three significant digits; rounding error of an exact 0 (below 1e-9) shows as 0."""
     if math.isnan(v):
         return "–"
-    return "∞" if math.isinf(v) else f"{v:.3g}"
+    if math.isinf(v):
+        return "∞"
+    return "0" if abs(v) < 1e-9 else f"{v:.3g}"
 
 
 def kappa_table(rows: Sequence[Mapping[str, Any]]) -> str:
