@@ -93,6 +93,23 @@ def test_densest_region_is_the_tight_cluster_in_high_dimension():
     assert np.linalg.norm(H[region].mean(0) - A) < 0.01 * np.sqrt(5000)
 
 
+def test_mode_distance_averages_the_noise_of_the_dense_region():
+    # 80 rows at 0 and 20 at B (‖B‖ = 10) with per-row noise of squared norm 10 (40 for
+    # B's rows): spread² = 0.16·100 + 0.8·10 + 0.2·40 = 32. The centre of the densest
+    # region (11 rows at 0) carries noise 10/11, the mean 0.2·B plus noise 0.16, so the
+    # mode distance is sqrt((4 + 10/11 + 0.16) / 32) ≈ 0.398; a single densest row
+    # would carry its whole noise, sqrt((4 + 10) / 32) ≈ 0.66.
+    rng = np.random.default_rng(0)
+    d, h = 4000, 100
+    B = np.zeros(d)
+    B[0] = 10.0
+    at_a = np.arange(h) < 80
+    noise = np.where(at_a, 1.0, 2.0)[:, None] * np.sqrt(10 / d) * rng.standard_normal((h, d))
+    H = np.where(at_a[:, None], 0.0, B) + noise
+    m = dg.round_measures(H, np.zeros(h, bool), H.mean(0), np.ones(h))
+    assert m["mode_distance"] == pytest.approx(np.sqrt((4 + 10 / 11 + 0.16) / 32), abs=0.03)
+
+
 def test_nonfinite_rows_are_not_honest():
     H, A, B, _ = _two_clusters()
     G = H.copy()
@@ -188,6 +205,32 @@ def test_pair_measures_match_numpy_oracles():
     m = rb.pair_measures(G, byz, "gaussian", "multikrum", f=3, key=key, sigma=100.0)
     assert (m["honest_kept"], m["byzantine_kept"]) == (1.0, 0.0)
     assert m["kappa"] == pytest.approx(0.0, abs=1e-8)
+
+
+def test_uses_rule_finds_the_aggregation_aware_attacks():
+    from fedjax_byz.diagnostics import robustness as rb
+
+    assert rb.uses_rule("adaptive-lie") and rb.uses_rule("fang")
+    assert not rb.uses_rule("lie") and not rb.uses_rule("strike")
+
+
+@pytest.mark.parametrize(
+    "over, field",
+    [
+        ({"attack": {"name": "lie", "num_byzantine": 1}}, "attack.name"),
+        ({"diagnostics": {"capture_rounds": []}}, "diagnostics.capture_rounds"),
+        ({"kappa": {"clients": 6, "f": 1}}, "kappa.f"),
+    ],
+)
+def test_kappa_report_rejects_bad_configs_before_running(tmp_path, over, field):
+    import fedjax_byz as fb
+    from fedjax_byz.diagnostics import robustness as rb
+
+    from .test_sim import TINY
+
+    cfg = {**TINY, "diagnostics": {"capture_rounds": [2]}, **over}
+    with pytest.raises(fb.ConfigError, match=field):
+        rb.kappa_report(cfg, out=tmp_path, progress=False, log=None)
 
 
 def test_kappa_table_sorts_rules_by_worst_case():
