@@ -192,9 +192,10 @@ def kappa_report(
     every rule × attack on its captured updates; writes ``kappa.md`` and ``kappa.json``
     into the sweep's folder and returns the markdown file.
 
-    The config's ``kappa:`` section sets ``clients`` (n, default 20), ``byzantine`` (f,
-    default 4), ``attacks`` and ``rules`` (default: every registered one that applies,
-    ``default_pairs``) and ``seed`` (default 0).
+    A ``kappa:`` section of the config (or ``--set kappa.clients=10``; experiment files
+    leave it out, it is no simulation setting) sets ``clients`` (n, default 20),
+    ``byzantine`` (f, default 4), ``attacks`` and ``rules`` (default: every registered one
+    that applies, ``default_pairs``) and ``seed`` (default 0).
     """
     from fedjax_byz.sim import config as config_lib
     from fedjax_byz.sweep.runner import sweep
