@@ -151,7 +151,8 @@ def test_report_tables_heatmaps_and_ablations(tmp_path):
     records = fb.sweep(cfg, out=tmp_path, progress=False)
     path = report.write_report(records, tmp_path / "report")
     md = path.read_text()
-    assert md.count("| attack \\ defense |") == 2  # one table per beta
+    # per beta: the accuracy table and the attack-impact table (none x mean is a cell)
+    assert md.count("| attack \\ defense |") == 4 and "Attack impact" in md
     assert "±" in md and "**" in md
     assert (tmp_path / "report" / "report.tex").read_text().count(r"\textbf") >= 2
     assert (tmp_path / "report" / "ablation_data_beta.png").stat().st_size > 1000
