@@ -56,7 +56,7 @@ def _count_steps(count, *, batch_size, epochs=1, steps=None, parallelism=1):
     y = jnp.zeros((m, 7), jnp.int32)
 
     def one(i, key):
-        return update({"w": jnp.zeros(())}, x[i], y[i], counts[i], key, ones, lambda v: v)[0]
+        return update({"w": jnp.zeros(())}, i, x, y, counts[i], key, ones, lambda v: v)[0]
 
     g = map_clients(one, (jnp.arange(m), jax.random.split(jax.random.key(0), m)), parallelism)
     return -np.asarray(g)[:, 0]
@@ -85,8 +85,9 @@ def test_padding_never_enters_training(parallelism):
         def one(i, key):
             return update(
                 {"w": jnp.full((5, 4), 0.1)},
-                x[i],
-                y[i],
+                i,
+                x,
+                y,
                 jnp.asarray(counts)[i],
                 key,
                 optax.sgd(0.1),
@@ -99,6 +100,31 @@ def test_padding_never_enters_training(parallelism):
     g_nan = run(np.nan)
     assert np.all(np.isfinite(g_nan)) and np.all(np.abs(g_nan).sum(1) > 0)
     np.testing.assert_array_equal(g_nan, run(1e6))
+
+
+def test_local_steps_visit_the_same_batches_as_a_local_epoch():
+    """K local steps read their batches by top-k, an epoch by a full sort: same order."""
+    apply = lambda p, x: x.reshape(x.shape[0], -1) @ p["w"]  # noqa: E731
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 40, 3)), jnp.float32)
+    y = jnp.asarray(np.random.default_rng(1).integers(0, 4, (2, 40)), jnp.int32)
+    counts = jnp.asarray([8, 40])  # client 0: 2 batches of 4 in a block of 40
+
+    def update(**steps):
+        run = make_client_update(apply, lambda v: v, batch_size=4, **steps)
+        return run(
+            {"w": jnp.full((3, 4), 0.1)},
+            0,
+            x,
+            y,
+            counts[0],
+            jax.random.key(3),
+            optax.sgd(0.1),
+            lambda v: v,
+        )[0]
+
+    np.testing.assert_array_equal(
+        update(local_epochs=1, local_steps=None), update(local_epochs=1, local_steps=2)
+    )
 
 
 def test_simulate_is_deterministic_and_seeded():

@@ -41,11 +41,13 @@ def make_client_update(
     local_epochs: int,
     local_steps: int | None,
 ) -> Callable:
-    """Builds ``client_update(params, x, y, count, key, opt, relabel) -> (g, mean_loss)``.
+    """Builds ``client_update(params, i, x, y, count, key, opt, relabel) -> (g, mean_loss)``.
 
-    The client's examples are ``x[:count]`` of its padded block ``x: [m_max, ...]`` (pass
-    the whole ``[n, m_max, ...]`` array indexed lazily, e.g. ``x[i]`` inside the mapped
-    function, so that no block is copied). Each local epoch visits them in a fresh
+    ``x: [n, m_max, ...]`` and ``y: [n, m_max]`` hold every client's padded block; client
+    ``i``'s examples are ``x[i, :count]``. Batches are gathered as ``x[i, idx]`` straight
+    from the shared arrays, so no client's block is ever copied (slicing ``x[i]`` first
+    costs a copy of the whole block per client, which dominates a round of few local
+    steps on a CPU). Each local epoch visits them in a fresh
     random order in mini-batches of ``B``, the last one partial with its padding masked
     out of the loss. A client takes ``E·⌈count/B⌉`` steps (or ``K`` with ``local_steps``),
     so clients with fewer examples take fewer steps: the loops have data-dependent trip
@@ -56,9 +58,13 @@ def make_client_update(
     """
     B = batch_size
 
-    def client_update(params, x, y, count, key, opt: optax.GradientTransformation, relabel):
-        m_max = x.shape[0]
+    def client_update(params, i, x, y, count, key, opt: optax.GradientTransformation, relabel):
+        m_max = x.shape[1]
         span = -(-m_max // B) * B  # the index buffer covers every batch start
+        # An epoch reads at most ``local_steps`` batches of its order: when those are fewer
+        # than the block, ``top_k`` finds them in O(m_max) instead of sorting the block
+        # (same indices: XLA's top-k breaks ties by the lower index, as the stable argsort).
+        used = span if local_steps is None else min(span, local_steps * B)
         per_epoch = jnp.maximum(-(-count // B), 1)
         steps = local_steps if local_steps is not None else local_epochs * per_epoch
         steps = jnp.where(count > 0, steps, 0)
@@ -69,7 +75,11 @@ def make_client_update(
 
         def epoch(e, carry):
             keys = jax.random.uniform(jax.random.fold_in(key, e), (m_max,))
-            order = jnp.pad(jnp.argsort(jnp.where(is_real, keys, 2.0)), (0, span - m_max))
+            keys = jnp.where(is_real, keys, 2.0)  # padding sorts last
+            if used < m_max:
+                order = lax.top_k(-keys, used)[1]
+            else:
+                order = jnp.pad(jnp.argsort(keys), (0, used - m_max))
 
             def step(pos, carry):
                 p, opt_state, loss_sum = carry
@@ -77,7 +87,7 @@ def make_client_update(
                 # Slots past the client's examples reuse a real one (with zero weight), so
                 # padding never enters the computation, not even multiplied by zero.
                 idx = jnp.where(mask, lax.dynamic_slice(order, (pos * B,), (B,)), order[0])
-                loss, grads = jax.value_and_grad(loss_fn)(p, x[idx], relabel(y[idx]), mask)
+                loss, grads = jax.value_and_grad(loss_fn)(p, x[i, idx], relabel(y[i, idx]), mask)
                 updates, opt_state = opt.update(grads, opt_state, p)
                 return optax.apply_updates(p, updates), opt_state, loss_sum + loss
 

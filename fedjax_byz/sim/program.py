@@ -278,7 +278,7 @@ def make_program(static: StaticConfig, mesh: Mesh | None = None) -> Program:
                     return y
                 return jnp.where(is_byz, attack.relabel(y, data.num_classes), y)
 
-            return client_update(params, data.x[i], data.y[i], data.counts[i], key, opt, relabel)
+            return client_update(params, i, data.x, data.y, data.counts[i], key, opt, relabel)
 
         return map_clients(train_client, per_client, static.client_parallelism)
 
