@@ -42,6 +42,11 @@ def test_expansion_grouping_and_batch_counts(tmp_path, capsys):
     assert len(ResultStore(tmp_path / "results.jsonl")) == 12
 
 
+def test_auto_mode_maps_on_one_cpu_and_vmaps_over_devices():
+    assert run_lib.batch_mode("auto") == "map"  # the test process sees one CPU device
+    assert run_lib.batch_mode("vmap") == "vmap" and run_lib.batch_mode("map") == "map"
+
+
 @pytest.mark.parametrize("mode", ["vmap", "map"])
 def test_batched_cells_equal_single_runs(tmp_path, mode):
     records = fb.sweep(dict(GRID, sweep={"mode": mode}), out=tmp_path, progress=False)
@@ -120,6 +125,8 @@ def test_killed_sweep_resumes_to_identical_results(tmp_path):
     unbroken = fb.sweep(cfg, out=tmp_path / "unbroken", progress=False)
     assert len(resumed) == 12 and len(ResultStore(store)) == 12
     assert _metrics(resumed) == _metrics(unbroken)
+    plan = json.loads((out / "plan.json").read_text())["batches"]
+    assert plan == json.loads((tmp_path / "unbroken" / "plan.json").read_text())["batches"]
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from fedjax_byz import attacks
 from fedjax_byz.registry import ConfigError
 from fedjax_byz.sim import config as config_lib
 from fedjax_byz.sim.program import split_aggregator_params
-from fedjax_byz.sim.run import clean_json, structure_key
+from fedjax_byz.sim.run import BATCH_MODES, clean_json, structure_key
 
 # Fields that never change the compiled program's shapes: a sweep may batch them.
 BATCHABLE = frozenset(
@@ -39,7 +39,7 @@ BATCHABLE = frozenset(
 )
 
 SWEEP_DEFAULTS = {
-    "mode": "vmap",
+    "mode": "auto",
     "vmap": None,
     "max_batch": None,
     "memory_fraction": 0.5,
@@ -77,8 +77,8 @@ def split_options(raw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any
         if k not in SWEEP_DEFAULTS:
             raise ConfigError(f"sweep.{k}: unknown setting; allowed: {sorted(SWEEP_DEFAULTS)}.")
         opts[k] = v
-    if opts["mode"] not in ("vmap", "map"):
-        raise ConfigError(f"sweep.mode: must be 'vmap' or 'map', got {opts['mode']!r}.")
+    if opts["mode"] not in BATCH_MODES:
+        raise ConfigError(f"sweep.mode: must be one of {list(BATCH_MODES)}, got {opts['mode']!r}.")
     return raw, opts
 
 

@@ -2,9 +2,11 @@
 
 Plan: expand the grid (validating every cell), group cells by structure, and split each
 group into batches whose compiled program fits the memory budget (measured with
-``memory_analysis()`` of the compiled batch). The plan is written to ``plan.json`` and
-reused on a rerun, so an interrupted sweep recomputes exactly the batches it had not
-finished, with the same batch composition, and produces the same records. Every batch's
+``memory_analysis()`` of the compiled batch). Groups are planned in order, each while
+the one before runs (planning compiles the program the run then reuses), and every
+group's batches are added to ``plan.json`` as they are planned; a rerun reuses them, so
+an interrupted sweep recomputes exactly the batches it had not finished, with the same
+batch composition, and produces the same records. Every batch's
 records are added to the store atomically as soon as it finishes; a batch interrupted
 midway resumes from its last checkpoint.
 """
@@ -12,10 +14,12 @@ midway resumes from its last checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +75,15 @@ def _periods(batch: Batch, chunk_periods: int) -> int:
     return periods_per_chunk(batch.rounds // batch.eval_every, chunk_periods)
 
 
-def _load_plan(path: Path, cells: dict[str, Cell]) -> list[list[Cell]] | None:
+def _load_plan(path: Path, cells: dict[str, Cell]) -> dict[str, list[list[Cell]]]:
+    """The batches of ``plan.json`` by their first cell's key; none if the grid lost a
+    cell they name (groups the file does not cover are planned afresh)."""
     if not path.exists():
-        return None
+        return {}
     keys = json.loads(path.read_text())["batches"]
-    if sorted(k for b in keys for k in b) != sorted(cells):
-        return None  # the grid changed: plan again (finished cells are still skipped)
-    return [[cells[k] for k in b] for b in keys]
+    if any(k not in cells for b in keys for k in b):
+        return {}
+    return {b[0]: [cells[k] for k in b] for b in keys}
 
 
 def _write_json(path: Path, obj) -> None:
@@ -88,13 +94,19 @@ def _write_json(path: Path, obj) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """A sweep's cells, compiled groups and batches, and where its results go."""
+    """A sweep's cells, compiled groups and batches, and where its results go.
+
+    ``batches`` grows group by group while ``planned_groups`` plans; ``plan_sweep``
+    returns it complete unless asked not to.
+    """
 
     out: Path
     cells: list[Cell]
     groups: list[list[Cell]]
     batches: list[list[Cell]]
     opts: Mapping[str, Any]
+    chunk_periods: int
+    saved: dict[str, list[list[Cell]]]  # plan.json's batches by their first cell's key
 
     @property
     def store(self) -> ResultStore:
@@ -107,6 +119,41 @@ class Plan:
         return [b for b, cells in enumerate(self.batches) if any(c.key not in store for c in cells)]
 
 
+def _group_batches(plan: Plan, group: list[Cell], finished: bool) -> list[list[Cell]]:
+    """``group``'s batches: as ``plan.json`` has them, or planned now (compiling the group's
+    program, which the run then reuses); a finished group is not compiled."""
+    saved, b = [], 0
+    while b < len(group) and group[b].key in plan.saved:
+        saved.append(plan.saved[group[b].key])
+        b += len(saved[-1])
+    if [c.key for batch in saved for c in batch] == [c.key for c in group]:
+        return saved
+    if finished:
+        return [group]
+    budget = memory_budget(plan.opts["memory_fraction"])
+    return plan_batches(group, plan.opts, budget, plan.chunk_periods)
+
+
+def planned_groups(plan: Plan) -> Iterator[list[int]]:
+    """Plans ``plan``'s groups in order, adding their batches to ``plan.batches`` and to
+    ``plan.json``, and yields each group's batch indices. A thread plans (and so compiles)
+    the next group while the caller runs the current one."""
+    store = plan.store
+    finished = [all(c.key in store for c in g) for g in plan.groups]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        ahead = [pool.submit(_group_batches, plan, plan.groups[0], finished[0])]
+        for i in range(len(plan.groups)):
+            if i + 1 < len(plan.groups):
+                ahead.append(pool.submit(_group_batches, plan, plan.groups[i + 1], finished[i + 1]))
+            batches = ahead[i].result()
+            first = len(plan.batches)
+            plan.batches.extend(batches)
+            _write_json(
+                plan.out / "plan.json", {"batches": [[c.key for c in b] for b in plan.batches]}
+            )
+            yield list(range(first, len(plan.batches)))
+
+
 def plan_sweep(
     config: str | Path | Mapping[str, Any],
     *,
@@ -115,8 +162,10 @@ def plan_sweep(
     overrides: Mapping[str, Any] | None = None,
     chunk_periods: int = 10,
     log=print,
+    complete: bool = True,
 ) -> Plan:
-    """Expands and groups the grid and plans its batches (reusing ``plan.json``)."""
+    """Expands and groups the grid and plans its batches (reusing ``plan.json``); with
+    ``complete=False`` the batches are left for ``planned_groups`` to plan."""
     raw = config_lib.load_yaml(config, profile) if isinstance(config, str | Path) else dict(config)
     for key, value in (overrides or {}).items():
         raw = config_lib.set_path(raw, key, value)
@@ -126,28 +175,28 @@ def plan_sweep(
     name = cells[0].config.name
     out = Path(out or Path("runs") / name)
     out.mkdir(parents=True, exist_ok=True)
-    store = ResultStore(out / "results.jsonl")
     enable_compilation_cache()
-
-    by_key = {c.key: c for c in cells}
-    batches = _load_plan(out / "plan.json", by_key)
-    if batches is None:
-        budget = memory_budget(opts["memory_fraction"])
-        pending = [g for g in groups if any(c.key not in store for c in g)]
-        batches = [
-            b
-            for g in groups
-            for b in (plan_batches(g, opts, budget, chunk_periods) if g in pending else [g])
-        ]
-        _write_json(out / "plan.json", {"batches": [[c.key for c in b] for b in batches]})
-    done = sum(c.key in store for c in cells)
+    saved = _load_plan(out / "plan.json", {c.key: c for c in cells})
+    plan = Plan(out, cells, groups, [], opts, chunk_periods, saved)
+    done = sum(c.key in plan.store for c in cells)
     log(
-        f"{name}: {len(cells)} cells in {len(groups)} compiled program(s), "
-        f"{len(batches)} batch(es); {done} already finished."
+        f"{name}: {len(cells)} cells in {len(groups)} compiled program(s); {done} already finished."
     )
     for i, g in enumerate(groups):
         log(f"  program {i + 1}: {len(g)} cell(s), e.g. {describe(g[0])}")
-    return Plan(out, cells, groups, batches, opts)
+    if complete:
+        for _ in planned_groups(plan):
+            pass
+        log(summary(plan))
+    return plan
+
+
+def summary(plan: Plan) -> str:
+    """How the sweep was split: cells, compiled programs, batches."""
+    return (
+        f"{plan.cells[0].config.name}: {len(plan.cells)} cells in {len(plan.groups)} compiled "
+        f"program(s), {len(plan.batches)} batch(es)."
+    )
 
 
 def _mib(n: int) -> str:
@@ -177,7 +226,9 @@ def run_planned_batch(
     store; prints the compiled program's memory estimate before the first round."""
     log = log or (lambda *a, **k: None)
     batch_cells = plan.batches[b]
-    label = f"batch {b + 1}/{len(plan.batches)} ({len(batch_cells)} cells)"
+    program = next(i for i, g in enumerate(plan.groups) if batch_cells[0] in g)
+    label = f"program {program + 1}/{len(plan.groups)}, batch {b + 1} ({len(batch_cells)} cells)"
+    keys = hashlib.sha1(" ".join(c.key for c in batch_cells).encode()).hexdigest()[:16]
     t0 = time.perf_counter()
     batch = Batch([c.config for c in batch_cells], plan.opts["mode"], plan.opts["devices"])
     compiled, _ = batch.compile(batch.init(), _periods(batch, chunk_periods))
@@ -186,10 +237,9 @@ def run_planned_batch(
         batch,
         progress=progress,
         chunk_periods=chunk_periods,
-        checkpoint=plan.out / "checkpoints" / f"batch-{b:04d}.npz",
+        checkpoint=plan.out / "checkpoints" / f"batch-{keys}.npz",  # named by its cells
         label=label,
     )
-    program = next(i for i, g in enumerate(plan.groups) if batch_cells[0] in g)
     for c, r in zip(batch_cells, results, strict=True):
         if "captures" in r:  # big arrays go beside the store, the record keeps the path
             path = plan.out / "captures" / f"{c.key}.npz"
@@ -223,9 +273,10 @@ def sweep(
 
     Args:
       config: a YAML path or a plain dict whose lists are grid axes; an optional
-        ``sweep:`` section sets ``mode`` (``vmap`` | ``map``), ``vmap`` (the only fields to
-        batch), ``max_batch``, ``memory_fraction`` and ``devices`` (how many local devices
-        a batch is split over; null: all).
+        ``sweep:`` section sets ``mode`` (``auto`` | ``vmap`` | ``map``, see
+        ``sim.run.batch_mode``), ``vmap`` (the only fields to batch), ``max_batch``,
+        ``memory_fraction`` and ``devices`` (how many local devices a batch is split
+        over; null: all).
       out: the sweep's folder (``results.jsonl``, ``plan.json``, ``checkpoints/``);
         default ``runs/<name>``.
       profile: a ``profiles:`` entry of the config to overlay (e.g. ``cpu``).
@@ -249,11 +300,15 @@ def sweep(
         overrides=overrides,
         chunk_periods=chunk_periods,
         log=log,
+        complete=ray is not None,
     )
     if ray is not None:
         run_on_ray(plan, ray, chunk_periods=chunk_periods, log=log)
-    else:
-        for b in plan.pending():
-            run_planned_batch(plan, b, progress=progress, chunk_periods=chunk_periods, log=log)
+    else:  # each group runs while the next one compiles
+        for batches in planned_groups(plan):
+            pending = set(plan.pending())
+            for b in (b for b in batches if b in pending):
+                run_planned_batch(plan, b, progress=progress, chunk_periods=chunk_periods, log=log)
+        log(summary(plan))
     store = plan.store
     return [store.get(c.key) for c in plan.cells]
