@@ -1,6 +1,7 @@
 """The simulator: local training semantics, the compiled round, determinism, bad input."""
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -9,7 +10,7 @@ import pytest
 import fedjax_byz as fb
 from fedjax_byz import sim
 from fedjax_byz.attacks import ATTACKS, stateless
-from fedjax_byz.sim.client import make_client_update, map_clients
+from fedjax_byz.sim.client import flatten_rows, make_client_update, map_clients
 
 TINY = {
     "name": "tiny",
@@ -59,7 +60,15 @@ def _count_steps(count, *, batch_size, epochs=1, steps=None, parallelism=1):
         return update({"w": jnp.zeros(())}, i, x, y, counts[i], key, ones, lambda v: v)[0]
 
     g = map_clients(one, (jnp.arange(m), jax.random.split(jax.random.key(0), m)), parallelism)
-    return -np.asarray(g)[:, 0]
+    return -np.asarray(flatten_rows(g))[:, 0]
+
+
+def test_flatten_rows_matches_ravel_pytree():
+    """Rows of the update matrix are in the order the server unravels the aggregate."""
+    rng = np.random.default_rng(0)
+    tree = {"b": rng.standard_normal((3, 4)), "a": {"k": rng.standard_normal((3, 2, 5))}}
+    rows = jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])(tree)
+    np.testing.assert_array_equal(flatten_rows(tree), rows)
 
 
 @pytest.mark.parametrize("parallelism", [1, 2, 4])
@@ -95,7 +104,7 @@ def test_padding_never_enters_training(parallelism):
             )[0]
 
         keys = jax.random.split(jax.random.key(1), 3)
-        return np.asarray(map_clients(one, (jnp.arange(3), keys), parallelism))
+        return np.asarray(flatten_rows(map_clients(one, (jnp.arange(3), keys), parallelism)))
 
     g_nan = run(np.nan)
     assert np.all(np.isfinite(g_nan)) and np.all(np.abs(g_nan).sum(1) > 0)
@@ -120,7 +129,7 @@ def test_local_steps_visit_the_same_batches_as_a_local_epoch():
             jax.random.key(3),
             optax.sgd(0.1),
             lambda v: v,
-        )[0]
+        )[0]["w"]
 
     np.testing.assert_array_equal(
         update(local_epochs=1, local_steps=None), update(local_epochs=1, local_steps=2)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-import jax.flatten_util
 import jax.numpy as jnp
 import optax
 from jax import lax
@@ -53,8 +52,9 @@ def make_client_update(
     so clients with fewer examples take fewer steps: the loops have data-dependent trip
     counts, which stop early when clients run one at a time and which JAX masks under
     ``vmap``, so no client ever trains on padding. ``relabel`` maps the batch's labels
-    (label flipping); identity for honest clients. Returns the flattened update
-    ``g = w − w_local`` ``[d]`` and the mean loss over the steps taken.
+    (label flipping); identity for honest clients. Returns the update ``g = w − w_local``
+    as a pytree like ``params`` (``flatten_rows`` makes the ``[m, d]`` matrix of mapped
+    clients) and the mean loss over the steps taken.
     """
     B = batch_size
 
@@ -95,11 +95,21 @@ def make_client_update(
 
         init = (params, opt.init(params), jnp.zeros((), jnp.float32))
         final, _, loss_sum = lax.fori_loop(0, -(-steps // per_epoch), epoch, init)
-        flat = jax.flatten_util.ravel_pytree
-        g = flat(params)[0] - flat(final)[0]
+        g = jax.tree.map(jnp.subtract, params, final)
         return g, loss_sum / jnp.maximum(steps, 1)
 
     return client_update
+
+
+def flatten_rows(updates) -> jax.Array:
+    """The ``[m, d]`` update matrix of mapped clients' update pytrees (leading axis ``m``),
+    each row in ``ravel_pytree`` order. Flattening once after the map, not per client:
+    inside a client, XLA's CPU backend fuses the flattening copy into the gradient's
+    matrix product and runs it ~20x slower (4.6 ms instead of 0.24 ms per client step of
+    the 784-100-10 MLP)."""
+    leaves = jax.tree.leaves(updates)
+    m = leaves[0].shape[0]
+    return jnp.concatenate([leaf.reshape(m, -1) for leaf in leaves], axis=1)
 
 
 def map_clients(fn: Callable, args, parallelism: int):

@@ -36,7 +36,7 @@ from jax.sharding import Mesh
 from fedjax_byz import aggregators, attacks, models, ops
 from fedjax_byz.data import ClientData
 from fedjax_byz.sim import sharding
-from fedjax_byz.sim.client import local_optimizer, make_client_update, map_clients
+from fedjax_byz.sim.client import flatten_rows, local_optimizer, make_client_update, map_clients
 from fedjax_byz.sim.config import Config
 
 EVAL_BATCH = 500
@@ -280,7 +280,8 @@ def make_program(static: StaticConfig, mesh: Mesh | None = None) -> Program:
 
             return client_update(params, i, data.x, data.y, data.counts[i], key, opt, relabel)
 
-        return map_clients(train_client, per_client, static.client_parallelism)
+        updates, losses = map_clients(train_client, per_client, static.client_parallelism)
+        return flatten_rows(updates), losses
 
     def round_step(state: ServerState, r: jax.Array, hp: HParams, data: ClientData):
         attack, rule = build(hp)
