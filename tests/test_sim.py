@@ -8,9 +8,9 @@ import optax
 import pytest
 
 import fedjax_byz as fb
-from fedjax_byz import sim
+from fedjax_byz import ops, sim
 from fedjax_byz.attacks import ATTACKS, stateless
-from fedjax_byz.sim.client import flatten_rows, make_client_update, map_clients
+from fedjax_byz.sim.client import make_client_update, map_clients
 
 TINY = {
     "name": "tiny",
@@ -60,15 +60,15 @@ def _count_steps(count, *, batch_size, epochs=1, steps=None, parallelism=1):
         return update({"w": jnp.zeros(())}, i, x, y, counts[i], key, ones, lambda v: v)[0]
 
     g = map_clients(one, (jnp.arange(m), jax.random.split(jax.random.key(0), m)), parallelism)
-    return -np.asarray(flatten_rows(g))[:, 0]
+    return -np.asarray(ops.to_matrix(g)[0])[:, 0]
 
 
-def test_flatten_rows_matches_ravel_pytree():
+def test_update_rows_match_ravel_pytree():
     """Rows of the update matrix are in the order the server unravels the aggregate."""
     rng = np.random.default_rng(0)
     tree = {"b": rng.standard_normal((3, 4)), "a": {"k": rng.standard_normal((3, 2, 5))}}
     rows = jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])(tree)
-    np.testing.assert_array_equal(flatten_rows(tree), rows)
+    np.testing.assert_array_equal(ops.to_matrix(tree)[0], rows)
 
 
 @pytest.mark.parametrize("parallelism", [1, 2, 4])
@@ -104,7 +104,7 @@ def test_padding_never_enters_training(parallelism):
             )[0]
 
         keys = jax.random.split(jax.random.key(1), 3)
-        return np.asarray(flatten_rows(map_clients(one, (jnp.arange(3), keys), parallelism)))
+        return np.asarray(ops.to_matrix(map_clients(one, (jnp.arange(3), keys), parallelism))[0])
 
     g_nan = run(np.nan)
     assert np.all(np.isfinite(g_nan)) and np.all(np.abs(g_nan).sum(1) > 0)

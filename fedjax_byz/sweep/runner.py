@@ -113,10 +113,11 @@ class Plan:
         """The results store, read afresh (other processes may have added to it)."""
         return ResultStore(self.out / "results.jsonl")
 
-    def pending(self) -> list[int]:
-        """Indices of the batches with a cell not in the store yet."""
+    def pending(self, among: list[int] | None = None) -> list[int]:
+        """Indices of the batches (of ``among``, default all) with a cell not in the store."""
         store = self.store
-        return [b for b, cells in enumerate(self.batches) if any(c.key not in store for c in cells)]
+        among = range(len(self.batches)) if among is None else among
+        return [b for b in among if any(c.key not in store for c in self.batches[b])]
 
 
 def _group_batches(plan: Plan, group: list[Cell], finished: bool) -> list[list[Cell]]:
@@ -139,13 +140,13 @@ def planned_groups(plan: Plan) -> Iterator[list[int]]:
     ``plan.json``, and yields each group's batch indices. A thread plans (and so compiles)
     the next group while the caller runs the current one."""
     store = plan.store
-    finished = [all(c.key in store for c in g) for g in plan.groups]
+    groups = [(g, all(c.key in store for c in g)) for g in plan.groups]
     with ThreadPoolExecutor(max_workers=1) as pool:
-        ahead = [pool.submit(_group_batches, plan, plan.groups[0], finished[0])]
-        for i in range(len(plan.groups)):
-            if i + 1 < len(plan.groups):
-                ahead.append(pool.submit(_group_batches, plan, plan.groups[i + 1], finished[i + 1]))
-            batches = ahead[i].result()
+        ahead = pool.submit(_group_batches, plan, *groups[0])
+        for i in range(len(groups)):
+            batches = ahead.result()
+            if i + 1 < len(groups):
+                ahead = pool.submit(_group_batches, plan, *groups[i + 1])
             first = len(plan.batches)
             plan.batches.extend(batches)
             _write_json(
@@ -306,8 +307,7 @@ def sweep(
         run_on_ray(plan, ray, chunk_periods=chunk_periods, log=log)
     else:  # each group runs while the next one compiles
         for batches in planned_groups(plan):
-            pending = set(plan.pending())
-            for b in (b for b in batches if b in pending):
+            for b in plan.pending(batches):
                 run_planned_batch(plan, b, progress=progress, chunk_periods=chunk_periods, log=log)
         log(summary(plan))
     store = plan.store
