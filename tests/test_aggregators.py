@@ -466,3 +466,12 @@ def test_masked_median():
     mask = np.array([1, 0, 1, 1, 0, 1, 1, 1, 0], bool)
     got = jax.jit(ops.masked_median)(jnp.asarray(x), jnp.asarray(mask))
     np.testing.assert_allclose(got, np.median(x[mask], 0), rtol=1e-6)
+
+
+def test_aggregate_inside_jit_then_eagerly():
+    """The public ``fb.aggregate`` traced under ``jit`` before any eager call (its cached
+    default key must not be a tracer) and then called eagerly."""
+    fb.aggregators._default_key.cache_clear()
+    G = jnp.asarray(updates(9, 5, 1))
+    inside = jax.jit(lambda G: fb.aggregate("krum", G, f=2))(G)
+    np.testing.assert_array_equal(inside, fb.aggregate("krum", G, f=2))

@@ -191,8 +191,13 @@ def _as_param(v):
 
 @functools.cache
 def _default_key() -> jax.Array:
-    """``jax.random.key(0)``, made once (a new key is a dispatch, 0.3 ms a call here)."""
-    return jax.random.key(0)
+    """``jax.random.key(0)``, made once (a new key is a dispatch, 0.3 ms a call here).
+
+    Made eagerly even when first asked for inside a ``jit`` trace, so the cache never
+    holds a tracer.
+    """
+    with jax.ensure_compile_time_eval():
+        return jax.random.key(0)
 
 
 @functools.lru_cache(maxsize=256)
