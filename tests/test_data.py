@@ -1,6 +1,7 @@
 """Data sources, partitioners and the padded ClientData block."""
 
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -74,6 +75,19 @@ def test_natural_partition_keeps_groups():
 def test_partition_bad_input():
     with pytest.raises(ConfigError, match="data.beta"):
         data_lib.partition("dirichlet", LABELS, 10, 0, beta=0.0)
+    for beta in (float("inf"), float("nan"), -1.0):  # inf used to give NaN shares
+        with pytest.raises(ConfigError, match="data.beta: .*finite number > 0"):
+            data_lib.partition("dirichlet", LABELS, 10, 0, beta=beta)
+        with pytest.raises(ConfigError, match="data.beta"):  # the partitioner itself checks
+            data_lib.PARTITIONERS.entry("dirichlet").factory(LABELS, 10, 0, beta=beta)
+    for share in (float("nan"), float("inf"), -0.1, 1.5):
+        with pytest.raises(ConfigError, match=r"data.s: .*in \[0, 1\]"):
+            data_lib.partition("shards", LABELS, 10, 0, s=share)
+    for k in (0, -2):  # used to be numpy's "number sections must be larger than 0"
+        with pytest.raises(ConfigError, match="data.shards_per_client: must be an integer >= 1"):
+            data_lib.partition("shards", LABELS, 10, 0, shards_per_client=k)
+    with pytest.raises(ConfigError, match="data.num_clients"):
+        data_lib.partition("iid", LABELS, 0, 0)
     with pytest.raises(ConfigError, match="unknown partition 'dirichlt'.*dirichlet"):
         data_lib.partition("dirichlt", LABELS, 10, 0)
 
@@ -199,3 +213,156 @@ def test_arrays_source(tmp_path):
     np.savez(path, x_train=np.zeros((2, 3, 3)))
     with pytest.raises(ConfigError, match="data.path.*lacks"):
         data_lib.load("arrays", path=str(path))
+
+
+def _png(path, shape=(6, 5, 3), value=None, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 255, shape, dtype=np.uint8) if value is None else np.full(shape, value)
+    Image.fromarray(img.astype(np.uint8)).save(path)
+
+
+def test_imagefolder_dir_cache_sees_overwritten_and_added_images(tmp_path):
+    root = tmp_path / "imgs"
+    _write_images(root, "png")
+    first = data_lib.load("imagefolder", path=str(root))
+    assert len(first.x_train) == 6
+    # Overwrite an image (its folder's and the top folder's size and mtime stay the same)...
+    target = root / "train" / "ant" / "0.png"
+    _png(target, value=7)
+    st = target.stat()
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later mtime, surely
+    again = data_lib.load("imagefolder", path=str(root))
+    assert np.all(again.x_train[0] == 7)  # not the stale cached pixels
+    # ... and add one.
+    _png(root / "train" / "cat" / "9.png")
+    added = data_lib.load("imagefolder", path=str(root))
+    assert len(added.x_train) == 7
+    np.testing.assert_array_equal(np.bincount(added.y_train), [3, 4])
+
+
+def test_imagefolder_concurrent_cache_writes_are_harmless(tmp_path, monkeypatch):
+    root = tmp_path / "imgs"
+    _write_images(root, "png")
+    real_savez, nested = np.savez, []
+
+    def savez(file, *args, **kwargs):
+        real_savez(file, *args, **kwargs)
+        if not nested:  # another process decodes and caches the same folder meanwhile
+            nested.append(None)
+            nested[0] = data_lib.load("imagefolder", path=str(root))
+
+    monkeypatch.setattr(np, "savez", savez)
+    ds = data_lib.load("imagefolder", path=str(root))
+    np.testing.assert_array_equal(ds.x_train, nested[0].x_train)
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+    leftovers = [f for f in tmp_path.iterdir() if f.name != "imgs" and f.suffix != ".npz"]
+    assert leftovers == []  # no temporary file left behind
+
+
+def _zip_folder(root, path, extra=()):
+    with zipfile.ZipFile(path, "w") as z:
+        for f in sorted(root.rglob("*")):
+            if f.is_file():
+                z.write(f, "top/" + f.relative_to(root).as_posix())
+        for name, payload in extra:
+            z.writestr(name, payload)
+
+
+def test_imagefolder_ignores_other_folders_and_macos_entries(tmp_path):
+    root = tmp_path / "imgs"
+    _write_images(root, "png")
+    _png(root / "README" / "notes" / "a.png")  # not a split
+    _png(root / "val" / "zzz" / "0.png")  # a split we do not read
+    (root / "train" / "bee").mkdir()  # empty class folders: ignored, as before
+    (root / "test" / "bee").mkdir()
+    (root / "train" / "ant" / ".DS_Store").write_bytes(b"\0junk")
+    (root / "train" / "ant" / "._0.png").write_bytes(b"\0junk")
+    path = tmp_path / "imgs.zip"
+    _zip_folder(root, path, [("__MACOSX/top/train/ant/._0.png", b"\0junk")])
+    for p in (root, path):
+        ds = data_lib.load("imagefolder", path=str(p))
+        assert ds.num_classes == 2
+        assert ds.x_train.shape == (6, 6, 5, 3) and ds.x_test.shape == (4, 6, 5, 3)
+        np.testing.assert_array_equal(ds.y_train, [0, 0, 0, 1, 1, 1])  # ant, cat
+        np.testing.assert_array_equal(ds.y_test, [0, 0, 1, 1])
+
+
+def test_imagefolder_bad_images(tmp_path):
+    root = tmp_path / "imgs"
+    _write_images(root, "png")
+    (root / "train" / "ant" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ConfigError, match="data.path: cannot decode image .*broken.png"):
+        data_lib.load("imagefolder", path=str(root))
+    (root / "train" / "ant" / "broken.png").unlink()
+    _png(root / "test" / "cat" / "big.png", shape=(8, 7, 3))
+    with pytest.raises(ConfigError, match="data.path: image .*big.png.* is 7x8 .* is 5x6"):
+        data_lib.load("imagefolder", path=str(root))
+
+
+def test_imagefolder_class_without_train_images(tmp_path):
+    root = tmp_path / "imgs"
+    _write_images(root, "png")
+    _png(root / "test" / "bee" / "0.png")  # labels would shift between train and test
+    (root / "train" / "bee").mkdir()
+    with pytest.raises(ConfigError, match="data.path: class folder.*'bee'.*no train images"):
+        data_lib.load("imagefolder", path=str(root))
+
+
+def test_imagefolder_needs_both_splits(tmp_path):
+    _png(tmp_path / "imgs" / "train" / "ant" / "0.png")
+    with pytest.raises(ConfigError, match="data.path: .* no images in a 'test' split"):
+        data_lib.load("imagefolder", path=str(tmp_path / "imgs"))
+    assert not list(tmp_path.glob("*.npz"))  # nothing cached
+
+
+def test_labels_must_lie_below_num_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mine.npz"
+    x = rng.random((12, 4, 4)).astype(np.float32)
+    np.savez(
+        path, x_train=x, y_train=np.arange(12) % 6, x_test=x[:3], y_test=[0, 1, 2], num_classes=3
+    )
+    with pytest.raises(ConfigError, match=r"data.num_classes: .*num_classes=3.*y_train 0..5"):
+        data_lib.load("arrays", path=str(path))
+    with pytest.raises(ConfigError, match=r"data.num_classes: .*y_test -1..0"):
+        data_lib.Dataset(
+            "d",
+            x[..., None],
+            np.zeros(12, np.int32),
+            x[:2, ..., None],
+            np.array([0, -1], np.int32),
+            2,
+        )
+
+
+def _write_leaf(root, num_labels):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        (root / split).mkdir()
+        blob = {
+            "users": ["u0"],
+            "num_samples": [4],
+            "user_data": {
+                "u0": {"x": rng.random((4, 784)).round(2).tolist(), "y": [0, 1, 2, num_labels - 1]}
+            },
+        }
+        (root / split / "all_data_0.json").write_text(json.dumps(blob))
+
+
+def test_femnist_labels_checked_against_num_classes(tmp_path):
+    _write_leaf(tmp_path, 62)
+    assert data_lib.load("femnist", path=str(tmp_path)).num_classes == 62
+    with pytest.raises(ConfigError, match=r"data.num_classes: .*num_classes=10.*0..61"):
+        data_lib.load("femnist", path=str(tmp_path), num_classes=10)
+
+
+def test_tfds_not_available_offline(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    def offline(self, *args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+    with pytest.raises(ConfigError, match="data.name: TFDS dataset 'mnist' is not available off"):
+        data_lib.load("tfds", name="mnist", data_dir=str(tmp_path))

@@ -1,11 +1,13 @@
 """Models: shapes, and the two convolution formulations computing the same function."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_byz import models
+from fedjax_byz import ConfigError, models
 from fedjax_byz.models.layers import Conv
 
 
@@ -50,3 +52,24 @@ def test_patch_convolution_equals_xla_convolution(k, stride, padding):
 def test_unknown_model():
     with pytest.raises(ValueError, match="model.name"):
         models.get("vgg", 10, (8, 8, 1))
+
+
+@pytest.mark.parametrize(
+    "name,smallest,params",
+    [("lenet5", 12, {}), ("alexnet", 15, {"fc": 16}), ("cnn", 4, {}), ("femnist_cnn", 4, {})],
+)
+def test_inputs_too_small_for_the_model(name, smallest, params):
+    jax.eval_shape(models.get(name, 10, (smallest, smallest, 1), **params).init, jax.random.key(0))
+    shape = (smallest - 1, smallest + 5, 1)
+    # Used to be a ZeroDivisionError from flax's initialiser at init.
+    pattern = rf"model.name: .*{re.escape(str(shape))}.*too small for '{name}'"
+    with pytest.raises(ConfigError, match=pattern) as e:
+        models.get(name, 10, shape, **params)
+    assert f"at least {smallest}x{smallest}" in str(e.value)
+    assert isinstance(e.value.__cause__, ZeroDivisionError)  # the original kept as the cause
+
+
+def test_model_errors_unrelated_to_input_size_propagate():
+    with pytest.raises(ValueError, match="groups") as e:  # 3 does not divide 8 channels
+        models.get("resnet18", 10, (8, 8, 1), widths=(8, 8, 8, 8), groups=3)
+    assert not isinstance(e.value, ConfigError)

@@ -2,6 +2,8 @@
 
 Every training example goes to exactly one client (``natural`` may leave writers out
 when fewer clients than writers are asked for); the same arguments give the same split.
+Each partitioner checks its own parameters and raises ``ConfigError`` naming the
+``data.*`` field, so direct calls are validated too.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ def dirichlet(labels: np.ndarray, n: int, seed: int = 0, beta: float = 0.5) -> l
     class ``c``'s examples. Small β concentrates every class on few clients; β → ∞
     approaches IID. Clients may receive no example at small β.
     """
+    if not (np.isfinite(beta) and beta > 0):
+        raise ConfigError(
+            f"data.beta: the Dirichlet concentration must be a finite number > 0 "
+            f"(β → ∞ is IID: use partition 'iid'), got {beta}."
+        )
     rng = np.random.default_rng(seed)
     pieces = []
     for c in np.unique(labels):
@@ -54,6 +61,16 @@ def shards(
     sorted by label into ``n·shards_per_client`` shards, each client taking
     ``shards_per_client`` of them at random. Smaller ``s`` is more skewed.
     """
+    if not 0 <= s <= 1:  # also rejects NaN
+        raise ConfigError(f"data.s: the IID share must be in [0, 1], got {s}.")
+    if (
+        isinstance(shards_per_client, bool)
+        or not isinstance(shards_per_client, int | np.integer)
+        or shards_per_client < 1
+    ):
+        raise ConfigError(
+            f"data.shards_per_client: must be an integer >= 1, got {shards_per_client!r}."
+        )
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(labels))
     cut = int(round(s * len(labels)))
@@ -92,12 +109,6 @@ def partition(name: str, labels: np.ndarray, n: int, seed: int = 0, **params) ->
     """Splits ``labels``' examples among ``n`` clients with the partitioner ``name``."""
     entry = PARTITIONERS.entry(name, "data.partition")
     entry.check_params(params, "data")
-    if n < 1:
-        raise ConfigError(f"data.num_clients: must be a positive integer, got {n}.")
-    if name == "dirichlet" and not params.get("beta", 0.5) > 0:
-        raise ConfigError(
-            f"data.beta: the Dirichlet concentration must be > 0, got {params['beta']}."
-        )
-    if name == "shards" and not 0 <= params.get("s", 0.5) <= 1:
-        raise ConfigError(f"data.s: the IID share must be in [0, 1], got {params['s']}.")
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ConfigError(f"data.num_clients: must be a positive integer, got {n!r}.")
     return entry.factory(np.asarray(labels), n, seed, **params)

@@ -6,12 +6,15 @@ float32) that the partitioners split among clients. Sources are registered by na
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import json
 import os
+import uuid
 import zipfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +53,7 @@ class Dataset:
     std: np.ndarray = dataclasses.field(default=None)
 
     def __post_init__(self):
+        _check_labels(self)
         if self.mean is None:
             axes = tuple(range(self.x_train.ndim - 1))
             x = self.x_train.astype(np.float64)
@@ -59,6 +63,26 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+
+def _check_labels(ds: Dataset) -> None:
+    """Raises ``ConfigError`` unless every train and test label lies in
+    ``[0, num_classes)``: a label outside it trains on a garbage target or a NaN loss."""
+    k = ds.num_classes
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ConfigError(f"data.num_classes: must be a positive integer, got {k!r}.")
+    found = {
+        split: (int(y.min()), int(y.max()))
+        for split, y in (("y_train", np.asarray(ds.y_train)), ("y_test", np.asarray(ds.y_test)))
+        if y.size
+    }
+    bad = {split: r for split, r in found.items() if r[0] < 0 or r[1] >= k}
+    if bad:
+        spans = ", ".join(f"{split} {lo}..{hi}" for split, (lo, hi) in found.items())
+        raise ConfigError(
+            f"data.num_classes: {ds.name!r} has num_classes={k}, so labels must lie in "
+            f"0..{k - 1}, but its labels span {spans}."
+        )
 
 
 def _as_images(x: np.ndarray) -> np.ndarray:
@@ -106,10 +130,40 @@ def synthetic(
     return Dataset("synthetic", xtr, ytr, xte, yte, num_classes)
 
 
-def _cache_file(path: Path, cache_dir: str | None) -> Path:
-    """``<data>.npz`` beside the data when writable, else under the user's cache dir."""
-    stat = path.stat()
-    tag = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+SPLITS = ("train", "test")
+
+
+def _image_entries(names: Iterable[str]) -> list[tuple[str, str, str]]:
+    """The images that are decoded, as sorted ``(split, class, name)``.
+
+    Only ``[prefix/]{train,test}/<class>/<file>.{png,jpg,jpeg}``: other folders (``val/``,
+    ``README/``), macOS ``__MACOSX/`` entries and dot-files or dot-folders are left out.
+    """
+    out = []
+    for name in names:
+        parts = [q for q in name.split("/") if q not in ("", ".")]
+        if len(parts) < 3 or any(q.startswith(".") or q == "__MACOSX" for q in parts):
+            continue
+        if parts[-3] in SPLITS and parts[-1].lower().endswith(IMAGE_SUFFIXES):
+            out.append((parts[-3], parts[-2], name))
+    return sorted(out)
+
+
+def _cache_file(path: Path, entries: list[tuple[str, str, str]], cache_dir: str | None) -> Path:
+    """``<data>.<hash>.npz`` beside the data when writable, else under the user's cache dir.
+
+    A zip is keyed on its size and modification time; a directory's own ones do not change
+    when the images inside it are overwritten, so it is keyed on the relative path, size
+    and modification time of every image that is decoded.
+    """
+    if path.is_dir():
+        tag = hashlib.sha1(f"{path.resolve()}:dir".encode())
+        for _, _, name in entries:
+            st = (path / name).stat()
+            tag.update(f"\0{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    else:
+        st = path.stat()
+        tag = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
     name = f"{path.name}.{tag.hexdigest()[:10]}.npz"
     if cache_dir is None and os.access(path.parent, os.W_OK):
         return path.parent / name
@@ -119,33 +173,75 @@ def _cache_file(path: Path, cache_dir: str | None) -> Path:
     return root / name
 
 
-def _read_image_folder(path: Path) -> dict[str, np.ndarray]:
-    """Decodes ``split/<class>/*.{png,jpg}`` from a directory or a ``.zip``."""
+def _read_cache(cache: Path) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None when there are none or they are incomplete (a cache
+    written before the split check) or unreadable."""
+    try:
+        with np.load(cache) as z:
+            arrays = dict(z)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+    keys = {"classes", *(f"{a}_{s}" for a in "xy" for s in SPLITS)}
+    return arrays if keys <= set(arrays) else None
+
+
+def _write_cache(cache: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Writes ``arrays`` to a temporary file of its own, then renames it to ``cache``
+    (atomic): processes decoding the same folder at once each write their own file, and
+    the last rename wins with the same content."""
+    tmp = cache.with_name(f".{cache.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, cache)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_image_folder(
+    path: Path, entries: list[tuple[str, str, str]], read: Callable[[str], bytes]
+) -> dict[str, np.ndarray]:
+    """Decodes ``entries`` (from ``_image_entries``) to ``x_<split>``, ``y_<split>`` and
+    ``classes``, the sorted union of the train and test class folders."""
     from PIL import Image
 
-    if path.is_dir():
-        files = [p.relative_to(path).as_posix() for p in path.rglob("*")]
-
-        def read(name):
-            return (path / name).read_bytes()
-    else:
-        archive = zipfile.ZipFile(path)
-        files = archive.namelist()
-        read = archive.read
-    entries = []
-    for name in files:
-        parts = name.split("/")
-        if len(parts) >= 3 and parts[-1].lower().endswith(IMAGE_SUFFIXES):
-            entries.append((parts[-3], parts[-2], name))
     if not entries:
-        raise ConfigError(f"data.path: {path} holds no split/<class>/*.png|jpg images.")
+        raise ConfigError(f"data.path: {path} holds no train|test/<class>/*.png|jpg images.")
+    for split in SPLITS:
+        if not any(s == split for s, _, _ in entries):
+            raise ConfigError(f"data.path: {path} has no images in a {split!r} split folder.")
     classes = sorted({c for _, c, _ in entries})
+    untrained = sorted(set(classes) - {c for s, c, _ in entries if s == "train"})
+    if untrained:
+        raise ConfigError(
+            f"data.path: class folder(s) {untrained} of {path} have test images but no "
+            "train images; every class needs train images."
+        )
+    label = {c: i for i, c in enumerate(classes)}
+    first = None  # (name, shape) of the first image, which all others must match
     arrays = {"classes": np.array(classes)}
-    for split in sorted({s for s, _, _ in entries}):
-        chosen = sorted((c, n) for s, c, n in entries if s == split)
-        images = [np.asarray(Image.open(io.BytesIO(read(n))).convert("RGB")) for _, n in chosen]
+    for split in SPLITS:
+        images, labels = [], []
+        for _, c, name in (e for e in entries if e[0] == split):
+            try:
+                with Image.open(io.BytesIO(read(name))) as img:
+                    x = np.asarray(img.convert("RGB"))
+            except Exception as e:
+                raise ConfigError(
+                    f"data.path: cannot decode image {name!r} in {path} ({e})."
+                ) from e
+            if first is None:
+                first = (name, x.shape)
+            elif x.shape != first[1]:
+                raise ConfigError(
+                    f"data.path: image {name!r} in {path} is {x.shape[1]}x{x.shape[0]} "
+                    f"(width x height) but {first[0]!r} is {first[1][1]}x{first[1][0]}; "
+                    "all images must have the same size (resize them first)."
+                )
+            images.append(x)
+            labels.append(label[c])
         arrays[f"x_{split}"] = np.stack(images).astype(np.uint8)
-        arrays[f"y_{split}"] = np.array([classes.index(c) for c, _ in chosen], np.int32)
+        arrays[f"y_{split}"] = np.array(labels, np.int32)
     return arrays
 
 
@@ -153,25 +249,36 @@ def _read_image_folder(path: Path) -> dict[str, np.ndarray]:
 def imagefolder(path: str = "", grayscale: bool = False, cache_dir: str | None = None) -> Dataset:
     """Images laid out as ``train/<class>/*.jpg`` and ``test/<class>/*.jpg``.
 
-    ``path`` is a directory or a ``.zip`` (e.g. ``../shared/datasets/cifar10_jpeg.zip``).
-    Classes are the sorted folder names. Images are decoded once and cached as arrays in
-    ``<path>.<hash>.npz`` beside the data, or under ``cache_dir`` /
-    ``$FEDJAX_BYZ_CACHE`` / ``~/.cache/fedjax_byz`` when that folder is read-only.
+    ``path`` is a directory or a ``.zip`` (e.g. ``../shared/datasets/cifar10_jpeg.zip``),
+    possibly with a top folder above ``train/`` and ``test/``; other folders, ``__MACOSX/``
+    and dot-files are ignored. Classes are the sorted union of the train and test class
+    folder names; every class needs train images, and all images the same size. Images
+    are decoded once and cached as arrays in ``<path>.<hash>.npz`` beside the data, or
+    under ``cache_dir`` / ``$FEDJAX_BYZ_CACHE`` / ``~/.cache/fedjax_byz`` when that folder
+    is read-only.
     """
     p = Path(path).expanduser()
     if not path or not p.exists():
         raise ConfigError(f"data.path: image folder or zip {path!r} does not exist.")
-    cache = _cache_file(p, cache_dir)
-    if cache.exists():
-        arrays = dict(np.load(cache))
-    else:
-        arrays = _read_image_folder(p)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, cache)
-    for split in ("train", "test"):
-        if f"x_{split}" not in arrays:
-            raise ConfigError(f"data.path: {path} has no {split!r} split folder.")
+    with contextlib.ExitStack() as stack:
+        if p.is_dir():
+            names = [f.relative_to(p).as_posix() for f in p.rglob("*") if f.is_file()]
+
+            def read(name):
+                return (p / name).read_bytes()
+        else:
+            try:
+                archive = stack.enter_context(zipfile.ZipFile(p))
+            except zipfile.BadZipFile as e:
+                raise ConfigError(f"data.path: {path!r} is neither a folder nor a zip.") from e
+            names = [i.filename for i in archive.infolist() if not i.is_dir()]
+            read = archive.read
+        entries = _image_entries(names)
+        cache = _cache_file(p, entries, cache_dir)
+        arrays = _read_cache(cache)
+        if arrays is None:
+            arrays = _read_image_folder(p, entries, read)
+            _write_cache(cache, arrays)
     x_tr, x_te = arrays["x_train"], arrays["x_test"]
     if grayscale:
         w = np.array([0.299, 0.587, 0.114], np.float32)
@@ -221,7 +328,8 @@ def tfds(name: str = "mnist", data_dir: str | None = None) -> Dataset:
 
     Uses ``tfds.data_source`` (random access to ArrayRecord files), which needs
     ``tensorflow-datasets`` but not TensorFlow: ``pip install 'fedjax_byz[tfds]'``. The
-    first use downloads and prepares the dataset (internet or a prepared ``data_dir``).
+    first use downloads and prepares the dataset (internet or a prepared ``data_dir``);
+    when that fails (offline), one ``ConfigError`` says how to provide it.
     """
     if name not in TFDS_NAMES:
         raise ConfigError(f"data.name: unknown TFDS dataset {name!r}; allowed: {TFDS_NAMES}.")
@@ -233,15 +341,28 @@ def tfds(name: str = "mnist", data_dir: str | None = None) -> Dataset:
             "install it with pip install 'fedjax_byz[tfds]'."
         ) from e
 
+    builder = tfds_lib.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+        try:
+            builder.download_and_prepare()
+        except Exception as e:
+            root = builder.data_dir_root
+            raise ConfigError(
+                f"data.name: TFDS dataset {name!r} is not available offline in {root} and "
+                f"could not be downloaded ({type(e).__name__}: {e}); download it first with "
+                f"`tfds build {name} --data_dir {root}` on a machine with internet and copy "
+                "the folder here, or set data.data_dir to a folder that holds it."
+            ) from e
+
     def read(split):
-        source = tfds_lib.data_source(name, split=split, data_dir=data_dir)
+        source = tfds_lib.data_source(name, split=split, data_dir=data_dir, download=False)
         examples = [source[i] for i in range(len(source))]
         x = np.stack([np.asarray(e["image"]) for e in examples])
         y = np.array([e["label"] for e in examples], np.int32)
         return _as_images(x), y
 
     (xtr, ytr), (xte, yte) = read("train"), read("test")
-    num_classes = tfds_lib.builder(name, data_dir=data_dir).info.features["label"].num_classes
+    num_classes = builder.info.features["label"].num_classes
     return Dataset(name, xtr, ytr, xte, yte, num_classes)
 
 
