@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fedjax_byz.registry import ConfigError
+from fedjax_byz.sim.config import parse_yaml
 from fedjax_byz.sweep.report import Layout
-
-
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
 
 
 def plot_accuracy(results: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -44,25 +40,40 @@ def _overrides(items: list[str] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set: expected KEY=VALUE, got {item!r}.")
-        out[key] = _parse_value(value)
+        out[key] = parse_yaml(value, f"--set {key}")
     return out
 
 
-def _sweep(args):
+def _run_dir(args, overrides: dict[str, Any]) -> Path:
+    """``--out``, or ``runs/<name>`` with the name the overrides leave."""
     from fedjax_byz.sim.config import load_yaml
+
+    name = overrides.get("name") or load_yaml(args.config, args.profile).get("name", "experiment")
+    return _out_dir(args.out or Path("runs") / str(name))
+
+
+def _out_dir(path: str | Path) -> Path:
+    """``path`` as an output folder; one clear error when a file is in the way."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out: {str(path)!r} is a file; give a folder.")
+    return path
+
+
+def _sweep(args):
     from fedjax_byz.sweep.runner import sweep
 
     if args.distributed:
         from fedjax_byz.sim.sharding import initialize_distributed
 
         initialize_distributed()
-    name = load_yaml(args.config, args.profile).get("name", "experiment")
-    out = Path(args.out or Path("runs") / name)
+    overrides = _overrides(args.set)
+    out = _run_dir(args, overrides)
     records = sweep(
         args.config,
         out=out,
         profile=args.profile,
-        overrides=_overrides(args.set),
+        overrides=overrides,
         progress=not args.quiet,
         ray=getattr(args, "ray", None),
     )
@@ -104,7 +115,9 @@ def cmd_report(args) -> int:
     if not store_path.exists():
         raise ConfigError(f"results: no results store at {str(store_path)!r}.")
     records = ResultStore(store_path).records()
-    path = write_report(records, Path(args.out or store_path.parent / "report"), metric=args.metric)
+    path = write_report(
+        records, _out_dir(args.out or store_path.parent / "report"), metric=args.metric
+    )
     print(f"{path.read_text()}\nreport: {path}")
     return 0
 
@@ -161,14 +174,13 @@ def cmd_skew(args) -> int:
 def cmd_kappa(args) -> int:
     """Captures a no-attack run's updates; κ of every rule × attack on them."""
     from fedjax_byz.diagnostics.robustness import kappa_report
-    from fedjax_byz.sim.config import load_yaml
 
-    name = load_yaml(args.config, args.profile).get("name", "experiment")
+    overrides = _overrides(args.set)
     path = kappa_report(
         args.config,
-        out=Path(args.out or Path("runs") / name),
+        out=_run_dir(args, overrides),
         profile=args.profile,
-        overrides=_overrides(args.set),
+        overrides=overrides,
         progress=not args.quiet,
     )
     print(f"\n{path.read_text()}\nκ table: {path}")
@@ -254,6 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: finished cells and checkpoints are saved; "
+            "run the same command again to resume.",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        os._exit(130)  # without waiting for a program still compiling in the background
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 Every attack, aggregator, pre-aggregator, model, dataset and partitioner is a factory
 registered under a lower-case name. A factory's keyword arguments are its
 hyperparameters; those listed in ``static`` change the program's structure (shapes,
-iteration counts, modes) and are Python values, every other one is a number that may
-be traced (so a sweep can ``vmap`` over it).
+iteration counts, modes) and are Python values; for attacks and rules every other one
+is a number that may be traced (so a sweep can ``vmap`` over it). Values are checked
+against the kind of their default before anything compiles.
 """
 
 from __future__ import annotations
@@ -20,6 +21,49 @@ class ConfigError(ValueError):
     """A configuration value that cannot work, found before any compilation."""
 
 
+def _dtype_kind(v: Any) -> str:
+    """numpy's dtype kind of an array or array scalar (numpy, JAX, traced), else ``""``."""
+    dtype = getattr(v, "dtype", None)
+    return getattr(dtype, "kind", "")
+
+
+def is_int(v: Any) -> bool:
+    """A Python integer (not a bool) or an integer array (e.g. a traced ``f``)."""
+    return (isinstance(v, int) and not isinstance(v, bool)) or _dtype_kind(v) in ("i", "u")
+
+
+def is_number(v: Any) -> bool:
+    """A Python or array number, not a bool."""
+    return (isinstance(v, int | float) and not isinstance(v, bool)) or _dtype_kind(v) in (
+        "i",
+        "u",
+        "f",
+    )
+
+
+def expected_kind(default: Any, traced: bool = False) -> tuple[str, Callable[[Any], bool]]:
+    """What a keyword accepts, judged by its default: ``(description, test)``. Integer
+    lists (layer widths, shapes) hold positive integers; a ``None`` default takes a number
+    or null when the keyword is ``traced`` (a number a sweep may batch), else anything.
+    """
+    if default is None and traced:
+        return "a number or null", lambda v: v is None or is_number(v)
+    if isinstance(default, bool):
+        return "true or false", lambda v: isinstance(v, bool)
+    if isinstance(default, int):
+        return "an integer", is_int
+    if isinstance(default, float):
+        return "a number", is_number
+    if isinstance(default, str):
+        return "a string", lambda v: isinstance(v, str)
+    if isinstance(default, tuple | list) and all(is_int(x) for x in default):
+        return (
+            "a list of positive integers",
+            lambda v: isinstance(v, tuple | list) and all(is_int(x) and x > 0 for x in v),
+        )
+    return "any value", lambda v: True
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """One registered factory.
@@ -29,12 +73,14 @@ class Entry:
       factory: callable returning the object (``Attack``, ``Aggregator``, ...).
       static: keyword arguments that shape the program (never traced).
       meta: kind-specific facts (e.g. an aggregator's largest admissible ``f``).
+      traced: whether the keywords outside ``static`` are numbers a sweep may trace.
     """
 
     name: str
     factory: Callable[..., Any]
     static: frozenset[str]
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    traced: bool = False
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -52,14 +98,22 @@ class Entry:
         return (inspect.getdoc(self.factory) or "").split("\n")[0]
 
     def check_params(self, params: Mapping[str, Any], field: str) -> None:
-        """Raises ``ConfigError`` naming ``field`` for keywords the factory lacks."""
-        allowed = set(self.defaults)
-        unknown = sorted(set(params) - allowed)
+        """Raises ``ConfigError`` naming ``field`` for keywords the factory lacks and for
+        values of another kind than the keyword's default (see ``expected_kind``)."""
+        defaults = self.defaults
+        unknown = sorted(set(params) - set(defaults))
         if unknown:
             raise ConfigError(
                 f"{field}.{unknown[0]}: {self.name!r} has no such parameter; "
-                f"allowed: {sorted(allowed) or 'none'}."
+                f"allowed: {sorted(defaults) or 'none'}."
             )
+        for key, value in params.items():
+            kind, ok = expected_kind(defaults[key], self.traced and key not in self.static)
+            if not ok(value):
+                raise ConfigError(
+                    f"{field}.{key}: {self.name!r} needs {kind} "
+                    f"(default {defaults[key]!r}), got {value!r}."
+                )
 
     def split(self, params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Splits ``params`` into (static, numeric) keyword dictionaries."""
@@ -73,10 +127,13 @@ class Registry:
 
     Args:
       kind: what the table holds, used in error messages ("attack", "aggregator").
+      traced: whether the factories' keywords outside ``static`` are traced numbers
+        (attacks and rules) rather than plain Python settings (datasets, partitioners).
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, traced: bool = False):
         self.kind = kind
+        self.traced = traced
         self._entries: dict[str, Entry] = {}
         self._aliases: dict[str, str] = {}
 
@@ -98,7 +155,7 @@ class Registry:
             missing = [s for s in static if s not in params]
             if missing:
                 raise ValueError(f"{name}: static {missing} not in signature")
-            self._entries[name] = Entry(name, fn, frozenset(static), meta)
+            self._entries[name] = Entry(name, fn, frozenset(static), meta, self.traced)
             for alias in aliases:
                 self._aliases[alias] = name
             return fn

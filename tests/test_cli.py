@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 
 from fedjax_byz import cli
@@ -66,6 +67,42 @@ def test_run_bad_config_is_one_sentence(tmp_path, capsys):
     assert cli.main(["run", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: attack.name: unknown attack 'lei'") and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    "text,over,expect",
+    [
+        ("train: {lr: 1e-2}\n", [], None),  # YAML 1.1 reads 1e-2 as a string: not here
+        ("", ["train.lr=5e-3"], None),
+        ("data: {source: digits\n", [], "error: config "),
+        ("", ["attack.name=[lie"], "error: --set attack.name: not valid YAML"),
+        ("", ["model.hidden.x=1"], "error: model.hidden.x: model.hidden holds"),
+        ("extends: bad.yaml\n", [], "error: extends: the chain of configs loops"),
+    ],
+)
+def test_config_syntax_errors_are_one_sentence(tmp_path, capsys, text, over, expect):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(TINY) + text)
+    args = ["run", str(path), "--out", str(tmp_path / "out"), "--quiet"]
+    code = cli.main([*args, *(a for o in over for a in ("--set", o))])
+    err = capsys.readouterr().err.strip()
+    if expect is None:
+        assert code == 0, err
+        lr = json.loads((tmp_path / "out" / "results.json").read_text())["runs"][0]
+        assert isinstance(lr["config"]["train"]["lr"], float)
+    else:
+        assert code == 2 and err.startswith(expect) and "\n" not in err, err
+
+
+def test_out_must_be_a_folder_and_set_name_names_it(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    (tmp_path / "file").write_text("")
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err.startswith("error: --out:")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", str(path), "--quiet", "--set", "name=renamed"]) == 0
+    assert (tmp_path / "runs" / "renamed" / "results.json").exists()
 
 
 def test_profiles_overlay(tmp_path):

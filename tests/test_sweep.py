@@ -138,6 +138,18 @@ def test_killed_sweep_resumes_to_identical_results(tmp_path):
         ({"sweep": {"mode": "pmap"}}, "sweep.mode"),
         ({"sweep": {"batchsize": 3}}, "sweep.batchsize"),
         ({"attack": {"name": ["lie", "lei"], "num_byzantine": 1}}, "attack.name"),
+        ({"seed": [0, 0]}, "grid"),
+        ({"name": ["a", "b"]}, "name"),
+        ({"sweep": [1]}, "sweep"),
+        ({"sweep": {"max_batch": 0}}, "sweep.max_batch"),
+        ({"sweep": {"memory_fraction": -1}}, "sweep.memory_fraction"),
+        ({"sweep": {"vmap": "seed"}}, "sweep.vmap"),
+        ({"profiles": ["cpu"]}, "profiles"),
+        # a missing file in a later cell stops the sweep before the first cell runs
+        (
+            {"data": {"grid": [{"source": "digits"}, {"source": "arrays", "path": "/no.npz"}]}},
+            "data.path",
+        ),
     ],
 )
 def test_bad_grids_fail_before_running(tmp_path, monkeypatch, over, field):

@@ -54,8 +54,8 @@ __all__ = [
     "stateless",
 ]
 
-RULES = Registry("aggregator")
-PRE = Registry("pre-aggregator")
+RULES = Registry("aggregator", traced=True)
+PRE = Registry("pre-aggregator", traced=True)
 
 
 def _half(n: int) -> int:
@@ -133,6 +133,8 @@ def route_params(
                 f"more than one stage; use one of {options}."
             )
         routed[idx[0]][short] = value
+    for e, p in zip(entries, routed, strict=True):
+        e.check_params(p, field)
     return routed
 
 

@@ -24,7 +24,7 @@ __all__ = [
     "stateless",
 ]
 
-ATTACKS = Registry("attack")
+ATTACKS = Registry("attack", traced=True)
 ATTACKS.register("none", basic.none)
 ATTACKS.register("bitflip", basic.bitflip, aliases=("signflip",))
 ATTACKS.register("labelflip", basic.labelflip)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,27 @@ from typing import Any
 import yaml
 
 from fedjax_byz import aggregators, attacks, data, models
-from fedjax_byz.registry import ConfigError
+from fedjax_byz.registry import ConfigError, is_int, is_number
+
+
+class _Loader(yaml.SafeLoader):
+    """The safe YAML loader, reading ``1e-3`` as a number (as YAML 1.2 does) rather than
+    as the string YAML 1.1 makes of an exponent without a decimal point."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text to plain values; a syntax error is one ``ConfigError`` naming ``where``."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({' '.join(str(e).split())}).") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +194,32 @@ def _section(name: str, cls, raw: Any):
     elif extra:
         key = sorted(extra)[0]
         raise ConfigError(f"{name}.{key}: unknown setting; allowed: {sorted(fields)}.")
+    for key, value in known.items():
+        _check_type(f"{name}.{key}", value, fields[key].type)
     return cls(**known)
+
+
+_KINDS = {
+    "int": ("an integer", is_int),
+    "float": ("a number", is_number),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "tuple[int, ...]": (
+        "a list of integers",
+        lambda v: isinstance(v, list | tuple) and all(is_int(x) for x in v),
+    ),
+}
+
+
+def _check_type(field: str, value: Any, annotation: str) -> None:
+    """One ``ConfigError`` when ``value`` is not of the field's annotated type (``int``,
+    ``float`` (an integer is a number too), ``str``, a list of integers, ``... | None``)."""
+    optional = annotation.endswith(" | None")
+    kind = _KINDS.get(annotation.removesuffix(" | None"))
+    if kind is None or (value is None and optional):
+        return
+    if value is None or not kind[1](value):
+        null = " or null" if optional else ""
+        raise ConfigError(f"{field}: must be {kind[0]}{null}, got {value!r}.")
 
 
 def from_dict(raw: Mapping[str, Any]) -> Config:
@@ -186,19 +232,25 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     kwargs = {k: _section(k, cls, raw.get(k)) for k, cls in SECTIONS.items()}
     for key in ("name", "seed", "client_parallelism"):
         if key in raw:
+            _check_type(key, raw[key], top[key].type)
             kwargs[key] = raw[key]
     return Config(**kwargs)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML config with its ``extends:`` chain merged in (paths relative to the file)."""
     if not path.exists():
         raise ConfigError(f"config: file {str(path)!r} does not exist.")
-    raw = yaml.safe_load(path.read_text()) or {}
+    if path.resolve() in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
+        raise ConfigError(f"extends: the chain of configs loops ({chain}).")
+    raw = parse_yaml(path.read_text(), f"config {path}") or {}
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config: {path} must hold a mapping of sections.")
     parent = raw.pop("extends", None)
-    return merge(_read_yaml(path.parent / parent), raw) if parent else dict(raw)
+    if not parent:
+        return dict(raw)
+    return merge(_read_yaml(path.parent / parent, (*seen, path.resolve())), raw)
 
 
 def load_yaml(path: str | Path, profile: str | None = None) -> dict[str, Any]:
@@ -208,16 +260,27 @@ def load_yaml(path: str | Path, profile: str | None = None) -> dict[str, Any]:
     ``profile`` then overlays ``profiles: {name: {...}}`` (e.g. ``cpu``: the scaled-down
     version of a paper's setting).
     """
-    raw = _read_yaml(Path(path))
-    profiles = raw.pop("profiles", {}) or {}
-    if profile is not None:
-        if profile not in profiles:
-            raise ConfigError(
-                f"profile: {path} has no profile {profile!r}; "
-                f"allowed: {sorted(profiles) or 'none'}."
-            )
-        raw = merge(raw, profiles[profile])
-    return raw
+    return apply_profile(_read_yaml(Path(path)), profile, str(path))
+
+
+def apply_profile(raw: Mapping[str, Any], profile: str | None, where: str) -> dict[str, Any]:
+    """``raw`` without its ``profiles:``, overlaid with the one named ``profile`` (if any)."""
+    raw = dict(raw)
+    profiles = raw.pop("profiles", None) or {}
+    if not isinstance(profiles, Mapping) or not all(
+        isinstance(p, Mapping) for p in profiles.values()
+    ):
+        raise ConfigError(
+            f"profiles: {where} must map profile names to settings "
+            f"(e.g. profiles: {{cpu: {{server: {{rounds: 10}}}}}}), got {profiles!r}."
+        )
+    if profile is None:
+        return raw
+    if profile not in profiles:
+        raise ConfigError(
+            f"profile: {where} has no profile {profile!r}; allowed: {sorted(profiles) or 'none'}."
+        )
+    return merge(raw, profiles[profile])
 
 
 def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -231,10 +294,17 @@ def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def set_path(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
-    """Returns ``raw`` with ``a.b.c = value`` (for ``--set`` on the command line)."""
-    head, *rest = dotted.split(".")
-    out = dict(raw)
-    out[head] = set_path(dict(out.get(head) or {}), ".".join(rest), value) if rest else value
+    """Returns ``raw`` with ``a.b.c = value`` (for ``--set`` on the command line); the
+    sections along the path are copied, ``raw`` is left as it was."""
+    keys = dotted.split(".")
+    out = node = dict(raw)
+    for depth, key in enumerate(keys[:-1]):
+        inner = node.get(key) or {}
+        if not isinstance(inner, Mapping):
+            where = ".".join(keys[: depth + 1])
+            raise ConfigError(f"{dotted}: {where} holds {inner!r}, not a section of settings.")
+        node[key] = node = dict(inner)
+    node[keys[-1]] = value
     return out
 
 
@@ -254,6 +324,8 @@ def grid_axes(raw: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tupl
                 continue
             if not v:
                 raise ConfigError(f"{'.'.join(path)}: an empty list gives an empty grid.")
+            if path == ("name",):
+                raise ConfigError(f"name: the experiment's name is one string, got {v!r}.")
             if k == "grid":  # variants may hold grids of their own: take their union
                 v = [c for x in v for c, _ in (expand(x) if isinstance(x, Mapping) else [(x, 0)])]
             axes.append((path, v))
@@ -308,6 +380,19 @@ def _flatten(value: Any, prefix: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def check_files(cfg: Config) -> None:
+    """Raises one ``ConfigError`` when a file or folder the config reads is missing (kept
+    apart from ``validate``, which judges settings alone)."""
+    source = data.DATASETS.entry(cfg.data.source, "data.source")
+    if "path" in source.defaults:
+        path = cfg.data.params.get("path", "")
+        _require(
+            bool(path) and Path(path).expanduser().exists(),
+            "data.path",
+            f"the {cfg.data.source!r} source reads a file or folder that does not exist: {path!r}.",
+        )
+
+
 def _require(ok: bool, field: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{field}: {message}")
@@ -316,6 +401,8 @@ def _require(ok: bool, field: str, message: str) -> None:
 def validate(cfg: Config) -> None:
     """Raises one ``ConfigError`` for the first setting that cannot work."""
     d, t, s, a = cfg.data, cfg.train, cfg.server, cfg.attack
+    _require(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}.")
+    _require(d.seed is None or d.seed >= 0, "data.seed", f"must be >= 0 or null, got {d.seed}.")
     data.DATASETS.entry(d.source, "data.source").check_params(d.params, "data")
     data.PARTITIONERS.entry(d.partition, "data.partition")
     _require(
@@ -324,9 +411,18 @@ def validate(cfg: Config) -> None:
         f"must be a positive integer, got {d.num_clients!r}.",
     )
     if d.partition == "dirichlet":
-        _require(d.beta > 0, "data.beta", f"the Dirichlet concentration must be > 0, got {d.beta}.")
+        _require(
+            0 < d.beta < math.inf,
+            "data.beta",
+            f"the Dirichlet concentration must be a finite number > 0, got {d.beta}.",
+        )
     if d.partition == "shards":
         _require(0 <= d.s <= 1, "data.s", f"the IID share must be in [0, 1], got {d.s}.")
+        _require(
+            d.shards_per_client >= 1,
+            "data.shards_per_client",
+            f"must be >= 1, got {d.shards_per_client}.",
+        )
     models.MODELS.entry(cfg.model.name, "model.name").check_params(cfg.model.params, "model")
     _require(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}.")
     if t.local_steps is None:

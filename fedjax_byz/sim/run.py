@@ -25,8 +25,9 @@ from jax.sharding import Mesh
 
 from fedjax_byz import attacks
 from fedjax_byz import data as data_lib
+from fedjax_byz.registry import ConfigError
 from fedjax_byz.sim import sharding
-from fedjax_byz.sim.config import Config, DataConfig, from_dict, validate
+from fedjax_byz.sim.config import Config, DataConfig, check_files, from_dict, grid_axes, validate
 from fedjax_byz.sim.program import (
     HParams,
     StaticConfig,
@@ -144,6 +145,7 @@ class Batch:
         self.cfgs = list(cfgs)
         for cfg in self.cfgs:
             validate(cfg)
+            check_files(cfg)
         keys = {structure_key(c) for c in self.cfgs}
         if len(keys) != 1:
             raise ValueError("a batch must hold configs of one structure")
@@ -259,8 +261,21 @@ def _key_data(x):
     return np.asarray(sharding.fetch(x))
 
 
-def save_checkpoint(path: Path, state, chunk: int, rounds: list, evals: list) -> None:
-    """Writes the run's state after ``chunk`` chunks and its metrics so far, atomically."""
+def checkpoint_identity(cfgs: Sequence[Config]) -> str:
+    """What a checkpoint's state depends on: the hash of the batch's config dicts, in order
+    (the same canonical JSON as a sweep cell's key)."""
+    import hashlib
+    import json
+
+    blob = json.dumps([clean_json(c.to_dict()) for c in cfgs], sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def save_checkpoint(
+    path: Path, state, done: int, rounds: list, evals: list, *, identity: str, periods: int
+) -> None:
+    """Writes the run's state after ``done`` evaluation periods (chunks of ``periods``) and
+    its metrics so far, atomically, with the ``identity`` of the configs it belongs to."""
     leaves = [_key_data(x) for x in jax.tree.leaves(state)]
     arrays = {f"leaf{i}": a for i, a in enumerate(leaves)}
     for name, parts in (("rounds", rounds), ("evals", evals)):
@@ -268,13 +283,29 @@ def save_checkpoint(path: Path, state, chunk: int, rounds: list, evals: list) ->
             arrays[f"{name}/{k}"] = np.concatenate([np.asarray(p[k]) for p in parts], axis=-1)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, chunk=chunk, **arrays)
+    np.savez(tmp, identity=np.str_(identity), done=done, periods=periods, **arrays)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, like):
-    """(state, chunk, rounds, evals) from ``save_checkpoint``; ``like`` gives the structure."""
+def load_checkpoint(path: Path, like, identity: str):
+    """``(state, done, periods, rounds, evals)`` from ``save_checkpoint``: the state after
+    ``done`` evaluation periods, run in chunks of ``periods``; ``like`` gives the structure.
+
+    Raises:
+      ConfigError: the checkpoint belongs to other configs than ``identity``'s (or was
+        written without one, by an older version).
+    """
     with np.load(path) as z:
+        if "identity" not in z.files:
+            raise ConfigError(
+                f"checkpoint: {str(path)!r} names no config (an older version wrote it), so "
+                "it may belong to another config; remove it to start this run afresh."
+            )
+        if str(z["identity"]) != identity:
+            raise ConfigError(
+                f"checkpoint: {str(path)!r} belongs to another config (its state and curves "
+                "are not this run's); remove it or give this run another checkpoint path."
+            )
         leaves = jax.tree.leaves(like)
         restored = []
         for i, ref in enumerate(leaves):
@@ -286,7 +317,8 @@ def load_checkpoint(path: Path, like):
         state = jax.tree.unflatten(jax.tree.structure(like), restored)
         rounds = {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith("rounds/")}
         evals = {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith("evals/")}
-        return state, int(z["chunk"]), ([rounds] if rounds else []), ([evals] if evals else [])
+        done, periods = int(z["done"]), int(z["periods"])
+        return state, done, periods, ([rounds] if rounds else []), ([evals] if evals else [])
 
 
 def run_batch(
@@ -300,39 +332,47 @@ def run_batch(
     """Runs every config of ``batch``; one result dict per config (see ``simulate``).
 
     With ``checkpoint``, the state is saved there after every chunk, and a run that finds
-    a checkpoint resumes from it (the file is removed once the batch finishes).
+    a checkpoint resumes from it (the file is removed once the batch finishes). The
+    checkpoint names the configs it belongs to (``checkpoint_identity``): another batch's
+    is refused with a ``ConfigError``. One written with another ``chunk_periods`` resumes
+    where it stopped, in the new chunks when they divide what it has done, else in its own.
     """
     t_start = time.perf_counter()
     total = batch.rounds // batch.eval_every
     periods = periods_per_chunk(total, chunk_periods)
     state = batch.init()
+    start, rounds, evals = 0, [], []  # start: evaluation periods done
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    identity = checkpoint_identity(batch.cfgs) if ckpt is not None else ""
+    if ckpt is not None and ckpt.exists():
+        state, start, saved_periods, rounds, evals = load_checkpoint(ckpt, state, identity)
+        state = batch.place(state)
+        if start % periods:  # its chunks divide both what is done and what is left
+            periods = saved_periods
     t_compile = time.perf_counter()
     run, compile_time = batch.compile(state, periods)
     compile_spent = time.perf_counter() - t_compile  # 0 when compiled earlier
-    start, rounds, evals = 0, [], []
-    ckpt = Path(checkpoint) if checkpoint is not None else None
-    if ckpt is not None and ckpt.exists():
-        state, start, rounds, evals = load_checkpoint(ckpt, state)
-        state = batch.place(state)
 
     from tqdm.auto import tqdm
 
     bar = tqdm(
         total=batch.rounds,
-        initial=start * periods * batch.eval_every,
+        initial=start * batch.eval_every,
         unit="round",
         desc=label or batch.cfgs[0].name,
         disable=not progress,
         leave=False,
     )
-    for chunk in range(start, total // periods):
-        first = jnp.asarray(chunk * periods * batch.eval_every, jnp.int32)
+    for done in range(start, total, periods):
+        first = jnp.asarray(done * batch.eval_every, jnp.int32)
         state, (rm, em) = run(state, batch.hp, batch.data, first)
         rm, em = sharding.fetch((rm, em))
         rounds.append(rm)
         evals.append(em)
         if ckpt is not None:
-            save_checkpoint(ckpt, state, chunk + 1, rounds, evals)
+            save_checkpoint(
+                ckpt, state, done + periods, rounds, evals, identity=identity, periods=periods
+            )
         bar.update(periods * batch.eval_every)
         bar.set_postfix(acc=f"{float(np.mean(em['test_acc'][..., -1])):.3f}")
     bar.close()
@@ -402,6 +442,13 @@ def simulate(
       ``updates [K, m, d]`` (the rows the rule received), ``byz [K, m]``, ``clients [K, m]``
       (which clients took part), ``aggregate [K, d]``, ``weights [K, m]``.
     """
+    if not isinstance(config, Config):
+        axes = grid_axes(config)
+        if axes:
+            raise ConfigError(
+                f"{'.'.join(axes[0][0])}: a list makes a grid, and simulate runs one "
+                "experiment; run grids with fb.sweep (or `fedjax-byz sweep`)."
+            )
     cfg = config if isinstance(config, Config) else from_dict(config)
     return run_batch(
         Batch([cfg], devices=devices),

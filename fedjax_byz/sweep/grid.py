@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedjax_byz import attacks
-from fedjax_byz.registry import ConfigError
+from fedjax_byz.registry import ConfigError, is_int, is_number
 from fedjax_byz.sim import config as config_lib
 from fedjax_byz.sim.program import split_aggregator_params
 from fedjax_byz.sim.run import BATCH_MODES, clean_json, structure_key
@@ -73,12 +73,23 @@ def split_options(raw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     raw = dict(raw)
     opts = dict(SWEEP_DEFAULTS)
     given = raw.pop("sweep", None) or {}
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"sweep: expected a mapping of settings, got {given!r}.")
     for k, v in given.items():
         if k not in SWEEP_DEFAULTS:
             raise ConfigError(f"sweep.{k}: unknown setting; allowed: {sorted(SWEEP_DEFAULTS)}.")
         opts[k] = v
     if opts["mode"] not in BATCH_MODES:
         raise ConfigError(f"sweep.mode: must be one of {list(BATCH_MODES)}, got {opts['mode']!r}.")
+    vmap, fraction = opts["vmap"], opts["memory_fraction"]
+    if vmap is not None and not (isinstance(vmap, list) and all(isinstance(f, str) for f in vmap)):
+        raise ConfigError(f"sweep.vmap: must be a list of dotted field names, got {vmap!r}.")
+    for k in ("max_batch", "devices"):
+        v = opts[k]
+        if v is not None and not (is_int(v) and v >= 1):
+            raise ConfigError(f"sweep.{k}: must be a positive integer or null, got {v!r}.")
+    if not (is_number(fraction) and 0 < fraction <= 1):
+        raise ConfigError(f"sweep.memory_fraction: must be in (0, 1], got {fraction!r}.")
     return raw, opts
 
 
@@ -91,11 +102,19 @@ def numeric_fields(cfg: config_lib.Config) -> set[str]:
 
 def expand_cells(raw: Mapping[str, Any], vmap: list[str] | None = None) -> list[Cell]:
     """Every cell of the grid, validated (one clear error before anything compiles)."""
-    cells = []
+    cells, seen = [], {}
     for cell_raw, grid in config_lib.expand(raw):
         cfg = config_lib.from_dict(cell_raw)
         config_lib.validate(cfg)
-        cells.append(Cell(cfg, grid, cell_key(cfg)))
+        cell = Cell(cfg, grid, cell_key(cfg))
+        if cell.key in seen:
+            raise ConfigError(
+                f"grid: two cells are the same experiment ({describe(seen[cell.key])} and "
+                f"{describe(cell)}): a value listed twice, or a grid variant overriding "
+                "another axis."
+            )
+        seen[cell.key] = cell
+        cells.append(cell)
     if vmap is not None:
         allowed = numeric_fields(cells[0].config)
         for field in vmap:

@@ -4,7 +4,13 @@ The grid axes of the records decide the layout: ``seed`` axes are averaged (mean
 ``attack*`` axes label rows, ``aggregator*`` axes label columns, and every other axis
 (β, f, n, a strength...) splits the records into panels and, when numeric, becomes the
 x axis of an ablation plot. The reported number is the best test accuracy reached during
-training (as in the STRIKE and SignGuard papers) unless ``metric`` says otherwise.
+training (as in the STRIKE and SignGuard papers) unless ``metric`` says otherwise
+(``final_acc``: the last evaluation's).
+
+A report covers the records it is given; ``ResultStore.records`` gives those of the
+folder's current sweep (``plan.json``), and the report says how many it left out. A cell
+with fewer seeds than the others (a partial store, a diverged run) is marked ``n=k of N
+seeds``; the row without attack is never bolded as the strongest attack.
 
 Two more tables appear when the store allows them:
 
@@ -28,7 +34,11 @@ from typing import Any
 
 import numpy as np
 
+from fedjax_byz.registry import ConfigError
+
 SEED_AXES = ("seed", "data.seed")
+METRICS = ("best_acc", "final_acc")  # the accuracies a record holds
+NO_ATTACK = "none"
 
 
 def value_label(v: Any) -> str:
@@ -119,17 +129,53 @@ def _panel_title(panel: tuple) -> str:
     return ", ".join(f"{a} = {json.loads(v)}" for a, v in panel if v != "null") or "all"
 
 
-def markdown_table(rows, cols, stats, scale: float = 100.0, strongest=min) -> str:
-    """attack × defense, mean ± std, the strongest attack against each rule in bold: the
-    ``strongest`` (``min`` for accuracy, ``max`` for attack impact) value of its column."""
-    lines = ["| attack \\ defense | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    worst = {
+def _strongest(rows, cols, stats, strongest, never_bold) -> dict[str, float | None]:
+    """Per column, the ``strongest`` mean of the attacked rows (None: nothing to bold)."""
+    if len(rows) < 2:
+        return dict.fromkeys(cols)
+    return {
         c: strongest(
-            (stats[r, c][0] for r in rows if (r, c) in stats and math.isfinite(stats[r, c][0])),
+            (
+                stats[r, c][0]
+                for r in rows
+                if r not in never_bold and (r, c) in stats and math.isfinite(stats[r, c][0])
+            ),
             default=None,
         )
         for c in cols
     }
+
+
+def _partial(k: int, seeds: int | None) -> str:
+    """`` (n=k of N seeds)`` for a cell averaged over fewer seeds than ``seeds``."""
+    if seeds is None or k >= seeds:
+        return ""
+    return f" (n={k} of {seeds} seed{'s' if seeds > 1 else ''})"
+
+
+PARTIAL_NOTE = (
+    "(n=k of N seeds): mean over the k seeds with a finite result; the others are missing "
+    "from the store or diverged."
+)
+
+
+def markdown_table(
+    rows,
+    cols,
+    stats,
+    scale: float = 100.0,
+    strongest=min,
+    *,
+    seeds: int | None = None,
+    never_bold=(NO_ATTACK,),
+) -> str:
+    """attack × defense, mean ± std, the strongest attack against each rule in bold: the
+    ``strongest`` (``min`` for accuracy, ``max`` for attack impact) value of its column
+    among the rows not in ``never_bold`` (the row without attack). A cell averaged over
+    fewer than ``seeds`` seeds is marked ``n=k of N seeds`` and a note follows the table."""
+    lines = ["| attack \\ defense | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    worst = _strongest(rows, cols, stats, strongest, never_bold)
+    partial = False
     for r in rows:
         cells = []
         for c in cols:
@@ -138,26 +184,26 @@ def markdown_table(rows, cols, stats, scale: float = 100.0, strongest=min) -> st
                 continue
             m, s, k = stats[r, c]
             text = f"{scale * m:.1f} ± {scale * s:.1f}" if k > 1 else f"{scale * m:.1f}"
-            cells.append(
-                f"**{text}**" if worst[c] is not None and m == worst[c] and len(rows) > 1 else text
-            )
+            if r not in never_bold and worst[c] is not None and m == worst[c]:
+                text = f"**{text}**"
+            note = _partial(k, seeds)
+            partial |= bool(note)
+            cells.append(text + note)
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    if partial:
+        lines += ["", PARTIAL_NOTE]
     return "\n".join(lines)
 
 
-def latex_table(rows, cols, stats, scale: float = 100.0) -> str:
+def latex_table(
+    rows, cols, stats, scale: float = 100.0, *, seeds: int | None = None, never_bold=(NO_ATTACK,)
+) -> str:
     """The same table as a LaTeX ``tabular`` (booktabs)."""
 
     def esc(t):
         return t.replace("_", r"\_").replace("%", r"\%")
 
-    worst = {
-        c: min(
-            (stats[r, c][0] for r in rows if (r, c) in stats and math.isfinite(stats[r, c][0])),
-            default=None,
-        )
-        for c in cols
-    }
+    worst = _strongest(rows, cols, stats, min, never_bold)
     lines = [
         r"\begin{tabular}{l" + "c" * len(cols) + "}",
         r"\toprule",
@@ -172,11 +218,9 @@ def latex_table(rows, cols, stats, scale: float = 100.0) -> str:
                 continue
             m, s, k = stats[r, c]
             text = f"{scale * m:.1f}" + (rf" $\pm$ {scale * s:.1f}" if k > 1 else "")
-            cells.append(
-                rf"\textbf{{{text}}}"
-                if worst[c] is not None and m == worst[c] and len(rows) > 1
-                else text
-            )
+            if r not in never_bold and worst[c] is not None and m == worst[c]:
+                text = rf"\textbf{{{text}}}"
+            cells.append(text + _partial(k, seeds))
         lines.append(esc(r) + " & " + " & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines)
@@ -191,8 +235,11 @@ def _plt():
     return plt
 
 
-def heatmap(rows, cols, stats, path: Path, title: str, scale: float = 100.0) -> None:
-    """attack × defense heatmap of the mean accuracy."""
+def heatmap(
+    rows, cols, stats, path: Path, title: str, scale: float = 100.0, *, seeds: int | None = None
+) -> None:
+    """attack × defense heatmap of the mean accuracy (``n=k`` under cells averaged over
+    fewer than ``seeds`` seeds)."""
     plt = _plt()
     grid = np.array([[stats.get((r, c), (math.nan,))[0] * scale for c in cols] for r in rows])
     fig, ax = plt.subplots(
@@ -204,7 +251,9 @@ def heatmap(rows, cols, stats, path: Path, title: str, scale: float = 100.0) -> 
     for i in range(len(rows)):
         for j in range(len(cols)):
             if math.isfinite(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=8)
+                k = stats[rows[i], cols[j]][2]
+                partial = f"\nn={k}" if seeds is not None and k < seeds else ""
+                ax.text(j, i, f"{grid[i, j]:.1f}{partial}", ha="center", va="center", fontsize=8)
     fig.colorbar(im, ax=ax, label="test accuracy (%)")
     ax.set_title(title, fontsize=9)
     fig.savefig(path, dpi=150)
@@ -328,28 +377,75 @@ def selection_table(records: Sequence[Mapping[str, Any]], layout: Layout) -> dic
     return out
 
 
+def check_records(records: Sequence[Mapping[str, Any]], metric: str = "best_acc") -> None:
+    """Raises ``ConfigError`` unless ``metric`` is an accuracy every record holds and there
+    are records to report (``records`` from ``ResultStore.records`` name their file)."""
+    if metric not in METRICS:
+        raise ConfigError(
+            f"--metric: {metric!r} is not a reported accuracy; allowed: {', '.join(METRICS)}."
+        )
+    path = getattr(records, "path", None)
+    where = f"{str(path)!r}" if path is not None else "the records"
+    if not records:
+        left_out = getattr(records, "left_out", 0)
+        if left_out:
+            raise ConfigError(
+                f"results: {where} holds no record of the folder's current sweep (plan.json); "
+                f"its {left_out} record(s) are of an earlier sweep into the folder."
+            )
+        raise ConfigError(
+            f"results: {where} holds no records; expected one JSON record per line, as a "
+            "sweep writes to its results.jsonl."
+        )
+    lacking = sum(metric not in r for r in records)
+    if lacking:
+        raise ConfigError(f"--metric: {metric!r} is missing from {lacking} record(s) of {where}.")
+
+
+def _seed_count(records: Sequence[Mapping[str, Any]]) -> int:
+    """How many seed combinations (``seed``, ``data.seed``) the records hold."""
+    return len({json.dumps([r["grid"].get(a) for a in SEED_AXES]) for r in records})
+
+
+def _unattacked(records: Sequence[Mapping[str, Any]], layout: Layout) -> set[str]:
+    """Row labels of the records without attack: never the strongest attack."""
+    return {layout.row(r) for r in records if r["config"]["attack"]["name"] == NO_ATTACK}
+
+
 def summary(records: Sequence[Mapping[str, Any]], metric: str = "best_acc") -> str:
     """The markdown tables of ``records``: per panel, attack × defense tables of ``metric``,
     of the attack impact (when the baseline cells are there) and of the selection rates
     (when rounds were captured)."""
+    check_records(records, metric)
     layout = Layout(records)
-    seeds = {json.dumps([r["grid"].get(a) for a in SEED_AXES]) for r in records}
+    seeds = _seed_count(records)
+    never = _unattacked(records, layout)
     name = metric.replace("_", " ")
     md = [
-        f"{name} (%), mean ± std over {len(seeds)} seed(s); "
-        "bold: the strongest attack against each defense (lowest accuracy).",
+        f"{name} (%), mean ± std over {seeds} seed(s); "
+        "bold: the strongest attack against each defense (lowest accuracy; never the "
+        "row without attack).",
         "",
     ]
+    left_out, missing = getattr(records, "left_out", 0), getattr(records, "missing", 0)
+    if left_out:
+        md += [
+            f"{left_out} record(s) of the results store left out: they are no cell of the "
+            "folder's current sweep (plan.json), e.g. runs of an earlier config or grid.",
+            "",
+        ]
+    if missing:
+        md += [f"{missing} cell(s) of the current sweep have no record yet.", ""]
     for panel, (rows, cols, stats) in aggregate_table(records, layout, metric).items():
         if panel:
             md += [f"**{_panel_title(panel)}**", ""]
-        md += [markdown_table(rows, cols, stats), ""]
+        md += [markdown_table(rows, cols, stats, seeds=seeds, never_bold=never), ""]
     impact = attack_impact(records, metric)
-    attacked = [r for r in records if r["config"]["attack"]["name"] != "none"]
+    attacked = [r for r in records if r["config"]["attack"]["name"] != NO_ATTACK]
     with_impact = [
         dict(r, attack_impact=v) for r, v in zip(records, impact, strict=True) if v is not None
     ]
-    if any(r["config"]["attack"]["name"] != "none" for r in with_impact):
+    if any(r["config"]["attack"]["name"] != NO_ATTACK for r in with_impact):
         md += [
             f"Attack impact (SignGuard, Definition 3): {name} of the no-attack, "
             f"mean-aggregation run minus {name}, in points; bold: the largest drop against "
@@ -361,7 +457,8 @@ def summary(records: Sequence[Mapping[str, Any]], metric: str = "best_acc") -> s
         ).items():
             if panel:
                 md += [f"**{_panel_title(panel)}**", ""]
-            md += [markdown_table(rows, cols, stats, strongest=max), ""]
+            table = markdown_table(rows, cols, stats, strongest=max, seeds=seeds, never_bold=never)
+            md += [table, ""]
     elif attacked:
         md += [
             "Attack impact (SignGuard, Definition 3) needs the no-attack, mean-aggregation "
@@ -389,19 +486,26 @@ def write_report(
     title: str | None = None,
 ) -> Path:
     """Writes ``report.md``, ``report.tex``, one heatmap per panel and one ablation plot per
-    numeric axis into ``out``; returns the markdown file."""
+    numeric axis into ``out``; returns the markdown file.
+
+    Raises:
+      ConfigError: ``metric`` is not one of ``METRICS``, or there are no records.
+    """
+    check_records(records, metric)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     layout = Layout(records)
+    seeds = _seed_count(records)
+    never = _unattacked(records, layout)
     md = [f"# {title or records[0]['name']}", "", summary(records, metric)]
     tex = []
     for i, (panel, (rows, cols, stats)) in enumerate(
         aggregate_table(records, layout, metric).items()
     ):
         head = _panel_title(panel)
-        tex += [f"% {head}", latex_table(rows, cols, stats), ""]
+        tex += [f"% {head}", latex_table(rows, cols, stats, seeds=seeds, never_bold=never), ""]
         png = out / f"heatmap_{i}.png"
-        heatmap(rows, cols, stats, png, head)
+        heatmap(rows, cols, stats, png, head, seeds=seeds)
         md += [f"![heatmap: {head}]({png.name})", ""]
     for axis in layout.numeric_axes:
         png = out / f"ablation_{axis.replace('.', '_')}.png"

@@ -86,6 +86,15 @@ def _load_plan(path: Path, cells: dict[str, Cell]) -> dict[str, list[list[Cell]]
     return {b[0]: [cells[k] for k in b] for b in keys}
 
 
+def _save_plan(out: Path, cells: list[Cell], batches: list[list[Cell]]) -> None:
+    """``plan.json``: the grid's cell keys (what a report of the folder covers) and the
+    batches planned so far."""
+    _write_json(
+        out / "plan.json",
+        {"cells": [c.key for c in cells], "batches": [[c.key for c in b] for b in batches]},
+    )
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -149,9 +158,7 @@ def planned_groups(plan: Plan) -> Iterator[list[int]]:
                 ahead = pool.submit(_group_batches, plan, *groups[i + 1])
             first = len(plan.batches)
             plan.batches.extend(batches)
-            _write_json(
-                plan.out / "plan.json", {"batches": [[c.key for c in b] for b in plan.batches]}
-            )
+            _save_plan(plan.out, plan.cells, plan.batches)
             yield list(range(first, len(plan.batches)))
 
 
@@ -167,17 +174,23 @@ def plan_sweep(
 ) -> Plan:
     """Expands and groups the grid and plans its batches (reusing ``plan.json``); with
     ``complete=False`` the batches are left for ``planned_groups`` to plan."""
-    raw = config_lib.load_yaml(config, profile) if isinstance(config, str | Path) else dict(config)
+    if isinstance(config, str | Path):
+        raw = config_lib.load_yaml(config, profile)
+    else:
+        raw = config_lib.apply_profile(config, profile, "config")
     for key, value in (overrides or {}).items():
         raw = config_lib.set_path(raw, key, value)
     raw, opts = split_options(raw)
     cells = expand_cells(raw, opts["vmap"])
+    for cell in cells:
+        config_lib.check_files(cell.config)
     groups = group_cells(cells, opts["vmap"])
     name = cells[0].config.name
     out = Path(out or Path("runs") / name)
     out.mkdir(parents=True, exist_ok=True)
     enable_compilation_cache()
     saved = _load_plan(out / "plan.json", {c.key: c for c in cells})
+    _save_plan(out, cells, list(saved.values()))  # the folder now describes this grid
     plan = Plan(out, cells, groups, [], opts, chunk_periods, saved)
     done = sum(c.key in plan.store for c in cells)
     log(
