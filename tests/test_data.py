@@ -53,6 +53,23 @@ def test_dirichlet_skew_follows_beta():
     assert mild < 0.2  # close to the uniform 0.1
 
 
+def test_dirichlet_min_size_redraws_until_no_client_is_small():
+    plain = data_lib.partition("dirichlet", LABELS, 40, 0, beta=0.07)
+    assert min(len(p) for p in plain) == 0  # the plain draw leaves clients empty here
+    first = data_lib.partition("dirichlet", LABELS, 40, 0, beta=0.07, min_size=0)
+    assert all(np.array_equal(a, b) for a, b in zip(plain, first, strict=True))
+    parts = data_lib.partition("dirichlet", LABELS, 40, 0, beta=0.07, min_size=3)
+    assert min(len(p) for p in parts) >= 3
+    _check_exact_cover(parts, len(LABELS))
+    again = data_lib.partition("dirichlet", LABELS, 40, 0, beta=0.07, min_size=3)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    for impossible in (len(LABELS), 20):  # more than the data holds; no draw reaches it
+        with pytest.raises(ConfigError, match="data.min_size"):
+            data_lib.partition("dirichlet", LABELS, 40, 0, beta=0.07, min_size=impossible)
+    with pytest.raises(ConfigError, match="data.min_size"):
+        data_lib.partition("dirichlet", LABELS, 40, 0, beta=0.07, min_size=-1)
+
+
 def test_shards_without_iid_share_gives_few_labels_per_client():
     parts = data_lib.partition("shards", LABELS, 10, 0, s=0.0)
     labels_per_client = [len(np.unique(LABELS[p])) for p in parts]

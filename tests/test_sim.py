@@ -11,6 +11,7 @@ import fedjax_byz as fb
 from fedjax_byz import ops, sim
 from fedjax_byz.attacks import ATTACKS, stateless
 from fedjax_byz.sim.client import make_client_update, map_clients
+from fedjax_byz.sweep import grid
 
 TINY = {
     "name": "tiny",
@@ -197,6 +198,34 @@ def test_partial_participation():
     full = sim.simulate(tiny(), progress=False)
     assert r["train_loss"] != full["train_loss"]
     assert all(np.isfinite(r["test_acc"]))
+
+
+def test_empty_clients_are_counted_and_report_no_training_loss():
+    skewed = {"data.partition": "dirichlet", "data.beta": 0.02, "data.num_clients": 40}
+    r = sim.simulate(tiny(**skewed), progress=False)
+    counts = np.asarray(sim.client_data(sim.from_dict(tiny(**skewed)).data, 0).counts)
+    assert r["empty_clients"] == int((counts == 0).sum()) > 0
+    # the training loss averages the clients that trained: near ln 10 at the first round
+    # (counting the 16 empty clients as 0 would give about 1.5)
+    assert r["train_loss"][0] > 2.0
+    full = sim.simulate(tiny(**{"data.min_size": 30}), progress=False)
+    counts = np.asarray(
+        sim.client_data(sim.from_dict(tiny(**{"data.min_size": 30})).data, 0).counts
+    )
+    assert full["empty_clients"] == 0 and counts.min() >= 30
+
+
+def test_cell_keys_of_older_stores_are_kept():
+    """A config's identity leaves out fields added later while they hold their default,
+    so results stores written before them keep their keys (hash taken before min_size)."""
+    cfg = sim.from_dict(
+        {
+            "data": {"partition": "dirichlet", "beta": 0.1, "num_clients": 30},
+            "attack": {"name": "lie", "num_byzantine": 3, "z": 1.5},
+            "aggregator": {"name": "krum"},
+        }
+    )
+    assert grid.cell_key(cfg) == "793b1a4e4980c44e"
 
 
 def test_byzantine_weight_is_recorded_for_weighting_rules():

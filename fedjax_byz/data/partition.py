@@ -32,25 +32,48 @@ def iid(labels: np.ndarray, n: int, seed: int = 0) -> list[np.ndarray]:
     return [np.sort(p) for p in np.array_split(rng.permutation(len(labels)), n)]
 
 
+MAX_DRAWS = 1000  # redraws allowed to meet ``min_size`` before giving up
+
+
 @PARTITIONERS.register("dirichlet")
-def dirichlet(labels: np.ndarray, n: int, seed: int = 0, beta: float = 0.5) -> list[np.ndarray]:
+def dirichlet(
+    labels: np.ndarray, n: int, seed: int = 0, beta: float = 0.5, min_size: int = 0
+) -> list[np.ndarray]:
     """Label skew by a Dirichlet draw per class (STRIKE paper, appendix D.1).
 
     For each class ``c`` draw ``q_c ~ Dir_n(β)`` and give client ``i`` a ``(q_c)_i`` share of
     class ``c``'s examples. Small β concentrates every class on few clients; β → ∞
-    approaches IID. Clients may receive no example at small β.
+    approaches IID. Clients may receive no example at small β (they then send zero
+    updates, which distance-based rules such as Krum may prefer); ``min_size > 0`` redraws
+    the whole split until every client holds at least that many examples (the NIID-Bench
+    convention, Li et al. 2022), ``0`` (default) keeps the first draw.
     """
     if not (np.isfinite(beta) and beta > 0):
         raise ConfigError(
             f"data.beta: the Dirichlet concentration must be a finite number > 0 "
             f"(β → ∞ is IID: use partition 'iid'), got {beta}."
         )
+    if isinstance(min_size, bool) or not isinstance(min_size, int | np.integer) or min_size < 0:
+        raise ConfigError(f"data.min_size: must be an integer >= 0, got {min_size!r}.")
+    if n * min_size > len(labels):
+        raise ConfigError(
+            f"data.min_size: {n} clients of at least {min_size} examples need "
+            f"{n * min_size}, the data has {len(labels)}."
+        )
     rng = np.random.default_rng(seed)
-    pieces = []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        pieces.append(_split_by_fractions(idx, rng.dirichlet(np.full(n, beta))))
-    return _gather(pieces, n)
+    for _ in range(MAX_DRAWS):
+        pieces = []
+        for c in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            pieces.append(_split_by_fractions(idx, rng.dirichlet(np.full(n, beta))))
+        parts = _gather(pieces, n)
+        if min(len(p) for p in parts) >= min_size:
+            return parts
+    raise ConfigError(
+        f"data.min_size: no Dirichlet(β={beta}) split of {len(labels)} examples over {n} "
+        f"clients gave every client {min_size} examples in {MAX_DRAWS} draws; lower "
+        "min_size, raise β or use fewer clients."
+    )
 
 
 @PARTITIONERS.register("shards")

@@ -48,14 +48,17 @@ class DataConfig:
     """Where client data comes from and how it is split.
 
     ``params`` go to the source (e.g. ``path`` for ``imagefolder``/``femnist``, ``name``
-    for ``tfds``); ``beta`` is used by ``dirichlet``, ``s``/``shards_per_client`` by
-    ``shards``; ``seed`` is the partition's seed (the run's seed when null).
+    for ``tfds``); ``beta`` and ``min_size`` (redraw until every client holds that many
+    examples; 0: the plain draw, which may leave clients empty) are used by
+    ``dirichlet``, ``s``/``shards_per_client`` by ``shards``; ``seed`` is the partition's
+    seed (the run's seed when null).
     """
 
     source: str = "digits"
     partition: str = "iid"
     num_clients: int = 20
     beta: float = 0.5
+    min_size: int = 0
     s: float = 0.5
     shards_per_client: int = 2
     seed: int | None = None
@@ -152,6 +155,21 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
+
+    def identity(self) -> dict[str, Any]:
+        """``to_dict`` without the fields added after results stores existed, while they
+        hold their defaults (``LATER_FIELDS``): what a result's identity is hashed from,
+        so that stores written before a field existed keep their keys."""
+        out = self.to_dict()
+        for dotted, default in LATER_FIELDS.items():
+            section, field = dotted.split(".")
+            if out[section].get(field) == default:
+                del out[section][field]
+        return out
+
+
+# Fields added to the config after results stores were written, with their defaults.
+LATER_FIELDS = {"data.min_size": 0}
 
 
 SECTIONS = {
@@ -416,6 +434,7 @@ def validate(cfg: Config) -> None:
             "data.beta",
             f"the Dirichlet concentration must be a finite number > 0, got {d.beta}.",
         )
+        _require(d.min_size >= 0, "data.min_size", f"must be >= 0, got {d.min_size}.")
     if d.partition == "shards":
         _require(0 <= d.s <= 1, "data.s", f"the IID share must be in [0, 1], got {d.s}.")
         _require(

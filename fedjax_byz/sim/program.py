@@ -316,9 +316,10 @@ def make_program(static: StaticConfig, mesh: Mesh | None = None) -> Program:
         grads = unravel(aggregate)
         updates, opt_state = server_optimizer(hp).update(grads, state.opt_state, state.params)
         honest = ~byz & ~aux["nonfinite"]
+        trained = honest & (data.counts[idx] > 0)  # clients without data report no loss
         mu_h = ops.masked_mean(G, honest)
         metrics = {
-            "train_loss": jnp.sum(losses * honest) / jnp.maximum(honest.sum(), 1),
+            "train_loss": jnp.sum(losses * trained) / jnp.maximum(trained.sum(), 1),
             "byz_weight": jnp.sum(aux["weights"] * byz),
             "agg_error": jnp.linalg.norm(aggregate - mu_h),
             "agg_norm": jnp.linalg.norm(aggregate),

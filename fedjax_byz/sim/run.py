@@ -71,7 +71,7 @@ def _parts(dkey: tuple, seed: int) -> tuple[np.ndarray, ...]:
     d = dict(dkey)
     dataset = _dataset(d["source"], d["params"])
     kw = {
-        "dirichlet": {"beta": d["beta"]},
+        "dirichlet": {"beta": d["beta"], "min_size": d["min_size"]},
         "shards": {"s": d["s"], "shards_per_client": d["shards_per_client"]},
         "natural": {"groups": dataset.groups},
     }.get(d["partition"], {})
@@ -267,7 +267,7 @@ def checkpoint_identity(cfgs: Sequence[Config]) -> str:
     import hashlib
     import json
 
-    blob = json.dumps([clean_json(c.to_dict()) for c in cfgs], sort_keys=True, default=str)
+    blob = json.dumps([clean_json(c.identity()) for c in cfgs], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()
 
 
@@ -384,9 +384,11 @@ def run_batch(
     if not batch.batched:
         curves = {k: v[None] for k, v in curves.items()}
         captures = {k: v[None] for k, v in captures.items()}
+    counts = np.asarray(sharding.fetch(batch.data.counts))  # [n], or [cells, n] if stacked
     results = []
     for i, cfg in enumerate(batch.cfgs):
         cell = {k: v[i] for k, v in curves.items()}
+        cell_counts = counts if batch.data_axis is None else counts[i]
         acc = cell["test_acc"]
         results.append(
             {
@@ -402,6 +404,7 @@ def run_batch(
                 "seconds_per_round": (wall - compile_spent) / batch.rounds,
                 "batch_size": len(batch.cfgs),
                 "byzantine_clients": np.flatnonzero(cell["byz"]).tolist(),
+                "empty_clients": int(np.sum(cell_counts == 0)),
             }
         )
         if captures:
@@ -437,7 +440,8 @@ def simulate(
       the rule gave Byzantine clients, NaN for coordinate-wise rules), ``agg_error``
       (‖aggregate − honest mean‖), ``agg_norm``, ``nonfinite`` (rows dropped); per
       evaluation ``eval_rounds``, ``test_acc``, ``test_loss``; ``final_acc``, ``best_acc``,
-      ``compile_time``, ``wall_time`` (seconds), ``byzantine_clients``; with
+      ``compile_time``, ``wall_time`` (seconds), ``byzantine_clients``, ``empty_clients``
+      (clients the partition gave no example: they send zero updates); with
       ``diagnostics.capture_rounds``, ``captures``: numpy arrays ``rounds [K]``,
       ``updates [K, m, d]`` (the rows the rule received), ``byz [K, m]``, ``clients [K, m]``
       (which clients took part), ``aggregate [K, d]``, ``weights [K, m]``.

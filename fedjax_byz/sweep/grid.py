@@ -26,6 +26,7 @@ BATCHABLE = frozenset(
         "seed",
         "data.seed",
         "data.beta",
+        "data.min_size",
         "data.s",
         "train.lr",
         "train.momentum",
@@ -64,7 +65,7 @@ class Cell:
 
 def cell_key(cfg: config_lib.Config) -> str:
     """A stable identity: the hash of the config's canonical JSON."""
-    blob = json.dumps(clean_json(cfg.to_dict()), sort_keys=True, default=str)
+    blob = json.dumps(clean_json(cfg.identity()), sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
