@@ -299,8 +299,14 @@ def ablation_plot(
     for ax in axes[:, 0]:
         ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
     handles, labels = axes.flat[0].get_legend_handles_labels()
+    # as many legend columns as fit the figure's width (7-pt text: ~0.06 in a character)
+    fit = int(fig.get_figwidth() // (0.06 * max(map(len, labels), default=1) + 0.5))
     fig.legend(
-        handles, labels, loc="outside lower center", fontsize=7, ncol=min(4, max(1, len(labels)))
+        handles,
+        labels,
+        loc="outside lower center",
+        fontsize=7,
+        ncol=max(1, min(4, len(labels), fit)),
     )
     fig.savefig(path, dpi=150)
     plt.close(fig)
