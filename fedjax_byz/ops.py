@@ -262,7 +262,8 @@ def centred_gram(G: jax.Array) -> jax.Array:
 def ranks(scores: jax.Array) -> jax.Array:
     """Rank of each entry in ascending order (ties broken by index). ``[n] -> int32[n]``."""
     order = jnp.argsort(scores, stable=True)
-    return jnp.zeros(scores.shape, jnp.int32).at[order].set(jnp.arange(scores.shape[0]))
+    n = scores.shape[0]
+    return jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
 
 
 def smallest_mask(scores: jax.Array, k: ArrayLike) -> jax.Array:

@@ -41,15 +41,33 @@ def is_number(v: Any) -> bool:
     )
 
 
-def expected_kind(default: Any, traced: bool = False) -> tuple[str, Callable[[Any], bool]]:
+def is_positive_python_int(v: Any) -> bool:
+    """A Python ``int`` (not a bool) ``>= 1``."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def expected_kind(
+    default: Any, traced: bool = False, static: bool = False
+) -> tuple[str, Callable[[Any], bool]]:
     """What a keyword accepts, judged by its default: ``(description, test)``. Integer
     lists (layer widths, shapes) hold positive integers; a ``None`` default takes a number
     or null when the keyword is ``traced`` (a number a sweep may batch), else anything.
+    A ``static`` keyword with an integer default (an iteration count, a block or bucket
+    size, a layer width) takes a positive Python ``int``, one with a float default a
+    Python number: it shapes the program and is part of a compilation cache key, so it
+    must be hashable (not a JAX array).
     """
     if default is None and traced:
         return "a number or null", lambda v: v is None or is_number(v)
     if isinstance(default, bool):
         return "true or false", lambda v: isinstance(v, bool)
+    if isinstance(default, int) and static:
+        return "a positive Python int (static, not an array)", is_positive_python_int
+    if isinstance(default, float) and static:
+        return (
+            "a Python number (static, not an array)",
+            lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        )
     if isinstance(default, int):
         return "an integer", is_int
     if isinstance(default, float):
@@ -108,7 +126,8 @@ class Entry:
                 f"allowed: {sorted(defaults) or 'none'}."
             )
         for key, value in params.items():
-            kind, ok = expected_kind(defaults[key], self.traced and key not in self.static)
+            static = key in self.static
+            kind, ok = expected_kind(defaults[key], self.traced and not static, static)
             if not ok(value):
                 raise ConfigError(
                     f"{field}.{key}: {self.name!r} needs {kind} "

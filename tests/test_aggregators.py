@@ -364,6 +364,119 @@ def test_every_rule_rejects_nonfinite_rows(name):
         np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", [*fb.aggregators.names(), "nnm+median", "bucketing+krum"])
+def test_every_rule_rejects_rows_whose_norm_overflows(name):
+    """A finite row of 1e20 entries (squared norm past float32) is rejected like a NaN
+    row: the rule sees zeros there (was: NaN for geomed, the huge row kept by Multi-Krum,
+    DnC, MDA, SMEA, CAF, NNM, bucketing and Bulyan, ``nonfinite`` all False)."""
+    n, d, f = PROPS
+    G = updates(n, d, f)
+    G[4] = 1e20
+    out, aux = run(name, G, f)
+    zeroed = G.copy()
+    zeroed[4] = 0.0
+    ref, ref_aux = run(name, zeroed, f)
+    np.testing.assert_array_equal(np.flatnonzero(aux["nonfinite"]), [4])
+    np.testing.assert_array_equal(out, ref)
+    np.testing.assert_array_equal(aux["weights"], ref_aux["weights"])
+    assert not ref_aux["nonfinite"].any()
+
+
+def test_overflow_bound_and_huge_rounds():
+    """``overflowing_rows`` flags ‖g‖² > max/(4n) (a margin for sums over rows); a round
+    whose every row is past it is rejected whole (was NaN for SignGuard and ARC), one
+    just below it aggregates finitely, in proportion."""
+    n, d = 11, 40
+    big = np.sqrt(np.finfo(np.float32).max / (4 * n) / d)  # ‖g‖² at the bound
+    G = np.full((n, d), 0.5 * big, np.float32)
+    G[2] *= 4.0
+    G[5, 0] = np.nan
+    flags = fb.aggregators.base.overflowing_rows(jnp.asarray(G))
+    np.testing.assert_array_equal(np.flatnonzero(flags), [2, 5])
+    H = updates(n, d, 2) + 1.0
+    for name in ["signguard", "signguard-sim", "arc+trmean", "krum", "geomed", "caf"]:
+        out, aux = run(name, H * np.float32(1e20), 2)
+        assert aux["nonfinite"].all() and np.isfinite(out).all(), name
+        scale = np.float32(0.1 * big / np.abs(H).max())
+        out, aux = run(name, H * scale, 2)
+        assert not aux["nonfinite"].any(), name
+        chex.assert_trees_all_close(out / scale, run(name, H, 2)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_concrete_f_is_validated_whatever_its_type():
+    """f given as a NumPy or JAX scalar is checked like a Python int (was: bulyan with
+    np.int64(9) returned -inf, trmean with jnp.int32(30) zeros, np.int64(-1) ran)."""
+    G = updates(11, 4, 0)
+    with pytest.raises(ConfigError, match=r"^aggregator\.f: 'bulyan' needs f <= 2"):
+        fb.aggregate("bulyan", G, f=np.int64(9))
+    with pytest.raises(ConfigError, match=r"^aggregator\.f: .*\[0, 10\].*got 30"):
+        fb.aggregate("trmean", G, f=jnp.int32(30))
+    with pytest.raises(ConfigError, match=r"^aggregator\.f: .*got -1"):
+        fb.aggregate("median", G, f=np.int64(-1))
+    for bad in (2.0, np.float32(2), "2", None, True, np.array([1, 2])):
+        with pytest.raises(ConfigError, match=r"^f: .*integer"):
+            fb.aggregate("median", G, f=bad)
+    np.testing.assert_array_equal(
+        fb.aggregate("trmean", G, f=np.int64(2)), fb.aggregate("trmean", G, f=2)
+    )
+    # A traced f is not checked (a sweep over it compiles once) but must be an integer.
+    traced = jax.jit(lambda f: fb.aggregate("trmean", G, f=f))(jnp.int32(2))
+    np.testing.assert_array_equal(traced, fb.aggregate("trmean", G, f=2))
+    with pytest.raises(ConfigError, match=r"^f: "):
+        jax.jit(lambda f: fb.aggregate("trmean", G, f=f))(jnp.float32(2))
+
+
+def test_integer_hyperparameters_stay_integers():
+    """monna's idx as a NumPy or JAX integer, and vmapped (was cast to float32: fails)."""
+    n, d, f = PROPS
+    G = updates(n, d, f)
+    ref = np.asarray(fb.aggregate("monna", G, f=f, idx=3))
+    for idx in (np.int64(3), jnp.int32(3), np.int16(3)):
+        np.testing.assert_array_equal(fb.aggregate("monna", G, f=f, idx=idx), ref)
+    outs = jax.vmap(lambda i: fb.aggregate("monna", G, f=f, idx=i))(jnp.arange(2, 5))
+    np.testing.assert_allclose(outs[1], ref, rtol=1e-6)
+    assert fb.aggregators.as_param(np.int64(3)).dtype == jnp.int32
+    assert fb.aggregators.as_param(3, 1.0).dtype == jnp.float32  # a float keyword: z=1
+
+
+def test_signguard_under_x64():
+    """SignGuard's Mean-Shift counted in int64 under x64 (scan carry int32: TypeError);
+    every rule keeps float32 in and out, without dtype-promotion warnings (errors here)."""
+    G = updates(9, 6, 2)
+    with jax.enable_x64(True):
+        for name in [
+            "signguard",
+            "signguard-sim",
+            "signguard-dist",
+            "clippedclustering",
+            "multikrum",
+            "dnc",
+            "bucketing+krum",
+        ]:
+            out, aux = fb.aggregate(name, G, f=2, return_aux=True)
+            assert out.dtype == jnp.float32, name
+            chex.assert_tree_all_finite(out)
+
+
+def test_bfloat16_updates():
+    """bf16 in, bf16 out: DnC and SMEA decompose in float32 (LAPACK takes no bf16);
+    CClip's blocked pass runs in G's dtype (its float32 state broke the loop carry past
+    2048 columns)."""
+    G = updates(9, 2 * 2048 + 3, 2)
+    B = jnp.asarray(G, jnp.bfloat16)
+    for name in ["dnc", "smea", "cclip", "caf", "multikrum"]:
+        out = fb.aggregate(name, B[:, :40] if name == "smea" else B, f=2)
+        ref = fb.aggregate(name, jnp.asarray(B[:, :40] if name == "smea" else B, jnp.float32), f=2)
+        assert out.dtype == jnp.bfloat16, name
+        np.testing.assert_allclose(
+            np.asarray(out, np.float32), ref, rtol=2e-2, atol=2e-2 * np.abs(G).max()
+        )
+    rule = get("cclip")
+    state = rule.init(B.shape[1])
+    _, state, _ = rule.update(B, state, AggregatorContext.create(2, KEY))
+    assert state.dtype == jnp.float32  # the state keeps init's dtype (a scan carry)
+
+
 @pytest.mark.parametrize("name", fb.aggregators.names())
 def test_pytrees_round_trip(name):
     n, d, f = PROPS
@@ -395,6 +508,57 @@ def test_bad_configs_fail_before_compiling():
     with pytest.raises(ConfigError, match=r"^aggregator\.c: .*more than one stage.*'dnc\.c'"):
         check("clip+dnc", 10, 1, {"c": 1.0})
     check("clip+dnc", 10, 1, {"dnc.c": 1.0, "clip.c": 3.0})
+
+
+def test_bad_arguments_name_their_field():
+    G = updates(10, 6, 1)
+    # Static integers are positive Python ints (hashable cache keys).
+    for name, kw in [
+        ("geomed", {"iters": 0}),
+        ("geomed", {"iters": 3.5}),
+        ("geomed", {"iters": jnp.int32(3)}),
+        ("dnc", {"b": -5}),
+        ("dnc", {"niters": 0}),
+        ("bucketing+median", {"s": 0}),
+        ("signguard", {"n_samples": 0}),
+        ("caf", {"max_iter": 0}),
+        ("clippedclustering", {"history": 0}),
+        ("cclip", {"iters": 0}),
+    ]:
+        key = next(iter(kw))
+        with pytest.raises(ConfigError, match=rf"^aggregator\.{key}: .*positive Python int"):
+            fb.aggregate(name, G, f=1, **kw)
+    for frac in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match=r"^aggregator\.frac: .*\(0, 1\]"):
+            fb.aggregate("signguard", G, f=1, frac=frac)
+        with pytest.raises(ConfigError, match=r"^aggregator\.frac"):
+            check("signguard-sim", 10, 1, {"frac": frac})
+    fb.aggregate("signguard", G, f=1, frac=1.0)
+    with pytest.raises(ConfigError, match=r"^aggregator\.frac: .*Python number"):
+        fb.aggregate("signguard", G, f=1, frac=jnp.float32(0.5))  # static: hashable
+    with pytest.raises(ConfigError, match=r"^aggregator\.mode: 'aksel' needs 'mid' or 'n-f'"):
+        check("aksel", 10, 1, {"mode": "foo"})
+    # Too few rows for any f: the message says how many are needed.
+    with pytest.raises(ConfigError, match=r"'krum' needs at least 3 rows \(n >= f \+ 3\), got 1"):
+        fb.aggregate("krum", G[:1], f=0)
+    with pytest.raises(ConfigError, match=r"'bulyan' needs at least 3 rows .*got 2"):
+        fb.aggregate("bulyan", G[:2], f=0)
+    with pytest.raises(ConfigError, match=r"'krum' needs at least 3 rows .*got 2 after bucketing"):
+        fb.aggregate("bucketing+krum", G[:4], f=0)
+    with pytest.raises(ConfigError, match=r"^updates: .*got shape \(0, 6\)"):
+        fb.aggregate("mean", G[:0], f=0)
+    with pytest.raises(ConfigError, match=r"^updates: .*got shape \(10, 0\)"):
+        fb.aggregate("median", G[:, :0], f=0)
+    with pytest.raises(ConfigError, match=r"^updates: expected an \[n, d\] matrix"):
+        fb.aggregate("median", G[0], f=0)
+    # A list of per-client vectors is not a pytree of [n, ...] leaves.
+    for rows in ([g for g in G], tuple(G), G.tolist()):
+        with pytest.raises(ConfigError, match=r"^updates: .*np\.stack"):
+            fb.aggregate("mean", rows, f=0)
+    with pytest.raises(ConfigError, match=r"^updates: every leaf .*client axis"):
+        fb.aggregate("mean", {"a": G, "b": G[:3]}, f=0)
+    tree = fb.aggregate("mean", [G[:, :2], G[:, 2:]], f=0)  # a list of [n, k] leaves is fine
+    np.testing.assert_allclose(np.concatenate(tree), G.mean(0), rtol=1e-6)
 
 
 # ---------------------------------------------------------------- kernels

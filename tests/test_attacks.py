@@ -4,6 +4,8 @@ bit-identical)."""
 
 from __future__ import annotations
 
+import statistics
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -461,6 +463,134 @@ def test_bad_static_params_raise_config_error(name, params):
     G, byz = CASES[0]
     with pytest.raises(ConfigError, match=next(iter(params))):
         run(name, G, byz, **params)
+
+
+def test_default_z_stays_finite_with_a_byzantine_majority():
+    """Baruch et al.'s s = ⌊n/2 + 1⌋ − f is clamped to 1 (was: z = Φ⁻¹(1) = inf, or NaN,
+    for f >= ⌊n/2 + 1⌋, rows the server then zeroed silently)."""
+    n = 10
+    G = skewed(5, n, 8, "mixture")
+    for f in (5, 6, 7, 9):
+        byz = np.arange(n) < f
+        s = max(n // 2 + 1 - f, 1)
+        z = statistics.NormalDist().inv_cdf((n - s) / n)
+        want = O.lie_vector(G.astype(np.float64), byz, z)
+        lie = run("lie", G, byz)
+        assert np.isfinite(lie).all(), f
+        np.testing.assert_allclose(lie[byz], np.broadcast_to(want, lie[byz].shape), rtol=1e-4)
+        assert np.isfinite(run("byzmean", G, byz)).all(), f
+    np.testing.assert_allclose(
+        attacks.statistical.lie_default_z(n, jnp.int32(7)),
+        statistics.NormalDist().inv_cdf(0.9),
+        rtol=1e-6,
+    )
+
+
+def test_integer_hyperparameters_stay_integers():
+    """mimic's client as a NumPy or JAX integer, also under vmap (was cast to float32:
+    the index failed inside jit)."""
+    G, byz = CASES[1]
+    j = int(np.flatnonzero(~byz)[2])
+    want = G[j]
+    for client in (j, np.int64(j), jnp.int32(j), np.uint8(j)):
+        np.testing.assert_array_equal(run("mimic", G, byz, client=client)[np.argmax(byz)], want)
+    honest = jnp.asarray(np.flatnonzero(~byz)[:3])
+    outs = jax.vmap(lambda c: fb.attack("mimic", G, byz, client=c))(honest)
+    for c, out in zip(np.asarray(honest), np.asarray(outs), strict=True):
+        np.testing.assert_array_equal(out[np.argmax(byz)], G[c])
+
+
+def manual(name, G, byz, rule, params, **hparams):
+    """The attack against ``aggregators.get(rule, **params)`` with an explicit context."""
+    key = jax.random.key(3)
+    agg = fb.aggregators.get(rule, **params)
+    actx = fb.aggregators.AggregatorContext.create(int(byz.sum()), key)
+    ctx = AttackContext.create(
+        byz, aggregate=lambda U: agg.update(U, agg.init(U.shape[1]), actx)[0]
+    )
+    atk = attacks.get(name, **hparams)
+    return np.asarray(atk.apply(key, jnp.asarray(G), atk.init(G.shape[1]), ctx)[0])
+
+
+@pytest.mark.parametrize(
+    ("rule", "params"),
+    [
+        ("dnc", {"b": 8}),
+        ("aksel", {"mode": "n-f"}),
+        ("bucketing+median", {"s": 3}),
+        ("nnm+geomed", {"iters": 2, "nu": 0.1}),
+    ],
+)
+def test_aggregator_static_params_reach_the_rule(rule, params):
+    """A rule's static parameters in ``aggregator=(name, params)`` are static (were traced:
+    TracerBoolConversionError, TypeError, ConcretizationTypeError)."""
+    G, byz = CASES[3]
+    out = run("adaptive-lie", G, byz, aggregator=(rule, params), evals=4)
+    check_honest(out, G, byz)
+    want = manual("adaptive-lie", G, byz, rule, params, evals=4)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_aggregator_is_checked_for_the_true_f():
+    G = skewed(0, 10, 6, "mixture")
+    byz = np.arange(10) < 4
+    with pytest.raises(ConfigError, match=r"^aggregator\.f: 'bulyan' needs f <= 1"):
+        fb.attack("adaptive-lie", G, byz, aggregator="bulyan")
+    with pytest.raises(ConfigError, match=r"^aggregator\.b: .*positive Python int"):
+        fb.attack("adaptive-lie", G, byz, aggregator=("dnc", {"b": 0}))
+    with pytest.raises(ConfigError, match=r"^aggregator: must be a rule name or a \(name, params"):
+        fb.attack("adaptive-lie", G, byz, aggregator=("dnc", 8))
+    # Under jit the mask is traced: no count to check, the rule still runs.
+    out = jax.jit(lambda b: fb.attack("fang", G, b, aggregator="median"))(np.arange(10) < 2)
+    np.testing.assert_array_equal(out, fb.attack("fang", G, np.arange(10) < 2, aggregator="median"))
+
+
+def test_bad_arguments_name_their_field():
+    G, byz = CASES[0]
+    n = len(G)
+    for bad in (np.zeros(n + 1, bool), [0, 1], np.flatnonzero(byz), np.zeros((n, 1), bool)):
+        with pytest.raises(ConfigError, match=rf"^byz: must be a bool mask of shape \({n},\)"):
+            fb.attack("lie", G, bad)
+    with pytest.raises(ConfigError, match=r"^byz: .*dtype float"):
+        fb.attack("lie", G, byz.astype(np.float32))
+    with pytest.raises(ConfigError, match=r"^byz: an integer mask must hold only 0 and 1"):
+        fb.attack("lie", G, byz * 2)
+    np.testing.assert_array_equal(run("lie", G, byz.astype(np.int32)), run("lie", G, byz))
+    np.testing.assert_array_equal(run("lie", G, byz.tolist()), run("lie", G, byz))
+    for kw in ({"evals": 0}, {"evals": 2.0}, {"evals": jnp.int32(4)}):
+        with pytest.raises(ConfigError, match=r"^attack\.evals: .*positive Python int"):
+            fb.attack("adaptive-lie", G, byz, aggregator="trmean", **kw)
+    with pytest.raises(ConfigError, match=r"^attack\.batch: "):
+        fb.attack("adaptive-lie", G, byz, aggregator="trmean", batch=0)
+    with pytest.raises(ConfigError, match=r"^updates: .*np\.stack"):
+        fb.attack("none", list(G), byz)
+    with pytest.raises(ConfigError, match=r"^updates: "):
+        fb.attack("none", G[:0], byz[:0])
+
+
+def test_x64_keeps_float32():
+    """Under x64, the default z (ALIE, ByzMean) stayed float64 and promoted the rows; no
+    dtype-promotion warnings (errors in this suite) either."""
+    G, byz = CASES[0]
+    with jax.enable_x64(True):
+        for name in ("lie", "byzmean", "strike", "minmax", "mimic"):
+            out = fb.attack(name, G, byz)
+            assert out.dtype == jnp.float32, name
+            np.testing.assert_allclose(out, run(name, G, byz), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_updates_stay_bfloat16():
+    """Crafted rows are cast to the updates' dtype where they replace the Byzantine rows
+    (lie, byzmean, minmax, minsum, strike and the adaptive attacks returned float32)."""
+    G, byz = CASES[0]
+    B = jnp.asarray(G, jnp.bfloat16)
+    for name in ("lie", "byzmean", "minmax", "minsum", "strike", "ipm", "adaptive-lie"):
+        agg = "trmean" if name.startswith("adaptive") else None
+        out = fb.attack(name, B, byz, aggregator=agg)
+        assert out.dtype == jnp.bfloat16, name
+        assert np.array_equal(np.asarray(out)[~byz], np.asarray(B)[~byz]), name
+        ref = run(name, np.asarray(B, np.float32), byz, aggregator=agg)
+        np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=0.05, atol=0.05)
 
 
 def test_labelflip_relabels():

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_byz import ops
 from fedjax_byz.aggregators import (
@@ -34,7 +35,7 @@ from fedjax_byz.aggregators.base import (
     no_weights,
     stateless,
 )
-from fedjax_byz.registry import ConfigError, Entry, Registry
+from fedjax_byz.registry import ConfigError, Entry, Registry, is_int
 
 __all__ = [
     "Aggregator",
@@ -43,13 +44,18 @@ __all__ = [
     "RULES",
     "PRE",
     "aggregate",
+    "as_param",
     "check",
+    "client_matrix",
     "compose",
+    "concrete_f",
     "get",
     "guard_nonfinite",
     "names",
     "no_weights",
     "pre_names",
+    "prepare",
+    "route_params",
     "stages",
     "stateless",
 ]
@@ -63,22 +69,25 @@ def _half(n: int) -> int:
     return (n - 1) // 2
 
 
+# ``max_f(n)``: the largest f a rule (or pre-aggregator) admits for n rows; ``needs``: the
+# same bound as the error messages write it.
+_HALF = {"max_f": _half, "needs": "f < n/2"}
 RULES.register("mean", coordinate.mean, propagates_nonfinite=True)
-RULES.register("median", coordinate.median, max_f=_half)
-RULES.register("trmean", coordinate.trmean, max_f=_half)
-RULES.register("meamed", coordinate.meamed, max_f=_half)
-RULES.register("rbtm", coordinate.rbtm, max_f=lambda n: (n - 1) // 3)
-RULES.register("krum", distance.krum, max_f=lambda n: n - 3)
-RULES.register("multikrum", distance.multikrum, max_f=lambda n: n - 3)
-RULES.register("bulyan", distance.bulyan, max_f=lambda n: (n - 3) // 4)
+RULES.register("median", coordinate.median, **_HALF)
+RULES.register("trmean", coordinate.trmean, **_HALF)
+RULES.register("meamed", coordinate.meamed, **_HALF)
+RULES.register("rbtm", coordinate.rbtm, max_f=lambda n: (n - 1) // 3, needs="n >= 3f + 1")
+RULES.register("krum", distance.krum, max_f=lambda n: n - 3, needs="n >= f + 3")
+RULES.register("multikrum", distance.multikrum, max_f=lambda n: n - 3, needs="n >= f + 3")
+RULES.register("bulyan", distance.bulyan, max_f=lambda n: (n - 3) // 4, needs="n >= 4f + 3")
 RULES.register("geomed", distance.geomed, static=("iters",), aliases=("rfa",))
 RULES.register("cclip", distance.cclip, static=("iters",))
 RULES.register("aksel", distance.aksel, static=("mode",))
-RULES.register("monna", distance.monna, max_f=_half)
-RULES.register("dnc", spectral.dnc, static=("b", "niters"), max_f=_half)
-RULES.register("caf", spectral.caf, static=("max_iter",), max_f=_half)
-RULES.register("mda", subset.mda, max_f=_half, max_n=subset.MAX_N["mda"])
-RULES.register("smea", subset.smea, max_f=_half, max_n=subset.MAX_N["smea"])
+RULES.register("monna", distance.monna, **_HALF)
+RULES.register("dnc", spectral.dnc, static=("b", "niters"), **_HALF)
+RULES.register("caf", spectral.caf, static=("max_iter",), **_HALF)
+RULES.register("mda", subset.mda, max_n=subset.MAX_N["mda"], **_HALF)
+RULES.register("smea", subset.smea, max_n=subset.MAX_N["smea"], **_HALF)
 _SG_STATIC = ("frac", "n_samples")
 RULES.register("signguard", signguard.signguard, static=_SG_STATIC)
 RULES.register("signguard-sim", signguard.signguard_sim, static=_SG_STATIC)
@@ -86,8 +95,8 @@ RULES.register("signguard-dist", signguard.signguard_dist, static=_SG_STATIC)
 RULES.register("clippedclustering", clustering.clippedclustering, static=("history",))
 
 PRE.register("bucketing", pre.bucketing, static=("s",))
-PRE.register("nnm", pre.nnm, max_f=_half)
-PRE.register("arc", pre.arc, max_f=_half)
+PRE.register("nnm", pre.nnm, **_HALF)
+PRE.register("arc", pre.arc, **_HALF)
 PRE.register("clip", pre.clip)
 
 
@@ -141,9 +150,11 @@ def route_params(
 def get(name: str, **params: Any) -> Aggregator:
     """Builds the rule ``name`` (``"pre+...+rule"`` allowed) with ``params``.
 
-    The rule is wrapped in ``guard_nonfinite``: non-finite client rows are rejected
-    (zeroed and reported in ``aux["nonfinite"]``) before any stage sees them (for the
-    mean, whose output is non-finite whenever a row is, only when its output is).
+    The rule is wrapped in ``guard_nonfinite``: non-finite client rows, and finite rows
+    whose squared norm overflows (``base.overflowing_rows``), are rejected (zeroed and
+    reported in ``aux["nonfinite"]``) before any stage sees them (for the mean, whose
+    output is non-finite whenever a row is, only when its output's squared norm
+    overflows).
     """
     entries = stages(name)
     built = [e.factory(**p) for e, p in zip(entries, route_params(entries, params), strict=True)]
@@ -154,24 +165,43 @@ def get(name: str, **params: Any) -> Aggregator:
     return guard_nonfinite(compose(*built))
 
 
+def _min_rows(max_f) -> int:
+    """The fewest rows for which ``max_f`` admits ``f = 0``."""
+    return next(m for m in range(1, 1 << 16) if max_f(m) >= 0)
+
+
 def check(
     name: str, n: int, f: int, params: Mapping[str, Any] | None = None, field: str = "aggregator"
 ) -> None:
-    """Validates a rule for ``n`` clients and assumed ``f`` before any compilation."""
+    """Validates a rule for ``n`` clients and assumed ``f`` before any compilation.
+
+    Routes and checks ``params`` (``route_params``), builds every stage (which checks
+    static values such as SignGuard's ``frac``) and checks ``n`` and ``f`` against the
+    bound of every stage, on the rows that stage receives.
+    """
     entries = stages(name, field)
     routed = route_params(entries, params or {}, field)
+    built = [e.factory(**p) for e, p in zip(entries, routed, strict=True)]
+    if n < 1:
+        raise ConfigError(f"{field}: needs at least one client, got n={n}.")
     if not 0 <= f < n:
         raise ConfigError(
             f"{field}.f: the assumed number of Byzantine clients must be in "
             f"[0, {n - 1}] for n={n}, got {f}."
         )
     m = n
-    for i, (e, p) in enumerate(zip(entries, routed, strict=True)):
-        via = f" after {'+'.join(x.name for x in entries[:i])} ({m} rows)" if i else ""
+    for i, (e, stage) in enumerate(zip(entries, built, strict=True)):
+        via = f" after {'+'.join(x.name for x in entries[:i])}" if i else ""
         max_f = e.meta.get("max_f")
+        needs = f" ({e.meta['needs']})" if "needs" in e.meta else ""
+        if max_f is not None and max_f(m) < 0:
+            raise ConfigError(
+                f"{field}: {e.name!r} needs at least {_min_rows(max_f)} rows{needs}, "
+                f"got {m}{via}; use more clients."
+            )
         if max_f is not None and f > max_f(m):
             raise ConfigError(
-                f"{field}.f: {e.name!r} needs f <= {max_f(m)} for {m} rows{via}, "
+                f"{field}.f: {e.name!r} needs f <= {max_f(m)} for {m} rows{via}{needs}, "
                 f"got f={f}; lower the assumed f or use more clients."
             )
         max_n = e.meta.get("max_n")
@@ -182,13 +212,107 @@ def check(
                 "another rule (e.g. 'multikrum')."
             )
         if i < len(entries) - 1:
-            m = e.factory(**p).out_rows(m)
+            m = stage.out_rows(m)
 
 
-def _as_param(v):
-    if isinstance(v, bool | str) or v is None:
-        return v
-    return jnp.asarray(v, jnp.int32 if isinstance(v, int) else jnp.float32)
+def as_param(value: Any, default: Any = None) -> Any:
+    """A numeric hyperparameter as the array a jitted program takes.
+
+    Integers (a Python ``int``, NumPy or JAX integer scalars and arrays, integer tracers)
+    become ``int32``, so indices such as MoNNA's ``idx`` or Mimic's ``client`` stay
+    integers under ``jit`` and ``vmap``, except for a keyword whose ``default`` is a
+    float (``z=1`` then runs the program of ``z=1.5``); other numbers become
+    ``float32``. Bools, strings and None are returned as they are. Shared by
+    ``aggregate`` and ``attacks.attack``.
+    """
+    if isinstance(value, bool | str) or value is None:
+        return value
+    float_default = isinstance(default, float)
+    return jnp.asarray(value, jnp.int32 if is_int(value) and not float_default else jnp.float32)
+
+
+def concrete_f(f: Any, field: str = "f") -> int | None:
+    """``f`` as a Python int when it is concrete, None when it is traced.
+
+    Raises ``ConfigError`` naming ``field`` unless ``f`` is an integer scalar (a Python
+    ``int``, a NumPy or JAX integer scalar, or a traced integer).
+    """
+    if isinstance(f, bool) or not is_int(f) or np.ndim(f) != 0:
+        raise ConfigError(
+            f"{field}: the number of Byzantine clients the server assumes must be an "
+            f"integer scalar, got {f!r}."
+        )
+    return None if isinstance(f, jax.core.Tracer) else int(f)
+
+
+def prepare(
+    name: str, params: Mapping[str, Any], n: int, f: int | None, field: str = "aggregator"
+) -> tuple[tuple[tuple[str, Any], ...], dict[str, Any]]:
+    """Checks and splits the parameters of the rule ``name`` for a jitted call.
+
+    Routes ``params`` to the stages (``route_params``) and builds the stages, which
+    checks static values; when ``f`` is concrete (not None), also checks the rule for
+    ``n`` rows and that ``f`` (``check``). Used by ``aggregate`` and by
+    ``attacks.attack(..., aggregator=...)``.
+
+    Returns:
+      ``(static, numeric)``: the static keywords as a sorted tuple of ``(key, value)``
+      pairs (hashable: part of the jitted function's cache key) and the numeric ones as
+      arrays (``as_param``); keys are qualified by stage (``"nnm.f"``) for composites,
+      as ``get`` takes them.
+    """
+    entries = stages(name, field)
+    routed = route_params(entries, params, field)
+    if f is None:
+        for e, p in zip(entries, routed, strict=True):
+            e.factory(**p)
+    else:
+        check(name, n, f, params, field)
+    static, numeric = {}, {}
+    for e, p in zip(entries, routed, strict=True):
+        s, num = e.split(p)
+        prefix = f"{e.name}." if len(entries) > 1 else ""
+        defaults = e.defaults
+        static.update({prefix + k: v for k, v in s.items()})
+        numeric.update({prefix + k: as_param(v, defaults[k]) for k, v in num.items()})
+    return tuple(sorted(static.items())), numeric
+
+
+def client_matrix(updates: Any, field: str = "updates"):
+    """``ops.to_matrix`` for the public entry points, with one clear ``ConfigError`` for
+    what cannot be client updates: a list or tuple of per-client vectors (all its leaves
+    1-D or scalars, which would be read as a pytree whose leaves lead with ``d``), leaves
+    without a common leading client axis, a matrix of another rank, no clients or no
+    coordinates.
+
+    Returns:
+      ``(G, unravel)`` as ``ops.to_matrix``.
+    """
+    leaves = jax.tree.leaves(updates)
+    if isinstance(updates, list | tuple) and all(np.ndim(x) <= 1 for x in leaves):
+        raise ConfigError(
+            f"{field}: got a {type(updates).__name__} of {len(updates)} per-client vectors; "
+            "pass one [n, d] array (e.g. np.stack(updates)) or a pytree whose every leaf "
+            "leads with the client axis n."
+        )
+    if not leaves:
+        raise ConfigError(f"{field}: got no arrays; pass an [n, d] array or a pytree of them.")
+    if len(leaves) > 1 or isinstance(updates, dict | list | tuple):
+        leading = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+        if len(leading) != 1 or None in leading:
+            raise ConfigError(
+                f"{field}: every leaf of the pytree must lead with the client axis n, got "
+                f"leaves of shapes {sorted({np.shape(x) for x in leaves})}."
+            )
+    try:
+        G, unravel = ops.to_matrix(updates)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if G.shape[0] == 0 or G.shape[1] == 0:
+        raise ConfigError(
+            f"{field}: needs at least one client and one coordinate, got shape {G.shape}."
+        )
+    return G, unravel
 
 
 @functools.cache
@@ -218,8 +342,11 @@ def aggregate(name: str, updates, *, f, key=None, return_aux: bool = False, **hp
 
     Args:
       name: registry name, e.g. ``"median"`` or ``"nnm+median"``.
-      updates: ``f32[n, d]`` (numpy or jax) or a pytree whose leaves lead with ``n``.
-      f: number of Byzantine clients the server assumes (int or traced int32).
+      updates: ``f32[n, d]`` (numpy or jax) or a pytree whose leaves lead with ``n``
+        (not a list of per-client vectors: ``client_matrix``).
+      f: number of Byzantine clients the server assumes: an integer scalar (Python,
+        NumPy or JAX), checked against the rule when concrete (``check``), or a traced
+        integer (not checked; a sweep over it compiles once).
       key: PRNG key for randomized rules; ``jax.random.key(0)`` when None.
       return_aux: also return the rule's ``aux`` (``aux["weights"]: f32[n]``).
       **hparams: override the paper defaults (e.g. ``tau=5.0`` for ``cclip``).
@@ -227,18 +354,9 @@ def aggregate(name: str, updates, *, f, key=None, return_aux: bool = False, **hp
     Returns:
       The aggregate, ``f32[d]`` or one pytree like a single client's update.
     """
-    G, unravel = ops.to_matrix(updates)
-    entries = stages(name)
-    routed = route_params(entries, hparams)
-    if isinstance(f, int):
-        check(name, G.shape[0], f, hparams)
-    static, numeric = {}, {}
-    for e, p in zip(entries, routed, strict=True):
-        s, num = e.split(p)
-        prefix = f"{e.name}." if len(entries) > 1 else ""
-        static.update({prefix + k: v for k, v in s.items()})
-        numeric.update({prefix + k: _as_param(v) for k, v in num.items()})
+    G, unravel = client_matrix(updates)
+    static, numeric = prepare(name, hparams, G.shape[0], concrete_f(f))
     key = _default_key() if key is None else key
-    out, aux = _jitted(name, tuple(sorted(static.items())))(G, f, key, numeric)
+    out, aux = _jitted(name, static)(G, f, key, numeric)
     out = unravel(out)
     return (out, aux) if return_aux else out

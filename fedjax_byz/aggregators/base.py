@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import struct
 
 State = Any
+_HI = jax.lax.Precision.HIGHEST
 Aux = dict[str, jax.Array]
 
 
@@ -113,27 +114,52 @@ def compose(*stages: PreAggregator | Aggregator) -> Aggregator:
     return Aggregator(init, update)
 
 
+def overflowing_rows(G: jax.Array) -> jax.Array:
+    """``bool[n]``: rows whose squared norm overflows, with a margin for sums over rows.
+
+    Row ``i`` is flagged unless ``‖g_i‖² <= M / (4n)``, ``M`` the largest finite value
+    of the accumulation dtype (at least float32: a bfloat16 or float16 row is judged by
+    float32's range): every row holding a NaN or an infinity, and every finite row so
+    large (float32: a norm above about ``9e18/√n``) that squared distances
+    (``‖g_i − g_j‖² <= 4 max_k ‖g_k‖²``) summed over up to ``n`` rows, as Gram matrices,
+    Krum scores and covariance eigenvalues do, could overflow to infinity or NaN. One
+    pass over ``G``: a row-batched dot product (``ops.row_norms``' kernel), which ran at
+    the speed of the ``G @ 1`` row sums here and 2-4x faster than a column-blocked
+    ``ops.scan_columns`` pass (25 x 500k: 2.2 ms against 9.8 ms; 10 x 2M: 4.2 against
+    8.5 ms).
+    """
+    acc = jnp.promote_types(G.dtype, jnp.float32)
+    sq = jnp.einsum("nd,nd->n", G, G, precision=_HI, preferred_element_type=acc)
+    return ~(sq <= jnp.finfo(acc).max / (4 * G.shape[0]))
+
+
 def guard_nonfinite(rule: Aggregator, *, propagates: bool = False) -> Aggregator:
     """Rejects non-finite client rows before ``rule`` sees them.
 
-    A row holding a NaN or an infinity (a faulty client), detected as a non-finite row
-    sum (which also flags a row whose finite entries overflow float32 when summed), is
+    A row holding a NaN or an infinity (a faulty client), or a finite row whose squared
+    norm overflows (``overflowing_rows``: with a margin of ``4n``, so a float32 row of
+    norm above about ``9e18/√n``, which would make Gram matrices, distances or Krum
+    scores infinite and turn distance-based rules' output into NaN or into that row), is
     replaced by zeros, as if the client had sent no update, so that it can never turn
-    the aggregate into NaN; robust rules then treat it as one more outlier.
+    the aggregate into NaN or hijack it; robust rules then treat it as one more outlier.
     ``aux["nonfinite"]`` (bool[n]) marks the rejected rows for the round's metrics. This
     is the published SignGuard code's convention (NaN entries set to 0), applied to
     whole rows. The rule runs on a zeroed copy only in rounds that have such a row.
+
+    Rows below that bound are kept however large: a rule's output scales with them
+    (a round where every row is 1e17 aggregates to about 1e17).
 
     Args:
       rule: the rule to guard.
       propagates: the rule's output is non-finite whenever a row is (a mean with
         positive weights). Then the rule runs first and the rows are checked only when
-        its output is not finite: one pass over the matrix in clean rounds, not two.
+        the squared norm of its output is not finite: one pass over the matrix in clean
+        rounds, not two (a single huge row can then pass when the mean of the rows
+        stays below the overflow).
     """
 
     def checked(G, state, ctx):
-        ones = jnp.ones(G.shape[1], G.dtype)
-        bad = ~jnp.isfinite(jnp.matmul(G, ones))
+        bad = overflowing_rows(G)
         out, state, aux = jax.lax.cond(
             bad.any(),
             lambda G, state: rule.update(jnp.where(bad[:, None], 0.0, G), state, ctx),
@@ -148,6 +174,8 @@ def guard_nonfinite(rule: Aggregator, *, propagates: bool = False) -> Aggregator
             return checked(G, state, ctx)
         out, new_state, aux = rule.update(G, state, ctx)
         clean = (out, new_state, dict(aux, nonfinite=jnp.zeros(G.shape[0], bool)))
-        return jax.lax.cond(jnp.isfinite(out).all(), lambda: clean, lambda: checked(G, state, ctx))
+        return jax.lax.cond(
+            overflowing_rows(out[None]).any(), lambda: checked(G, state, ctx), lambda: clean
+        )
 
     return Aggregator(rule.init, update)

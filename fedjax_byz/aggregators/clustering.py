@@ -69,7 +69,7 @@ def mean_shift(X: jax.Array, bandwidth: jax.Array, max_iter: int = 300) -> jax.A
         def body(_, carry):
             mean, count, done = carry
             within = _dists(mean[None], X)[0] <= h
-            cnt = within.sum()
+            cnt = within.sum(dtype=jnp.int32)
             new = jnp.where(cnt > 0, (within.astype(X.dtype) @ X) / jnp.maximum(cnt, 1), mean)
             stop = done | (cnt == 0) | (jnp.linalg.norm(new - mean) <= 1e-3 * h)
             return jnp.where(done, mean, new), jnp.where(done, count, cnt), stop
@@ -118,7 +118,7 @@ def average_linkage_two(D: jax.Array) -> jax.Array:
         Dm, size, label = carry
         flat = jnp.argmin(Dm)
         i, j = jnp.minimum(flat // n, flat % n), jnp.maximum(flat // n, flat % n)
-        row = (size[i] * Dm[i] + size[j] * Dm[j]) / (size[i] + size[j])
+        row = ((size[i] * Dm[i] + size[j] * Dm[j]) / (size[i] + size[j])).astype(Dm.dtype)
         row = jnp.where((idx == i) | (idx == j), jnp.inf, row)
         Dm = Dm.at[i].set(row).at[:, i].set(row)
         Dm = Dm.at[j].set(jnp.inf).at[:, j].set(jnp.inf)
@@ -126,7 +126,7 @@ def average_linkage_two(D: jax.Array) -> jax.Array:
         return Dm, size, jnp.where(label == j, i, label)
 
     D0 = jnp.where(jnp.eye(n, dtype=bool), jnp.inf, D)
-    _, _, label = jax.lax.fori_loop(0, n - 2, merge, (D0, jnp.ones(n), idx))
+    _, _, label = jax.lax.fori_loop(0, n - 2, merge, (D0, jnp.ones(n, jnp.float32), idx))
     return label
 
 

@@ -18,6 +18,7 @@ from jax.typing import ArrayLike
 from fedjax_byz import ops
 from fedjax_byz.aggregators import coordinate
 from fedjax_byz.aggregators.base import Aggregator, stateless
+from fedjax_byz.registry import ConfigError
 
 
 def sq_dists_to_combination(K: jax.Array, alpha: jax.Array) -> jax.Array:
@@ -168,8 +169,9 @@ def cclip(tau: ArrayLike = 10.0, iters: int = 1) -> Aggregator:
     def init(d):
         return jnp.zeros(d, jnp.float32)
 
-    def update(G, v0, ctx):
+    def update(G, state, ctx):
         n = G.shape[0]
+        v0 = state.astype(G.dtype)  # the state stays float32, the work runs in G's dtype
 
         def step(c, sq_dists):
             dist = jnp.sqrt(sq_dists)
@@ -183,7 +185,8 @@ def cclip(tau: ArrayLike = 10.0, iters: int = 1) -> Aggregator:
             K = ops.gram(G, v0)
             c = jax.lax.fori_loop(0, iters, lambda _, c: step(c, sq_dists_to_combination(K, c)), c)
         out = ops.weighted_sum(c, G) + (1.0 - c.sum()) * v0
-        return out, out, {"weights": c / jnp.maximum(c.sum(), jnp.finfo(G.dtype).tiny)}
+        weights = c / jnp.maximum(c.sum(), jnp.finfo(G.dtype).tiny)
+        return out, out.astype(state.dtype), {"weights": weights}
 
     return Aggregator(init, update)
 
@@ -200,7 +203,7 @@ def aksel(mode: str = "mid") -> Aggregator:
       mode: ``"mid"`` or ``"n-f"`` (static).
     """
     if mode not in ("mid", "n-f"):
-        raise ValueError(f"aksel.mode must be 'mid' or 'n-f', got {mode!r}")
+        raise ConfigError(f"aggregator.mode: 'aksel' needs 'mid' or 'n-f', got {mode!r}.")
     med = coordinate.median()
 
     def fn(G, ctx):

@@ -11,6 +11,7 @@ from jax.typing import ArrayLike
 from fedjax_byz import ops
 from fedjax_byz.aggregators import clustering
 from fedjax_byz.aggregators.base import Aggregator, stateless
+from fedjax_byz.registry import ConfigError
 
 
 def sign_features(G: jax.Array, key: jax.Array, frac: float) -> jax.Array:
@@ -53,6 +54,11 @@ def similarity_feature(K: jax.Array, norms: jax.Array, kind: str) -> jax.Array:
 def _signguard(
     kind: str | None, lower: ArrayLike, upper: ArrayLike, frac: float, n_samples: int
 ) -> Aggregator:
+    if not 0 < frac <= 1:
+        raise ConfigError(
+            f"aggregator.frac: SignGuard's fraction of coordinates must be in (0, 1], got {frac!r}."
+        )
+
     def fn(G, ctx):
         key_block, key_bw = jax.random.split(ctx.key)
         K = ops.centred_gram(G) if kind == "dist" else ops.gram(G)
@@ -91,7 +97,7 @@ _DOC = """{title} (Xu et al., ICDCS 2022, Algorithm 2).
     Args:
       lower: ``L`` (traced).
       upper: ``R`` (traced).
-      frac: fraction of coordinates for the sign statistics (static).
+      frac: fraction of coordinates for the sign statistics, in ``(0, 1]`` (static).
       n_samples: rows used to estimate the Mean-Shift bandwidth (static).
     """
 

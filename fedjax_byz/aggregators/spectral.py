@@ -31,7 +31,11 @@ def sample_coordinates(key: jax.Array, d: int, b: int) -> jax.Array:
 
 
 def top_direction_scores(X: jax.Array) -> jax.Array:
-    """``s_i = ⟨x_i − μ, v⟩²`` with ``v`` the top right singular vector of ``X − μ``."""
+    """``s_i = ⟨x_i − μ, v⟩²`` with ``v`` the top right singular vector of ``X − μ``.
+
+    Computed in at least float32 (LAPACK's SVD takes no bfloat16). ``-> [n]``.
+    """
+    X = X.astype(jnp.promote_types(X.dtype, jnp.float32))
     Xc = X - ops.weighted_sum(jnp.full(X.shape[0], 1.0 / X.shape[0]), X)[None, :]
     _, _, vt = jnp.linalg.svd(Xc, full_matrices=False)
     return jnp.square(jnp.matmul(Xc, vt[0], precision=jax.lax.Precision.HIGHEST))

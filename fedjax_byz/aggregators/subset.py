@@ -79,6 +79,7 @@ def smea() -> Aggregator:
     def fn(G, ctx):
         n = G.shape[0]
         K = ops.centred_gram(G)
+        K = K.astype(jnp.promote_types(K.dtype, jnp.float32))  # eigvalsh takes no bfloat16
         _, members = _masks(n)
         m = members.astype(G.dtype)
         size = jnp.maximum(m.sum(axis=1), 1.0)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from fedjax_byz import ops
+from fedjax_byz import aggregators
 from fedjax_byz.attacks import adaptive, basic, byzmean, fang, mimic, search, statistical, strike
 from fedjax_byz.attacks.base import Attack, AttackContext, replace_byzantine, stateless
-from fedjax_byz.registry import Registry
+from fedjax_byz.registry import ConfigError, Registry
 
 __all__ = [
     "ATTACKS",
@@ -69,20 +71,58 @@ def get(name: str, **params: Any) -> Attack:
     return ATTACKS.get(name, **params)
 
 
-def _as_param(v):
-    if isinstance(v, bool | str) or v is None:
-        return v
-    return jnp.asarray(v, jnp.int32 if isinstance(v, int) else jnp.float32)
+def byz_mask(byz, n: int) -> jax.Array:
+    """``byz`` checked as the Byzantine mask of ``n`` clients: ``bool[n]`` (an integer
+    array of zeros and ones is read as one). Raises ``ConfigError`` naming ``byz`` for
+    another shape (e.g. a list of indices) or other values; a traced mask is checked for
+    its shape and dtype only.
+    """
+    traced = isinstance(byz, jax.core.Tracer)
+    if not traced:
+        try:
+            byz = np.asarray(byz)
+        except ValueError:
+            byz = np.asarray(byz, object)
+    hint = "; to mark clients by index use np.isin(np.arange(n), indices)"
+    if byz.shape != (n,) or byz.dtype.kind not in ("b", "i", "u"):
+        got = f"shape {byz.shape}" if byz.shape != (n,) else f"dtype {byz.dtype}"
+        raise ConfigError(
+            f"byz: must be a bool mask of shape ({n},), True for Byzantine clients, "
+            f"got {got}{hint}."
+        )
+    if byz.dtype.kind != "b" and not traced and not np.isin(byz, (0, 1)).all():
+        raise ConfigError(
+            f"byz: an integer mask must hold only 0 and 1, got values "
+            f"{sorted(set(byz.tolist()))[:8]}{hint}."
+        )
+    return jnp.asarray(byz, bool)
+
+
+def _rule(aggregator) -> tuple[str, dict[str, Any]]:
+    """``(name, params)`` of ``attack``'s ``aggregator`` argument."""
+    if isinstance(aggregator, str):
+        return aggregator, {}
+    if (
+        isinstance(aggregator, tuple | list)
+        and len(aggregator) == 2
+        and isinstance(aggregator[0], str)
+        and isinstance(aggregator[1], Mapping)
+    ):
+        return aggregator[0], dict(aggregator[1])
+    raise ConfigError(
+        f"aggregator: must be a rule name or a (name, params) pair, got {aggregator!r}."
+    )
 
 
 @functools.lru_cache(maxsize=256)
-def _jitted(name: str, static: tuple[tuple[str, Any], ...], aggregator: str | None):
-    from fedjax_byz import aggregators
+def _jitted(name: str, static: tuple[tuple[str, Any], ...], aggregator: tuple | None):
+    """The jitted attack; ``aggregator`` is None or ``(rule name, its static params)``."""
 
-    def run(G, byz, key, numeric, agg_params):
+    def run(G, byz, key, numeric, agg_numeric):
         aggregate = None
         if aggregator is not None:
-            rule = aggregators.get(aggregator, **agg_params)
+            agg_name, agg_static = aggregator
+            rule = aggregators.get(agg_name, **dict(agg_static), **agg_numeric)
             actx = aggregators.AggregatorContext.create(byz.sum(), key)
 
             def aggregate(U):
@@ -102,30 +142,34 @@ def attack(name: str, updates, byz, *, key=None, aggregator=None, **hparams):
       name: registry name, e.g. ``"lie"``.
       updates: ``f32[n, d]`` honest updates of every client (numpy or jax), or a pytree
         whose leaves lead with ``n``.
-      byz: ``bool[n]`` Byzantine mask.
+      byz: ``bool[n]`` Byzantine mask (``byz_mask``).
       key: PRNG key for randomized attacks; ``jax.random.key(0)`` when None.
       aggregator: registry name of the server's rule, for aggregation-aware attacks
         (it is run statelessly, assuming the true number of Byzantine clients), or a
-        ``(name, params)`` pair.
+        ``(name, params)`` pair. Its parameters are routed, split and checked as
+        ``fb.aggregate`` does (``aggregators.prepare``); with a concrete ``byz`` the
+        rule is also checked for ``n`` clients and ``f = Σ byz``.
       **hparams: override the paper defaults (e.g. ``z=1.5`` for ``lie``).
 
     Returns:
       Like ``updates``, with rows where ``byz`` is False unchanged.
     """
-    G, unravel = ops.to_matrix(updates)
+    G, unravel = aggregators.client_matrix(updates)
+    n = G.shape[0]
     entry = ATTACKS.entry(name)
     entry.check_params(hparams, "attack")
     static, numeric = entry.split(hparams)
-    agg_name, agg_params = (
-        (aggregator, {}) if isinstance(aggregator, str) or aggregator is None else aggregator
-    )
+    byz = byz_mask(byz, n)
+    rule, agg_numeric = None, {}
+    if aggregator is not None:
+        agg_name, agg_params = _rule(aggregator)
+        f = None if isinstance(byz, jax.core.Tracer) else int(byz.sum())
+        agg_static, agg_numeric = aggregators.prepare(agg_name, agg_params, n, f)
+        rule = (agg_name, agg_static)
+    defaults = entry.defaults
+    numeric = {k: aggregators.as_param(v, defaults[k]) for k, v in numeric.items()}
     key = jax.random.key(0) if key is None else key
-    run = _jitted(entry.name, tuple(sorted(static.items())), agg_name)
-    out = run(
-        G,
-        jnp.asarray(byz, bool),
-        key,
-        {k: _as_param(v) for k, v in numeric.items()},
-        {k: _as_param(v) for k, v in dict(agg_params).items()},
+    out = _jitted(entry.name, tuple(sorted(static.items())), rule)(
+        G, byz, key, numeric, agg_numeric
     )
     return unravel(out)

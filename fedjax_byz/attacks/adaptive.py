@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from fedjax_byz import ops
+from fedjax_byz import ops, registry
 from fedjax_byz.attacks.base import Attack, Family, replace_byzantine
 from fedjax_byz.attacks.byzmean import byzmean_family
 from fedjax_byz.attacks.search import shejwalkar_family
@@ -57,6 +57,11 @@ def adaptive(
         in such chunks (``lax.map``). None: the whole grid in one ``vmap`` on
         accelerators, one candidate at a time on CPU (``_chunk``).
     """
+    if batch is not None and not registry.is_positive_python_int(batch):
+        raise ConfigError(
+            f"attack.batch: candidates per vmap must be a positive Python int or null, "
+            f"got {batch!r}."
+        )
 
     def apply(key, G, state, ctx):
         if ctx.aggregate is None:

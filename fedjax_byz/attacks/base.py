@@ -68,8 +68,13 @@ class Attack(NamedTuple):
 
 
 def replace_byzantine(G: jax.Array, byz: jax.Array, malicious: jax.Array) -> jax.Array:
-    """Rows of ``malicious`` (``[d]`` broadcast, or ``[n, d]``) where ``byz``, else ``G``."""
-    return jnp.where(byz[:, None], jnp.broadcast_to(malicious, G.shape), G)
+    """Rows of ``malicious`` (``[d]`` broadcast, or ``[n, d]``) where ``byz``, else ``G``.
+
+    The result has ``G``'s dtype: crafted rows computed in a wider type (a float32
+    strength on bfloat16 updates) are cast back, so an attack keeps its input's dtype.
+    """
+    malicious = jnp.broadcast_to(jnp.asarray(malicious).astype(G.dtype), G.shape)
+    return jnp.where(byz[:, None], malicious, G)
 
 
 def stateless(fn: Callable[[jax.Array, jax.Array, AttackContext], jax.Array]) -> Attack:

@@ -48,7 +48,9 @@ def byzmean(z: ArrayLike | None = None, *, knowledge: str = "omniscient") -> Att
 
     Args:
       z: LIE strength for the target (``statistical.lie``); None uses Baruch et al.'s
-        ``z_max`` (the SignGuard paper ran z = 0.3).
+        ``z_max`` (``statistical.lie_default_z``: ``z = Φ⁻¹((n − s)/n)``,
+        ``s = max(⌊n/2 + 1⌋ − f, 1)``, finite with a Byzantine majority too); the
+        SignGuard paper ran z = 0.3.
       knowledge: statistics over H (``"omniscient"``) or B (``"byzantine"``).
 
     Any other target: ``byzmean_of(attack)``.

@@ -43,14 +43,20 @@ def mean_std(G: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
     return ops.masked_mean_std(G, rows, ddof=1)
 
 
-def lie_default_z(n: ArrayLike, f: ArrayLike) -> jax.Array:
-    """Baruch et al.'s ``z_max``: ``s = ⌊n/2 + 1⌋ − f``, ``z = Φ⁻¹((n − s)/n)``.
+def lie_default_z(n: int, f: ArrayLike) -> jax.Array:
+    """Baruch et al.'s ``z_max``: ``s = max(⌊n/2 + 1⌋ − f, 1)``, ``z = Φ⁻¹((n − s)/n)``.
+
+    ``s`` is the number of honest clients the attackers must win over to hold a
+    majority; Baruch et al. define it for ``f < ⌊n/2 + 1⌋``. With a Byzantine majority
+    their ``s`` would be 0 or negative and ``z`` infinite or NaN; it is clamped to 1 here,
+    which keeps ``z`` finite (``Φ⁻¹((n − 1)/n)``, for ``n >= 2``). float32 (also
+    with ``jax_enable_x64``; ``n`` static, ``f`` may be traced).
 
     (The SignGuard paper's Eq. 2 states a different variant, ``Φ(z) < (n − ⌊n/2 + 1⌋) /
     (n − f)``; pass ``z`` explicitly to use it.)
     """
-    s = jnp.floor(n / 2 + 1) - f
-    return ndtri((n - s) / n)
+    s = jnp.maximum(n // 2 + 1 - jnp.asarray(f, jnp.int32), 1)
+    return ndtri((n - s).astype(jnp.float32) / jnp.float32(n))
 
 
 def lie(z: ArrayLike | None = None, *, knowledge: str = "omniscient") -> Attack:
@@ -58,8 +64,10 @@ def lie(z: ArrayLike | None = None, *, knowledge: str = "omniscient") -> Attack:
 
     Args:
       z: attack strength (may be traced). None uses Baruch et al.'s ``z_max``
-        (``lie_default_z(n, f)``). Published settings: 1.5 (STRIKE paper, Table 3),
-        0.3 (SignGuard paper), 0–10 calibrated for heterogeneity (Errami et al.; z = 8).
+        (``lie_default_z(n, f)``: ``z = Φ⁻¹((n − s)/n)``, ``s = max(⌊n/2 + 1⌋ − f, 1)``,
+        clamped so that a Byzantine majority keeps a finite z). Published settings: 1.5
+        (STRIKE paper, Table 3), 0.3 (SignGuard paper), 0–10 calibrated for
+        heterogeneity (Errami et al.; z = 8).
       knowledge: ``"omniscient"`` (statistics over H) or ``"byzantine"`` (over B); see
         the module docstring.
 
