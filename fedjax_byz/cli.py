@@ -22,8 +22,17 @@ def plot_accuracy(results: list[dict[str, Any]], path: Path, title: str) -> None
 
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     layout = Layout(results)
+    # colour by attack, line style by rule: no two lines of a grid look alike
+    rows = list(dict.fromkeys(layout.row(r) for r in results))
+    cols = list(dict.fromkeys(layout.col(r) for r in results))
     for r in results:
-        ax.plot(r["eval_rounds"], [100 * a for a in r["test_acc"]], label=layout.label(r))
+        ax.plot(
+            r["eval_rounds"],
+            [100 * a for a in r["test_acc"]],
+            color=f"C{rows.index(layout.row(r)) % 10}",
+            linestyle=("-", "--", ":", "-.")[cols.index(layout.col(r)) % 4],
+            label=layout.label(r),
+        )
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
@@ -60,14 +69,15 @@ def _out_dir(path: str | Path) -> Path:
     return path
 
 
-def _sweep(args):
+def _sweep(args, overrides: dict[str, Any] | None = None):
+    """Runs ``args.config`` with ``overrides`` (default: the parsed ``--set`` values)."""
     from fedjax_byz.sweep.runner import sweep
 
     if args.distributed:
         from fedjax_byz.sim.sharding import initialize_distributed
 
         initialize_distributed()
-    overrides = _overrides(args.set)
+    overrides = _overrides(args.set) if overrides is None else overrides
     out = _run_dir(args, overrides)
     records = sweep(
         args.config,
@@ -137,8 +147,9 @@ def cmd_skew(args) -> int:
     ):
         picks = np.linspace(1, rounds, args.rounds).round().astype(int)
         sets["diagnostics.capture_rounds"] = sorted({int(r) for r in picks})
-    args.set = [f"{k}={v}" for k, v in sets.items()]
-    records, out = _sweep(args)
+    else:
+        print("skew: capturing the config's diagnostics.capture_rounds (--rounds unused).")
+    records, out = _sweep(args, sets)
     layout = Layout(records)
     lines = [
         "| cell | round | skew (moment) | skew (median) | mean–mode distance | κ | "

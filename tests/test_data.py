@@ -169,6 +169,21 @@ def test_imagefolder_read_only_folder_uses_cache_dir(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
 
 
+def test_imagefolder_never_writes_into_a_read_only_folder(tmp_path, monkeypatch):
+    """Even as root (who may write anywhere) a folder whose mode is read-only, like the
+    shared datasets folder, gets no cache file: it goes to $FEDJAX_BYZ_CACHE."""
+    shared = tmp_path / "shared"
+    _write_images(shared / "imgs", "png")
+    shared.chmod(0o555)
+    monkeypatch.setenv("FEDJAX_BYZ_CACHE", str(tmp_path / "cache"))
+    try:
+        data_lib.load("imagefolder", path=str(shared / "imgs"))
+        assert sorted(p.name for p in shared.iterdir()) == ["imgs"]
+        assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    finally:
+        shared.chmod(0o755)
+
+
 def test_imagefolder_missing_path():
     with pytest.raises(ConfigError, match="data.path"):
         data_lib.load("imagefolder", path="/nonexistent/cifar.zip")

@@ -28,4 +28,11 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path, monkeypatch):
         if o.get("output_type") == "error"
     ]
     assert not errors
+    shown = [
+        str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+        for c in book.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+    ]
+    assert not any("Empty DataFrame" in t for t in shown)  # a table that lost its rows
     assert os.environ["FEDJAX_BYZ_SMOKE"] == "1"

@@ -149,8 +149,15 @@ def _image_entries(names: Iterable[str]) -> list[tuple[str, str, str]]:
     return sorted(out)
 
 
+def _writable(folder: Path) -> bool:
+    """Whether to write a cache into ``folder``: we may, and its mode does not mark it
+    read-only (root may write anywhere, yet a read-only shared data folder stays as is)."""
+    return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+
+
 def _cache_file(path: Path, entries: list[tuple[str, str, str]], cache_dir: str | None) -> Path:
-    """``<data>.<hash>.npz`` beside the data when writable, else under the user's cache dir.
+    """``<data>.<hash>.npz`` beside the data when writable (``_writable``), else under the
+    user's cache dir.
 
     A zip is keyed on its size and modification time; a directory's own ones do not change
     when the images inside it are overwritten, so it is keyed on the relative path, size
@@ -165,7 +172,7 @@ def _cache_file(path: Path, entries: list[tuple[str, str, str]], cache_dir: str 
         st = path.stat()
         tag = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
     name = f"{path.name}.{tag.hexdigest()[:10]}.npz"
-    if cache_dir is None and os.access(path.parent, os.W_OK):
+    if cache_dir is None and _writable(path.parent):
         return path.parent / name
     root = Path(cache_dir or os.environ.get("FEDJAX_BYZ_CACHE", "~/.cache/fedjax_byz"))
     root = root.expanduser()

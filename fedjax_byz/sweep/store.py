@@ -144,11 +144,13 @@ class ResultStore:
             os.replace(tmp, self.path)
 
 
-def load_results(path: str | Path):
-    """A sweep's records as a pandas DataFrame (``path``: the folder or the .jsonl file)."""
+def load_results(path: str | Path, current: bool = True):
+    """A sweep's records as a pandas DataFrame (``path``: the folder or the .jsonl file):
+    those of the folder's current sweep, as ``ResultStore.records`` gives them (every
+    record of the store with ``current=False``)."""
     import pandas as pd
 
     path = Path(path)
     if path.is_dir():
         path = path / "results.jsonl"
-    return pd.read_json(path, lines=True)
+    return pd.DataFrame(ResultStore(path).records(current))
