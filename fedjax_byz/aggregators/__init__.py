@@ -71,12 +71,16 @@ def _half(n: int) -> int:
 
 # ``max_f(n)``: the largest f a rule (or pre-aggregator) admits for n rows; ``needs``: the
 # same bound as the error messages write it.
+# ``squares=False``: the rule only orders and averages coordinates, so rows too large to
+# square cannot overflow it (``base.guard_nonfinite``).
 _HALF = {"max_f": _half, "needs": "f < n/2"}
-RULES.register("mean", coordinate.mean, propagates_nonfinite=True)
-RULES.register("median", coordinate.median, **_HALF)
-RULES.register("trmean", coordinate.trmean, **_HALF)
-RULES.register("meamed", coordinate.meamed, **_HALF)
-RULES.register("rbtm", coordinate.rbtm, max_f=lambda n: (n - 1) // 3, needs="n >= 3f + 1")
+RULES.register("mean", coordinate.mean, propagates_nonfinite=True, squares=False)
+RULES.register("median", coordinate.median, squares=False, **_HALF)
+RULES.register("trmean", coordinate.trmean, squares=False, **_HALF)
+RULES.register("meamed", coordinate.meamed, squares=False, **_HALF)
+RULES.register(
+    "rbtm", coordinate.rbtm, max_f=lambda n: (n - 1) // 3, needs="n >= 3f + 1", squares=False
+)
 RULES.register("krum", distance.krum, max_f=lambda n: n - 3, needs="n >= f + 3")
 RULES.register("multikrum", distance.multikrum, max_f=lambda n: n - 3, needs="n >= f + 3")
 RULES.register("bulyan", distance.bulyan, max_f=lambda n: (n - 3) // 4, needs="n >= 4f + 3")
@@ -94,7 +98,7 @@ RULES.register("signguard-sim", signguard.signguard_sim, static=_SG_STATIC)
 RULES.register("signguard-dist", signguard.signguard_dist, static=_SG_STATIC)
 RULES.register("clippedclustering", clustering.clippedclustering, static=("history",))
 
-PRE.register("bucketing", pre.bucketing, static=("s",))
+PRE.register("bucketing", pre.bucketing, static=("s",), squares=False)
 PRE.register("nnm", pre.nnm, **_HALF)
 PRE.register("arc", pre.arc, **_HALF)
 PRE.register("clip", pre.clip)
@@ -158,11 +162,11 @@ def get(name: str, **params: Any) -> Aggregator:
     """
     entries = stages(name)
     built = [e.factory(**p) for e, p in zip(entries, route_params(entries, params), strict=True)]
+    squares = any(e.meta.get("squares", True) for e in entries)
     if len(built) == 1:
-        return guard_nonfinite(
-            built[0], propagates=entries[0].meta.get("propagates_nonfinite", False)
-        )
-    return guard_nonfinite(compose(*built))
+        propagates = entries[0].meta.get("propagates_nonfinite", False)
+        return guard_nonfinite(built[0], propagates=propagates, squares=squares)
+    return guard_nonfinite(compose(*built), squares=squares)
 
 
 def _min_rows(max_f) -> int:

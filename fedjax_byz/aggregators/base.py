@@ -133,15 +133,18 @@ def overflowing_rows(G: jax.Array) -> jax.Array:
     return ~(sq <= jnp.finfo(acc).max / (4 * G.shape[0]))
 
 
-def guard_nonfinite(rule: Aggregator, *, propagates: bool = False) -> Aggregator:
+def guard_nonfinite(
+    rule: Aggregator, *, propagates: bool = False, squares: bool = True
+) -> Aggregator:
     """Rejects non-finite client rows before ``rule`` sees them.
 
-    A row holding a NaN or an infinity (a faulty client), or a finite row whose squared
-    norm overflows (``overflowing_rows``: with a margin of ``4n``, so a float32 row of
-    norm above about ``9e18/√n``, which would make Gram matrices, distances or Krum
-    scores infinite and turn distance-based rules' output into NaN or into that row), is
-    replaced by zeros, as if the client had sent no update, so that it can never turn
-    the aggregate into NaN or hijack it; robust rules then treat it as one more outlier.
+    A row holding a NaN or an infinity (a faulty client), or, for a rule that ``squares``
+    rows, a finite row whose squared norm overflows (``overflowing_rows``: with a margin
+    of ``4n``, so a float32 row of norm above about ``9e18/√n``, which would make Gram
+    matrices, distances or Krum scores infinite and turn distance-based rules' output
+    into NaN or into that row), is replaced by zeros, as if the client had sent no
+    update, so that it can never turn the aggregate into NaN or hijack it; robust rules
+    then treat it as one more outlier.
     ``aux["nonfinite"]`` (bool[n]) marks the rejected rows for the round's metrics. This
     is the published SignGuard code's convention (NaN entries set to 0), applied to
     whole rows. The rule runs on a zeroed copy only in rounds that have such a row.
@@ -151,15 +154,24 @@ def guard_nonfinite(rule: Aggregator, *, propagates: bool = False) -> Aggregator
 
     Args:
       rule: the rule to guard.
+      squares: the rule squares or multiplies rows (norms, distances, Gram matrices), so
+        overflowing rows must go; a rule that only orders and averages coordinates
+        (median, trimmed mean) is safe with them and gets the cheaper non-finite check, a
+        row sum as a matrix product (which XLA's CPU backend reads at full bandwidth, 2x
+        faster than the squared norms here at 50 x 1M).
       propagates: the rule's output is non-finite whenever a row is (a mean with
         positive weights). Then the rule runs first and the rows are checked only when
-        the squared norm of its output is not finite: one pass over the matrix in clean
-        rounds, not two (a single huge row can then pass when the mean of the rows
-        stays below the overflow).
+        its output fails the same check: one pass over the matrix in clean rounds, not
+        two.
     """
 
+    def rejected(G):  # bool[n]
+        if squares:
+            return overflowing_rows(G)
+        return ~jnp.isfinite(jnp.matmul(G, jnp.ones(G.shape[1], G.dtype), precision=_HI))
+
     def checked(G, state, ctx):
-        bad = overflowing_rows(G)
+        bad = rejected(G)
         out, state, aux = jax.lax.cond(
             bad.any(),
             lambda G, state: rule.update(jnp.where(bad[:, None], 0.0, G), state, ctx),
@@ -175,7 +187,7 @@ def guard_nonfinite(rule: Aggregator, *, propagates: bool = False) -> Aggregator
         out, new_state, aux = rule.update(G, state, ctx)
         clean = (out, new_state, dict(aux, nonfinite=jnp.zeros(G.shape[0], bool)))
         return jax.lax.cond(
-            overflowing_rows(out[None]).any(), lambda: checked(G, state, ctx), lambda: clean
+            rejected(out[None]).any(), lambda: checked(G, state, ctx), lambda: clean
         )
 
     return Aggregator(rule.init, update)
