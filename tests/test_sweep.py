@@ -207,3 +207,37 @@ def test_captures_are_saved_beside_the_store(tmp_path):
             assert z["updates"].shape[0] == 1 and list(z["rounds"]) == [2]
     first, second = (np.load(tmp_path / r["captures"])["updates"] for r in records)
     assert not np.allclose(first, second)  # each seed keeps its own matrices
+
+
+def _record(attack, rule, grid, acc=0.5):
+    config = {"attack": {"name": attack}, "aggregator": {"name": rule}}
+    return {"grid": grid, "config": config, "best_acc": acc, "name": "t"}
+
+
+def test_layout_folds_counts_that_follow_a_rule_and_ablates_co_varying_axes():
+    # one rule run with its own assumed f labels its column instead of splitting panels
+    recs = [
+        _record("lie", rule, {"aggregator.name": rule, **extra})
+        for rule, extra in [
+            ("median", {}),
+            ("krum", {}),
+            ("bucketing+rbtm", {"aggregator.assumed_byzantine": 8}),
+        ]
+    ]
+    layout = report.Layout(recs)
+    assert layout.other_axes == []
+    assert layout.col(recs[2]) == "bucketing+rbtm(assumed_byzantine=8)"
+    assert len(report.aggregate_table(recs, layout)) == 1
+    # f set together with n (a top-level grid of variants): one line against n
+    recs = [
+        _record("strike", "dnc", {"data.num_clients": n, "attack.num_byzantine": n // 5})
+        for n in (10, 30, 50)
+    ]
+    layout = report.Layout(recs)
+    assert layout.follows("data.num_clients") == {"attack.num_byzantine"}
+    crossed = [
+        _record("lie", "mean", {"data.num_clients": n, "attack.num_byzantine": f})
+        for n in (10, 30)
+        for f in (1, 2)
+    ]
+    assert report.Layout(crossed).follows("data.num_clients") == set()

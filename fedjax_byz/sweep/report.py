@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +57,17 @@ class Layout:
 
     Grid fields under ``attack`` label rows and those under ``aggregator`` label columns
     (a strength such as ``z`` or ``nu`` included); the number of Byzantine clients and
-    every other field (β, ``n``, ...) split the records into panels. Every numeric field
-    with several values is also the x axis of an ablation plot.
+    every other field (β, ``n``, ...) split the records into panels, except a count that
+    follows the defense (or the attack), e.g. one rule run with its own assumed ``f``,
+    which labels that column (row). Every numeric field with several values is also the
+    x axis of an ablation plot, its lines leaving out the fields that vary with it (``f``
+    set together with ``n``).
     """
 
     COUNTS = ("attack.num_byzantine", "aggregator.assumed_byzantine")
 
     def __init__(self, records: Sequence[Mapping[str, Any]]):
+        self.records = records
         axes = [
             a for a in dict.fromkeys(k for r in records for k in r["grid"]) if a not in SEED_AXES
         ]
@@ -74,7 +78,27 @@ class Layout:
                 self.numeric_axes.append(a)
         self.row_axes = [a for a in axes if a.startswith("attack.") and a not in self.COUNTS]
         self.col_axes = [a for a in axes if a.startswith("aggregator.") and a not in self.COUNTS]
+        for a in (a for a in self.COUNTS if a in axes):
+            if self._determined(a, self.col):
+                self.col_axes.append(a)
+            elif self._determined(a, self.row):
+                self.row_axes.append(a)
         self.other_axes = [a for a in axes if a not in self.row_axes and a not in self.col_axes]
+
+    def _determined(self, axis: str, by) -> bool:
+        """Whether ``axis``'s value is a function of ``by(record)`` over the records."""
+        seen: dict[str, str] = {}
+        for r in self.records:
+            value = json.dumps(r["grid"].get(axis), default=str)
+            if seen.setdefault(by(r), value) != value:
+                return False
+        return True
+
+    def follows(self, axis: str) -> set[str]:
+        """The other grid axes whose value is a function of ``axis``'s (set with it)."""
+        key = lambda r: json.dumps(r["grid"].get(axis), default=str)  # noqa: E731
+        others = self.row_axes + self.col_axes + self.other_axes
+        return {a for a in others if a != axis and self._determined(a, key)}
 
     @staticmethod
     def _label(record, axes, section, skip) -> str:
@@ -83,14 +107,14 @@ class Layout:
         extra = [
             f"{a.split('.', 1)[1]}={value_label(grid[a])}"
             for a in axes
-            if a in grid and a not in (f"{section}.name", skip)
+            if a in grid and a != f"{section}.name" and a not in skip
         ]
         return f"{name}({', '.join(extra)})" if extra else str(name)
 
-    def row(self, r, skip: str | None = None) -> str:
+    def row(self, r, skip: Collection[str] = ()) -> str:
         return self._label(r, self.row_axes, "attack", skip)
 
-    def col(self, r, skip: str | None = None) -> str:
+    def col(self, r, skip: Collection[str] = ()) -> str:
         return self._label(r, self.col_axes, "aggregator", skip)
 
     def label(self, r) -> str:
@@ -98,9 +122,9 @@ class Layout:
         rest = [f"{a}={json.loads(v)}" for a, v in self.panel(r) if v != "null"]
         return " / ".join([self.row(r), self.col(r), *rest])
 
-    def panel(self, r, skip: str | None = None) -> tuple:
+    def panel(self, r, skip: Collection[str] = ()) -> tuple:
         return tuple(
-            (a, json.dumps(r["grid"].get(a), default=str)) for a in self.other_axes if a != skip
+            (a, json.dumps(r["grid"].get(a), default=str)) for a in self.other_axes if a not in skip
         )
 
 
@@ -267,12 +291,13 @@ def ablation_plot(
     one line per attack and other panel values (the layout of the papers' figures)."""
     plt = _plt()
     panels: dict[str, dict[str, dict[float, list[float]]]] = {}
+    skip = {axis} | layout.follows(axis)
     for r in records:
         if axis not in r["grid"]:
             continue
-        rest = [f"{a}={json.loads(v)}" for a, v in layout.panel(r, skip=axis) if v != "null"]
-        name = " / ".join([layout.row(r, skip=axis), *rest])
-        lines = panels.setdefault(layout.col(r, skip=axis), {})
+        rest = [f"{a}={json.loads(v)}" for a, v in layout.panel(r, skip=skip) if v != "null"]
+        name = " / ".join([layout.row(r, skip=skip), *rest])
+        lines = panels.setdefault(layout.col(r, skip=skip), {})
         lines.setdefault(name, {}).setdefault(float(r["grid"][axis]), []).append(r[metric])
     cols = min(len(panels), 4)
     nrows = -(-len(panels) // cols)
