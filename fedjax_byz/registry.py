@@ -21,6 +21,10 @@ class ConfigError(ValueError):
     """A configuration value that cannot work, found before any compilation."""
 
 
+_INTEGER_KINDS = ("i", "u")  # numpy dtype kinds
+_NUMBER_KINDS = ("i", "u", "f")
+
+
 def _dtype_kind(v: Any) -> str:
     """numpy's dtype kind of an array or array scalar (numpy, JAX, traced), else ``""``."""
     dtype = getattr(v, "dtype", None)
@@ -29,16 +33,13 @@ def _dtype_kind(v: Any) -> str:
 
 def is_int(v: Any) -> bool:
     """A Python integer (not a bool) or an integer array (e.g. a traced ``f``)."""
-    return (isinstance(v, int) and not isinstance(v, bool)) or _dtype_kind(v) in ("i", "u")
+    return (isinstance(v, int) and not isinstance(v, bool)) or _dtype_kind(v) in _INTEGER_KINDS
 
 
 def is_number(v: Any) -> bool:
     """A Python or array number, not a bool."""
-    return (isinstance(v, int | float) and not isinstance(v, bool)) or _dtype_kind(v) in (
-        "i",
-        "u",
-        "f",
-    )
+    python = isinstance(v, int | float) and not isinstance(v, bool)
+    return python or _dtype_kind(v) in _NUMBER_KINDS
 
 
 def is_positive_python_int(v: Any) -> bool:
