@@ -203,6 +203,25 @@ def test_byzmean_mean_equals_target():
             )
 
 
+def test_byzmean_with_byzantine_knowledge_uses_only_byzantine_rows():
+    """Eq. 8's honest sum is estimated as |H|·μ_B: the crafted rows depend on the
+    Byzantine clients' own updates only (they used the true honest sum before)."""
+    rng = np.random.default_rng(3)
+    n, d, f = 12, 30, 5
+    G = rng.normal(0.5, 1.0, (n, d)).astype(np.float32)
+    byz = np.arange(n) < f
+    out = np.asarray(fb.attack("byzmean", G, byz, z=0.3, knowledge="byzantine"))
+    moved = G.copy()
+    moved[~byz] += rng.normal(0, 3.0, (n - f, d)).astype(np.float32)
+    again = np.asarray(fb.attack("byzmean", moved, byz, z=0.3, knowledge="byzantine"))
+    np.testing.assert_allclose(out[byz], again[byz], rtol=1e-5, atol=1e-5)
+    mu_b, sd_b = G[byz].mean(0), G[byz].std(0, ddof=1)
+    t, m1 = mu_b - 0.3 * sd_b, f // 2
+    rest = ((n - m1) * t - (n - f) * mu_b) / (f - m1)
+    np.testing.assert_allclose(out[:m1], np.tile(t, (m1, 1)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out[m1:f], np.tile(rest, (f - m1, 1)), rtol=1e-4, atol=1e-4)
+
+
 def test_byzmean_of_any_target_and_roles():
     G, byz = CASES[4]
     f = int(byz.sum())

@@ -228,6 +228,14 @@ def test_cell_keys_of_older_stores_are_kept():
     assert grid.cell_key(cfg) == "793b1a4e4980c44e"
 
 
+def test_byzantine_weight_is_nan_every_round_for_coordinate_rules():
+    """trmean gives no per-client weights: NaN in every round, also in rounds that sample
+    no Byzantine client (a NaN weight times a False mask was folded into 0 there)."""
+    over = {"aggregator.name": "trmean", "server.clients_per_round": 3, "server.rounds": 6}
+    r = sim.simulate(tiny(**over, **{"server.eval_every": 3}), progress=False)
+    assert all(w is None or np.isnan(w) for w in r["byz_weight"]), r["byz_weight"]
+
+
 def test_byzantine_weight_is_recorded_for_weighting_rules():
     r = sim.simulate(tiny(**{"attack.num_byzantine": 2}), progress=False)
     np.testing.assert_allclose(r["byz_weight"], [2 / 6] * 4, rtol=1e-6)  # mean: 1/n each

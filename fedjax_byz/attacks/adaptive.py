@@ -49,6 +49,10 @@ def adaptive(
     ``lambda key, G, ctx: lambda s: build(s).apply(key, G, build(s).init(G.shape[1]), ctx)[0]``
     (then without the shared work).
 
+    The calibration itself is omniscient, as ByzFL's: it runs the server's rule on the
+    round's whole update matrix and scores against the honest mean, whatever
+    ``knowledge`` the family's own statistics use.
+
     Args:
       family: ``base.Family``, e.g. ``statistical.lie_family()``.
       evals: grid size, static; 20 matches ByzFL's default evaluation budget.

@@ -51,21 +51,34 @@ def byzmean(z: ArrayLike | None = None, *, knowledge: str = "omniscient") -> Att
         ``z_max`` (``statistical.lie_default_z``: ``z = Φ⁻¹((n − s)/n)``,
         ``s = max(⌊n/2 + 1⌋ − f, 1)``, finite with a Byzantine majority too); the
         SignGuard paper ran z = 0.3.
-      knowledge: statistics over H (``"omniscient"``) or B (``"byzantine"``).
+      knowledge: statistics over H (``"omniscient"``) or B (``"byzantine"``: also the
+        honest sum of Eq. 8, estimated as ``|H|·μ_B``).
 
     Any other target: ``byzmean_of(attack)``.
     """
     return at_strength(byzmean_family(knowledge), z)
 
 
+def known_honest_sum(G: jax.Array, ctx: AttackContext, knowledge: str) -> jax.Array:
+    """``Σ_{i∈H} g_i`` as the attacker knows it: exact when omniscient; with only the
+    Byzantine clients' own honest updates, ``|H|·μ_B`` (their mean standing in for the
+    honest clients'). ``-> [d]``."""
+    if knowledge == "omniscient":
+        return ops.weighted_sum(ctx.honest, G)
+    w = ctx.byz.astype(G.dtype)
+    return ops.weighted_sum(w * (ctx.honest.sum() / jnp.maximum(w.sum(), 1.0)), G)
+
+
 def byzmean_family(knowledge: str = "omniscient") -> Family:
     """ByzMean around ALIE as a ``Family``: ``μ_R``, ``σ_R`` and ``Σ_{i∈H} g_i`` once, then
-    ``z ->`` the Eq. 8 rows around ``t = μ_R − z·σ_R``."""
+    ``z ->`` the Eq. 8 rows around ``t = μ_R − z·σ_R`` (``known_honest_sum``: with
+    ``knowledge="byzantine"`` the honest sum is estimated, so the mean is ``t`` only
+    approximately)."""
     lie_craft = lie_family(knowledge)
 
     def family(key, G, ctx):
         target = lie_craft(key, G, ctx)
-        honest_sum = ops.weighted_sum(ctx.honest, G)
+        honest_sum = known_honest_sum(G, ctx, knowledge)
         return lambda z: _rows_around(target(z), honest_sum, G.shape[0], ctx)
 
     return family

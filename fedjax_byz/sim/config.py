@@ -109,7 +109,14 @@ class AttackConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AggregatorConfig:
-    """The server's rule; ``assumed_byzantine: null`` assumes the true number."""
+    """The server's rule and the number ``f`` of Byzantine clients it assumes each round.
+
+    ``assumed_byzantine: null`` assumes the true number (``attack.num_byzantine``). With
+    partial participation (``server.clients_per_round`` m < n) the rule still receives
+    that number every round, the most Byzantine clients a round can hold (a round's
+    actual count is not known to the server); set ``assumed_byzantine`` to assume fewer
+    among the m sampled, e.g. ``f·m/n`` as the STRIKE paper's FEMNIST setting does.
+    """
 
     name: str = "mean"
     assumed_byzantine: int | None = None
@@ -480,13 +487,22 @@ def validate(cfg: Config) -> None:
         "attack.num_byzantine",
         f"must be in [0, {d.num_clients - 1}] for {d.num_clients} clients, got {a.num_byzantine}.",
     )
-    aggregators.check(
-        cfg.aggregator.name,
-        cfg.participants,
-        cfg.assumed_byzantine,
-        cfg.aggregator.params,
-        "aggregator",
-    )
+    try:
+        aggregators.check(
+            cfg.aggregator.name,
+            cfg.participants,
+            cfg.assumed_byzantine,
+            cfg.aggregator.params,
+            "aggregator",
+        )
+    except ConfigError as e:
+        if cfg.participants == d.num_clients or cfg.aggregator.assumed_byzantine is not None:
+            raise
+        raise ConfigError(
+            f"{str(e).rstrip('.')}; with {cfg.participants} of {d.num_clients} clients per "
+            f"round the rule assumes all {a.num_byzantine} Byzantine clients may be sampled: "
+            "set aggregator.assumed_byzantine for the sampled clients."
+        ) from None
     caps = cfg.diagnostics.capture_rounds
     _require(
         all(isinstance(c, int) and 1 <= c <= s.rounds for c in caps),

@@ -320,7 +320,11 @@ def make_program(static: StaticConfig, mesh: Mesh | None = None) -> Program:
         mu_h = ops.masked_mean(G, honest)
         metrics = {
             "train_loss": jnp.sum(losses * trained) / jnp.maximum(trained.sum(), 1),
-            "byz_weight": jnp.sum(aux["weights"] * byz),
+            # NaN for rules without per-client weights, in every round (a product with a
+            # NaN weight and a False mask may be folded into 0)
+            "byz_weight": jnp.where(
+                jnp.isnan(aux["weights"]).any(), jnp.nan, jnp.sum(aux["weights"] * byz)
+            ),
             "agg_error": jnp.linalg.norm(aggregate - mu_h),
             "agg_norm": jnp.linalg.norm(aggregate),
             "nonfinite": jnp.sum(aux["nonfinite"]),

@@ -440,7 +440,9 @@ def simulate(
       the rule gave Byzantine clients, NaN for coordinate-wise rules), ``agg_error``
       (‖aggregate − honest mean‖), ``agg_norm``, ``nonfinite`` (rows dropped); per
       evaluation ``eval_rounds``, ``test_acc``, ``test_loss``; ``final_acc``, ``best_acc``,
-      ``compile_time``, ``wall_time`` (seconds), ``byzantine_clients``, ``empty_clients``
+      ``compile_time`` (seconds the program took to compile, paid once per structure: a
+      program reused from this process's cache reports that first compile),
+      ``wall_time`` (seconds), ``byzantine_clients``, ``empty_clients``
       (clients the partition gave no example: they send zero updates); with
       ``diagnostics.capture_rounds``, ``captures``: numpy arrays ``rounds [K]``,
       ``updates [K, m, d]`` (the rows the rule received), ``byz [K, m]``, ``clients [K, m]``
