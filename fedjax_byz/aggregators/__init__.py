@@ -154,11 +154,11 @@ def route_params(
 def get(name: str, **params: Any) -> Aggregator:
     """Builds the rule ``name`` (``"pre+...+rule"`` allowed) with ``params``.
 
-    The rule is wrapped in ``guard_nonfinite``: non-finite client rows, and finite rows
-    whose squared norm overflows (``base.overflowing_rows``), are rejected (zeroed and
-    reported in ``aux["nonfinite"]``) before any stage sees them (for the mean, whose
-    output is non-finite whenever a row is, only when its output's squared norm
-    overflows).
+    The rule is wrapped in ``guard_nonfinite``: non-finite client rows, and for rules that
+    square rows (registered without ``squares=False``) finite rows whose squared norm
+    overflows (``base.overflowing_rows``), are rejected (zeroed and reported in
+    ``aux["nonfinite"]``) before any stage sees them (for the mean, whose output is
+    non-finite whenever a row is, only when its output is).
     """
     entries = stages(name)
     built = [e.factory(**p) for e, p in zip(entries, route_params(entries, params), strict=True)]
@@ -175,20 +175,25 @@ def _min_rows(max_f) -> int:
 
 
 def check(
-    name: str, n: int, f: int, params: Mapping[str, Any] | None = None, field: str = "aggregator"
-) -> None:
+    name: str,
+    n: int,
+    f: int | None,
+    params: Mapping[str, Any] | None = None,
+    field: str = "aggregator",
+) -> list[dict[str, Any]]:
     """Validates a rule for ``n`` clients and assumed ``f`` before any compilation.
 
     Routes and checks ``params`` (``route_params``), builds every stage (which checks
     static values such as SignGuard's ``frac``) and checks ``n`` and ``f`` against the
-    bound of every stage, on the rows that stage receives.
+    bound of every stage, on the rows that stage receives (``f = None``, a traced ``f``:
+    ``n`` only). Returns the parameters routed to the stages.
     """
     entries = stages(name, field)
     routed = route_params(entries, params or {}, field)
     built = [e.factory(**p) for e, p in zip(entries, routed, strict=True)]
     if n < 1:
         raise ConfigError(f"{field}: needs at least one client, got n={n}.")
-    if not 0 <= f < n:
+    if f is not None and not 0 <= f < n:
         raise ConfigError(
             f"{field}.f: the assumed number of Byzantine clients must be in "
             f"[0, {n - 1}] for n={n}, got {f}."
@@ -203,7 +208,7 @@ def check(
                 f"{field}: {e.name!r} needs at least {_min_rows(max_f)} rows{needs}, "
                 f"got {m}{via}; use more clients."
             )
-        if max_f is not None and f > max_f(m):
+        if max_f is not None and f is not None and f > max_f(m):
             raise ConfigError(
                 f"{field}.f: {e.name!r} needs f <= {max_f(m)} for {m} rows{via}{needs}, "
                 f"got f={f}; lower the assumed f or use more clients."
@@ -217,6 +222,7 @@ def check(
             )
         if i < len(entries) - 1:
             m = stage.out_rows(m)
+    return routed
 
 
 def as_param(value: Any, default: Any = None) -> Any:
@@ -254,9 +260,8 @@ def prepare(
 ) -> tuple[tuple[tuple[str, Any], ...], dict[str, Any]]:
     """Checks and splits the parameters of the rule ``name`` for a jitted call.
 
-    Routes ``params`` to the stages (``route_params``) and builds the stages, which
-    checks static values; when ``f`` is concrete (not None), also checks the rule for
-    ``n`` rows and that ``f`` (``check``). Used by ``aggregate`` and by
+    Checks the rule for ``n`` rows and, when concrete (not None), ``f`` (``check``:
+    routes ``params`` to the stages and builds them). Used by ``aggregate`` and by
     ``attacks.attack(..., aggregator=...)``.
 
     Returns:
@@ -266,12 +271,7 @@ def prepare(
       as ``get`` takes them.
     """
     entries = stages(name, field)
-    routed = route_params(entries, params, field)
-    if f is None:
-        for e, p in zip(entries, routed, strict=True):
-            e.factory(**p)
-    else:
-        check(name, n, f, params, field)
+    routed = check(name, n, f, params, field)
     static, numeric = {}, {}
     for e, p in zip(entries, routed, strict=True):
         s, num = e.split(p)

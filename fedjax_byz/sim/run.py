@@ -10,6 +10,8 @@ checkpoint after every chunk from which an interrupted run resumes.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 import os
 import time
@@ -261,14 +263,16 @@ def _key_data(x):
     return np.asarray(sharding.fetch(x))
 
 
-def checkpoint_identity(cfgs: Sequence[Config]) -> str:
-    """What a checkpoint's state depends on: the hash of the batch's config dicts, in order
-    (the same canonical JSON as a sweep cell's key)."""
-    import hashlib
-    import json
-
-    blob = json.dumps([clean_json(c.identity()) for c in cfgs], sort_keys=True, default=str)
+def digest(x: Any) -> str:
+    """SHA-1 of ``x``'s canonical JSON (``clean_json``, sorted keys): the identity of
+    configs (``Config.identity()`` dicts) in sweep cell keys and checkpoints."""
+    blob = json.dumps(clean_json(x), sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def checkpoint_identity(cfgs: Sequence[Config]) -> str:
+    """What a checkpoint's state depends on: the digest of the batch's configs, in order."""
+    return digest([c.identity() for c in cfgs])
 
 
 def save_checkpoint(
@@ -466,8 +470,6 @@ def simulate(
 
 def save_json(result: Mapping[str, Any], path: str | Path) -> None:
     """Writes ``result`` atomically as JSON (NaN written as null)."""
-    import json
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -9,7 +9,6 @@ differ in anything else (attack, rule, model, dataset, ``n``, ...) form separate
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -18,7 +17,7 @@ from fedjax_byz import attacks
 from fedjax_byz.registry import ConfigError, is_int, is_number
 from fedjax_byz.sim import config as config_lib
 from fedjax_byz.sim.program import split_aggregator_params
-from fedjax_byz.sim.run import BATCH_MODES, clean_json, structure_key
+from fedjax_byz.sim.run import BATCH_MODES, digest, structure_key
 
 # Fields that never change the compiled program's shapes: a sweep may batch them.
 BATCHABLE = frozenset(
@@ -64,9 +63,8 @@ class Cell:
 
 
 def cell_key(cfg: config_lib.Config) -> str:
-    """A stable identity: the hash of the config's canonical JSON."""
-    blob = json.dumps(clean_json(cfg.identity()), sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+    """A stable identity: the digest of the config's canonical JSON (``run.digest``)."""
+    return digest(cfg.identity())[:16]
 
 
 def split_options(raw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
