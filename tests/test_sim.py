@@ -40,7 +40,7 @@ def tiny(**over):
     return cfg
 
 
-def _count_steps(count, *, batch_size, epochs=1, steps=None, parallelism=1):
+def _count_steps(count, *, batch_size, epochs=1, steps=None, parallelism=1, shared=False):
     """Runs local training with an 'optimizer' adding 1 per step: g = −(number of steps)."""
     ones = optax.GradientTransformation(
         lambda p: (), lambda g, s, p=None: (jax.tree.map(jnp.ones_like, g), s)
@@ -51,6 +51,7 @@ def _count_steps(count, *, batch_size, epochs=1, steps=None, parallelism=1):
         batch_size=batch_size,
         local_epochs=epochs,
         local_steps=steps,
+        shared_first_step=shared,
     )
     counts = jnp.asarray(count, jnp.int32)
     m = counts.shape[0]
@@ -72,19 +73,66 @@ def test_update_rows_match_ravel_pytree():
     np.testing.assert_array_equal(ops.to_matrix(tree)[0], rows)
 
 
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("parallelism", [1, 2, 4])
-def test_clients_with_fewer_examples_take_fewer_steps(parallelism):
-    steps = _count_steps([0, 1, 3, 7], batch_size=2, epochs=2, parallelism=parallelism)
-    np.testing.assert_array_equal(steps, [0, 2, 4, 8])  # E·⌈count/B⌉
-    fixed = _count_steps([0, 1, 3, 7], batch_size=2, steps=5, parallelism=parallelism)
-    np.testing.assert_array_equal(fixed, [0, 5, 5, 5])
+def test_clients_with_fewer_examples_take_fewer_steps(parallelism, shared):
+    kw = dict(batch_size=2, parallelism=parallelism, shared=shared)
+    np.testing.assert_array_equal(_count_steps([0, 1, 3, 7], epochs=2, **kw), [0, 2, 4, 8])
+    np.testing.assert_array_equal(_count_steps([0, 1, 3, 7], steps=5, **kw), [0, 5, 5, 5])
+    np.testing.assert_array_equal(_count_steps([0, 1, 3, 7], steps=1, **kw), [0, 1, 1, 1])
 
 
-@pytest.mark.parametrize("parallelism", [1, 3])
-def test_padding_never_enters_training(parallelism):
+@pytest.mark.parametrize(
+    "steps",
+    [
+        {"local_epochs": 1, "local_steps": 1},
+        {"local_epochs": 1, "local_steps": 3},
+        {"local_epochs": 2, "local_steps": None},
+    ],
+)
+def test_shared_first_step_trains_as_the_loop(steps):
+    """Taking the first step outside the loops (from the shared weights) changes nothing:
+    momentum, weight decay, clipping, an empty client and a short one included."""
+    model = fb.models.get("mlp", 4, (3, 3, 1), hidden=[8])
+    params = model.init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 10, 3, 3, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 4, (4, 10)), jnp.int32)
+    counts = jnp.asarray([0, 3, 10, 7])
+    opt = sim.client.local_optimizer(0.1, 0.9, 1e-2, 0.5)
+
+    def run(shared):
+        update = make_client_update(
+            model.apply, lambda v: v, batch_size=4, **steps, shared_first_step=shared
+        )
+
+        def one(i, key):
+            return update(params, i, x, y, counts[i], key, opt, lambda v: v)
+
+        keys = jax.random.split(jax.random.key(1), 4)
+        g, loss = map_clients(one, (jnp.arange(4), keys), 4)
+        return np.asarray(ops.to_matrix(g)[0]), np.asarray(loss)
+
+    (g_loop, l_loop), (g_shared, l_shared) = run(False), run(True)
+    assert np.all(g_loop[0] == 0) and np.all(np.abs(g_loop[1:]).sum(1) > 0)
+    np.testing.assert_allclose(g_shared, g_loop, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(l_shared, l_loop, rtol=1e-6)
+
+
+def test_auto_client_parallelism():
+    """Dense models vmap their clients on every backend, convolutional ones only off CPU."""
+    assert fb.models.clients_at_once("mlp", 20, "cpu") == 20
+    assert fb.models.clients_at_once("cnn", 20, "cpu") == 1
+    assert fb.models.clients_at_once("cnn", 20, "gpu") == 20
+
+
+@pytest.mark.parametrize("parallelism,shared", [(1, False), (3, False), (3, True)])
+def test_padding_never_enters_training(parallelism, shared):
     """A client with 3 (or 2, 1) examples in a block of 9 trains only on its examples."""
     apply = lambda p, x: x.reshape(x.shape[0], -1) @ p["w"]  # noqa: E731
-    update = make_client_update(apply, lambda x: x, batch_size=4, local_epochs=2, local_steps=None)
+    update = make_client_update(
+        apply, lambda x: x, batch_size=4, local_epochs=2, local_steps=None, shared_first_step=shared
+    )
     counts = np.array([3, 2, 1])
     real = np.random.default_rng(0).standard_normal((3, 9, 5)).astype(np.float32)
 

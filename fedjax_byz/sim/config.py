@@ -135,9 +135,10 @@ class DiagnosticsConfig:
 class Config:
     """One experiment.
 
-    ``client_parallelism`` is how many clients train at once: ``"auto"`` runs them one
-    after another inside the compiled round on CPU (``lax.map``, fastest there) and all
-    together on accelerators (``vmap``); an integer chunks the clients.
+    ``client_parallelism`` is how many clients train at once: ``"auto"`` runs them all
+    together (``vmap``) on accelerators and for dense models on a CPU, and convolutional
+    models' clients one after another inside the compiled round on a CPU (``lax.map``,
+    fastest there; see ``models.clients_at_once``); an integer chunks the clients.
     """
 
     name: str = "experiment"

@@ -133,7 +133,7 @@ class StaticConfig:
     def from_config(cls, cfg: Config, num_classes: int, input_shape) -> StaticConfig:
         cp = cfg.client_parallelism
         if cp == "auto":
-            cp = 1 if jax.default_backend() == "cpu" else cfg.participants
+            cp = models.clients_at_once(cfg.model.name, cfg.participants, jax.default_backend())
         atk_static, _ = attacks.ATTACKS.entry(cfg.attack.name).split(cfg.attack.params)
         agg_static, _ = split_aggregator_params(cfg.aggregator.name, cfg.aggregator.params)
         return cls(
@@ -270,6 +270,7 @@ def make_program(static: StaticConfig, mesh: Mesh | None = None) -> Program:
             batch_size=static.batch_size,
             local_epochs=static.local_epochs,
             local_steps=static.local_steps,
+            shared_first_step=static.client_parallelism > 1,
         )
 
         def train_client(i, is_byz, key):
