@@ -663,3 +663,29 @@ def test_aggregate_inside_jit_then_eagerly():
     G = jnp.asarray(updates(9, 5, 1))
     inside = jax.jit(lambda G: fb.aggregate("krum", G, f=2))(G)
     np.testing.assert_array_equal(inside, fb.aggregate("krum", G, f=2))
+
+
+def test_switch_runs_the_chosen_rule_with_its_own_state():
+    """``switch``: the rule at a traced index, as if called alone; the others' states pass
+    through untouched; aux keeps the keys every rule has."""
+    G = jnp.asarray(updates(9, 6, 2))
+    rules = [get("cclip", tau=0.5), get("median"), get("bucketing+krum")]
+    rule = fb.aggregators.switch(jnp.int32(0), rules)
+    state0 = rule.init(6)
+    ctx = AggregatorContext.create(2, jax.random.key(3))
+
+    @jax.jit
+    def run(k, state):
+        return fb.aggregators.switch(k, rules).update(G, state, ctx)
+
+    for k, alone in enumerate(rules):
+        out, state, aux = run(jnp.int32(k), state0)
+        want, want_state, want_aux = jax.jit(alone.update)(G, state0[k], ctx)
+        np.testing.assert_array_equal(out, want)
+        chex.assert_trees_all_equal(state[k], want_state)
+        chex.assert_trees_all_equal(
+            [s for i, s in enumerate(state) if i != k], [s for i, s in enumerate(state0) if i != k]
+        )
+        assert set(aux) == {"weights", "nonfinite"}
+        np.testing.assert_array_equal(aux["weights"], want_aux["weights"])
+    assert fb.aggregators.switch(jnp.int32(0), rules[:1]) is rules[0]

@@ -615,3 +615,28 @@ def test_bfloat16_updates_stay_bfloat16():
 def test_labelflip_relabels():
     atk = attacks.get("labelflip")
     np.testing.assert_array_equal(atk.relabel(jnp.arange(10), 10), 9 - np.arange(10))
+
+
+def test_switch_runs_the_chosen_attack():
+    """``switch``: the attack at a traced index, as if called alone; label flipping where
+    the chosen attack flips labels."""
+    rng = np.random.default_rng(0)
+    G = jnp.asarray(rng.standard_normal((8, 5)), jnp.float32)
+    byz = jnp.arange(8) < 2
+    chosen = [attacks.get("lie", z=1.0), attacks.get("labelflip"), attacks.get("gaussian")]
+    ctx = AttackContext.create(byz)
+    key = jax.random.key(1)
+    y = jnp.arange(10) % 4
+
+    @jax.jit
+    def run(k):
+        attack = attacks.switch(k, chosen)
+        return attack.apply(key, G, attack.init(5), ctx)[0], attack.relabel(y, 4)
+
+    for k, alone in enumerate(chosen):
+        out, labels = run(jnp.int32(k))
+        want = jax.jit(lambda a=alone: a.apply(key, G, a.init(5), ctx)[0])()
+        np.testing.assert_array_equal(out, want)
+        flipped = alone.relabel(y, 4) if alone.relabel is not None else y
+        np.testing.assert_array_equal(labels, flipped)
+    assert attacks.switch(jnp.int32(0), chosen[::2]).relabel is None

@@ -353,3 +353,14 @@ def test_capture_rounds_keep_the_update_matrix():
     assert not np.allclose(caps["updates"][0], caps["updates"][1])
     with pytest.raises(fb.ConfigError, match="diagnostics.capture_rounds"):
         sim.simulate(tiny(**{"diagnostics.capture_rounds": [5]}), progress=False)
+
+
+def test_a_session_keeps_a_bounded_number_of_compiled_programs(monkeypatch):
+    """Each compiled program holds hundreds of memory mappings (a process may have 65,530):
+    only the most recently used ``MAX_PROGRAMS`` are kept."""
+    monkeypatch.setattr(sim.run, "MAX_PROGRAMS", 2)
+    monkeypatch.setattr(sim.run, "_COMPILED", type(sim.run._COMPILED)())
+    for rule in ("mean", "median", "trmean"):
+        fb.simulate(tiny(**{"aggregator.name": rule}), progress=False)
+    kept = [key[0].aggregators[0][0] for key in sim.run._COMPILED]
+    assert kept == ["median", "trmean"]

@@ -35,11 +35,31 @@ def test_expansion_grouping_and_batch_counts(tmp_path, capsys):
     assert len(cells) == 12 and len({c.key for c in cells}) == 12
     groups = grid.group_cells(cells)
     assert [len(g) for g in groups] == [6, 6]  # one program per rule; seeds × z batched
+    assert [len(g) for g in grid.group_cells(cells, branches=True)] == [12]  # rules: branches
     records = fb.sweep(dict(GRID, sweep={"max_batch": 4}), out=tmp_path, progress=False)
-    out = capsys.readouterr().out
-    assert "12 cells in 2 compiled program(s), 4 batch(es)" in out
-    assert sorted(r["batch_size"] for r in records) == [2] * 4 + [4] * 8
+    out = capsys.readouterr().out  # on one CPU: cells run one after another, one program
+    assert "12 cells in 1 compiled program(s), 3 batch(es)" in out
+    assert sorted(r["batch_size"] for r in records) == [4] * 12
     assert len(ResultStore(tmp_path / "results.jsonl")) == 12
+    records = fb.sweep(dict(GRID, sweep={"mode": "vmap"}), out=tmp_path / "v", progress=False)
+    assert "12 cells in 2 compiled program(s), 2 batch(es)" in capsys.readouterr().out
+
+
+def test_attack_and_rule_branches_equal_single_runs(tmp_path):
+    """One program for an attack × rule grid (stateful rule, label flipping, a composite
+    rule, several seeds and partitions): every cell exactly as its own single run."""
+    cfg = dict(
+        TINY,
+        seed=[0, 1],
+        attack={"grid": [{"name": "labelflip"}, {"name": "lie", "z": 1.0}, {"name": "none"}]},
+        aggregator={"grid": [{"name": "cclip", "tau": 0.5}, {"name": "bucketing+krum"}]},
+    )
+    records = fb.sweep(cfg, out=tmp_path, progress=False, log=None)
+    assert len({r["program"] for r in records}) == 1 and len(records) == 12
+    for r in records:
+        single = fb.simulate(r["config"], progress=False)
+        for m in METRICS[:-1]:
+            np.testing.assert_array_equal(r[m], single[m], err_msg=m)
 
 
 def test_auto_mode_maps_on_one_cpu_and_vmaps_over_devices():

@@ -34,6 +34,7 @@ from fedjax_byz.aggregators.base import (
     guard_nonfinite,
     no_weights,
     stateless,
+    switch,
 )
 from fedjax_byz.registry import ConfigError, Entry, Registry, is_int
 
@@ -58,6 +59,7 @@ __all__ = [
     "route_params",
     "stages",
     "stateless",
+    "switch",
 ]
 
 RULES = Registry("aggregator", traced=True)
@@ -330,7 +332,7 @@ def _default_key() -> jax.Array:
         return jax.random.key(0)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=32)  # each keeps its compiled programs (see sim.run.MAX_PROGRAMS)
 def _jitted(name: str, static: tuple[tuple[str, Any], ...]):
     def run(G, f, key, numeric):
         agg = get(name, **dict(static), **numeric)

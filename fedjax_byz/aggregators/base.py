@@ -7,7 +7,7 @@ pair of pure functions closing over its hyperparameters (which may be tracers).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -110,6 +110,42 @@ def compose(*stages: PreAggregator | Aggregator) -> Aggregator:
         out, s, aux = rule.update(G, state[-1], ctx)
         aux = dict(aux, weights=aux["weights"] @ mixing)
         return out, (*new_state, s), aux
+
+    return Aggregator(init, update)
+
+
+def switch(index: jax.Array, rules: Sequence[Aggregator]) -> Aggregator:
+    """The rule ``rules[index]``, chosen by a traced index (``lax.switch``: only the
+    chosen branch runs while ``index`` is not batched). Its state is the tuple of every
+    rule's state, each branch updating its own; ``aux`` keeps the keys all rules return.
+    One rule is returned as it is. A sweep runs the cells of an attack × rule grid in one
+    compiled program this way (``sim.program``).
+    """
+    if len(rules) == 1:
+        return rules[0]
+
+    def init(d):
+        return tuple(r.init(d) for r in rules)
+
+    def update(G, state, ctx):
+        def branch(k):
+            def run(G, state, ctx):
+                out, s, aux = rules[k].update(G, state[k], ctx)
+                return out, (*state[:k], s, *state[k + 1 :]), aux
+
+            return run
+
+        shapes = [jax.eval_shape(branch(k), G, state, ctx)[2] for k in range(len(rules))]
+        common = set.intersection(*(set(a) for a in shapes))
+
+        def keep(k):
+            def run(G, state, ctx):
+                out, s, aux = branch(k)(G, state, ctx)
+                return out, s, {key: aux[key] for key in sorted(common)}
+
+            return run
+
+        return jax.lax.switch(index, [keep(k) for k in range(len(rules))], G, state, ctx)
 
     return Aggregator(init, update)
 

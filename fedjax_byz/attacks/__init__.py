@@ -12,7 +12,7 @@ import numpy as np
 
 from fedjax_byz import aggregators
 from fedjax_byz.attacks import adaptive, basic, byzmean, fang, mimic, search, statistical, strike
-from fedjax_byz.attacks.base import Attack, AttackContext, replace_byzantine, stateless
+from fedjax_byz.attacks.base import Attack, AttackContext, replace_byzantine, stateless, switch
 from fedjax_byz.registry import ConfigError, Registry
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "names",
     "replace_byzantine",
     "stateless",
+    "switch",
 ]
 
 ATTACKS = Registry("attack", traced=True)
@@ -114,7 +115,7 @@ def _rule(aggregator) -> tuple[str, dict[str, Any]]:
     )
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=32)  # each keeps its compiled programs (see sim.run.MAX_PROGRAMS)
 def _jitted(name: str, static: tuple[tuple[str, Any], ...], aggregator: tuple | None):
     """The jitted attack; ``aggregator`` is None or ``(rule name, its static params)``."""
 

@@ -8,7 +8,8 @@ rows replaced; honest rows come back bit-identical.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -65,6 +66,39 @@ class Attack(NamedTuple):
     init: Callable[[int], State]
     apply: Callable[[jax.Array, jax.Array, State, AttackContext], tuple[jax.Array, State]]
     relabel: Callable[[jax.Array, int], jax.Array] | None = None
+
+
+def switch(index: jax.Array, attacks: Sequence[Attack]) -> Attack:
+    """The attack ``attacks[index]``, chosen by a traced index (``lax.switch``: only the
+    chosen branch runs while ``index`` is not batched). Its state is the tuple of every
+    attack's state, each branch updating its own; ``relabel`` flips labels where the
+    chosen attack does. One attack is returned as it is.
+    """
+    if len(attacks) == 1:
+        return attacks[0]
+
+    def init(d):
+        return tuple(a.init(d) for a in attacks)
+
+    def branch(k):
+        def run(key, G, state, ctx):
+            G, s = attacks[k].apply(key, G, state[k], ctx)
+            return G, (*state[:k], s, *state[k + 1 :])
+
+        return run
+
+    def apply(key, G, state, ctx):
+        return jax.lax.switch(index, [branch(k) for k in range(len(attacks))], key, G, state, ctx)
+
+    flips = [a.relabel or (lambda y, num_classes: y) for a in attacks]
+
+    def relabel(y, num_classes):
+        return jax.lax.switch(
+            index, [functools.partial(r, num_classes=num_classes) for r in flips], y
+        )
+
+    relabels = any(a.relabel is not None for a in attacks)
+    return Attack(init, apply, relabel if relabels else None)
 
 
 def replace_byzantine(G: jax.Array, byz: jax.Array, malicious: jax.Array) -> jax.Array:

@@ -21,7 +21,7 @@ with ``vmap`` by a sweep without recompiling.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -56,8 +56,12 @@ class HParams(struct.PyTreeNode):
       server_lr, server_momentum: the server's optimizer.
       num_byzantine: int32, the true number of Byzantine clients.
       assumed_byzantine: int32, the ``f`` the rule assumes.
-      attack: the attack's numeric parameters (e.g. ``{"z": 1.5}``).
-      aggregator: the rule's numeric parameters (e.g. ``{"tau": 10.0}``).
+      attack: the numeric parameters of every attack of the program
+        (``StaticConfig.attacks``), e.g. ``({"z": 1.5},)``: the config's own for its
+        attack, zeros (unused) for the others.
+      aggregator: the same for the rules (``StaticConfig.aggregators``), e.g.
+        ``({"tau": 10.0},)``.
+      attack_index, aggregator_index: int32, the config's attack and rule among them.
     """
 
     client_lr: jax.Array
@@ -68,16 +72,26 @@ class HParams(struct.PyTreeNode):
     server_momentum: jax.Array
     num_byzantine: jax.Array
     assumed_byzantine: jax.Array
-    attack: Mapping[str, jax.Array]
-    aggregator: Mapping[str, jax.Array]
+    attack: tuple[Mapping[str, jax.Array], ...]
+    aggregator: tuple[Mapping[str, jax.Array], ...]
+    attack_index: jax.Array
+    aggregator_index: jax.Array
 
     @classmethod
-    def from_config(cls, cfg: Config) -> HParams:
-        """The one constructor: fixes dtypes (int32 counts, float32 reals)."""
+    def from_config(cls, cfg: Config, static: StaticConfig | None = None) -> HParams:
+        """The one constructor: fixes dtypes (int32 counts, float32 reals). ``static``
+        lists the program's attacks and rules (default: the config's own)."""
         t, s = cfg.train, cfg.server
         f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+        atk, agg = attack_branch(cfg), aggregator_branch(cfg)
+        atk_all = (atk,) if static is None else static.attacks
+        agg_all = (agg,) if static is None else static.aggregators
         _, atk_num = attacks.ATTACKS.entry(cfg.attack.name).split(cfg.attack.params)
         _, agg_num = split_aggregator_params(cfg.aggregator.name, cfg.aggregator.params)
+
+        def numbers(branches, own, values):
+            return tuple({k: _number(values[k] if b == own else 0) for k in b[2]} for b in branches)
+
         return cls(
             client_lr=f32(t.lr),
             client_momentum=f32(t.momentum),
@@ -87,8 +101,10 @@ class HParams(struct.PyTreeNode):
             server_momentum=f32(s.momentum),
             num_byzantine=jnp.asarray(cfg.attack.num_byzantine, jnp.int32),
             assumed_byzantine=jnp.asarray(cfg.assumed_byzantine, jnp.int32),
-            attack={k: _number(v) for k, v in atk_num.items() if v is not None},
-            aggregator={k: _number(v) for k, v in agg_num.items() if v is not None},
+            attack=numbers(atk_all, atk, atk_num),
+            aggregator=numbers(agg_all, agg, agg_num),
+            attack_index=jnp.asarray(atk_all.index(atk), jnp.int32),
+            aggregator_index=jnp.asarray(agg_all.index(agg), jnp.int32),
         )
 
 
@@ -108,9 +124,34 @@ def _frozen(d: Mapping[str, Any]) -> tuple:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
 
 
+def _branch(name: str, static: Mapping[str, Any], numeric: Mapping[str, Any]) -> tuple:
+    """``(name, static params, the numeric params given)``: what shapes a component."""
+    return name, _frozen(static), tuple(sorted(k for k, v in numeric.items() if v is not None))
+
+
+def attack_branch(cfg: Config) -> tuple:
+    """The config's attack as a branch of a program (``StaticConfig.attacks``)."""
+    return _branch(
+        cfg.attack.name, *attacks.ATTACKS.entry(cfg.attack.name).split(cfg.attack.params)
+    )
+
+
+def aggregator_branch(cfg: Config) -> tuple:
+    """The config's rule as a branch of a program (``StaticConfig.aggregators``)."""
+    name = cfg.aggregator.name
+    return _branch(name, *split_aggregator_params(name, cfg.aggregator.params))
+
+
 @dataclasses.dataclass(frozen=True)
 class StaticConfig:
-    """Everything that shapes the compiled program (hashable)."""
+    """Everything that shapes the compiled program (hashable).
+
+    ``attacks`` and ``aggregators`` are the program's branches, ``(name, static params,
+    numeric params given)`` each: one, or, for a batch of configs run one after another
+    (``map`` mode), every attack and rule among them, chosen per config by a traced
+    index (``attacks.switch``, ``aggregators.switch``), so an attack × rule grid
+    compiles one program.
+    """
 
     model: str
     model_params: tuple
@@ -122,20 +163,22 @@ class StaticConfig:
     batch_size: int
     local_epochs: int
     local_steps: int | None
-    attack: str
-    attack_static: tuple
-    aggregator: str
-    aggregator_static: tuple
+    attacks: tuple[tuple, ...]
+    aggregators: tuple[tuple, ...]
     client_parallelism: int
     capture_rounds: tuple[int, ...] = ()
 
     @classmethod
-    def from_config(cls, cfg: Config, num_classes: int, input_shape) -> StaticConfig:
+    def from_config(
+        cls, cfg: Config | Sequence[Config], num_classes: int, input_shape
+    ) -> StaticConfig:
+        """From a config, or from the configs of one batch (equal but for their attacks,
+        rules and numbers)."""
+        cfgs = [cfg] if isinstance(cfg, Config) else list(cfg)
+        cfg = cfgs[0]
         cp = cfg.client_parallelism
         if cp == "auto":
             cp = models.clients_at_once(cfg.model.name, cfg.participants, jax.default_backend())
-        atk_static, _ = attacks.ATTACKS.entry(cfg.attack.name).split(cfg.attack.params)
-        agg_static, _ = split_aggregator_params(cfg.aggregator.name, cfg.aggregator.params)
         return cls(
             model=cfg.model.name,
             model_params=_frozen(cfg.model.params),
@@ -147,10 +190,8 @@ class StaticConfig:
             batch_size=cfg.train.batch_size,
             local_epochs=cfg.train.local_epochs,
             local_steps=cfg.train.local_steps,
-            attack=cfg.attack.name,
-            attack_static=_frozen(atk_static),
-            aggregator=cfg.aggregator.name,
-            aggregator_static=_frozen(agg_static),
+            attacks=tuple(dict.fromkeys(attack_branch(c) for c in cfgs)),
+            aggregators=tuple(dict.fromkeys(aggregator_branch(c) for c in cfgs)),
             client_parallelism=int(cp),
             capture_rounds=tuple(sorted(set(cfg.diagnostics.capture_rounds))),
         )
@@ -191,8 +232,20 @@ def make_program(static: StaticConfig, mesh: Mesh | None = None) -> Program:
     n, m = static.num_clients, static.participants
 
     def build(hp: HParams):
-        attack = attacks.get(static.attack, **dict(static.attack_static), **hp.attack)
-        rule = aggregators.get(static.aggregator, **dict(static.aggregator_static), **hp.aggregator)
+        attack = attacks.switch(
+            hp.attack_index,
+            [
+                attacks.get(name, **dict(st), **p)
+                for (name, st, _), p in zip(static.attacks, hp.attack, strict=True)
+            ],
+        )
+        rule = aggregators.switch(
+            hp.aggregator_index,
+            [
+                aggregators.get(name, **dict(st), **p)
+                for (name, st, _), p in zip(static.aggregators, hp.aggregator, strict=True)
+            ],
+        )
         return attack, rule
 
     def init(key, hp, data: ClientData) -> ServerState:

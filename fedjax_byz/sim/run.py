@@ -9,6 +9,7 @@ checkpoint after every chunk from which an interrupted run resumes.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
@@ -25,7 +26,6 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh
 
-from fedjax_byz import attacks
 from fedjax_byz import data as data_lib
 from fedjax_byz.registry import ConfigError
 from fedjax_byz.sim import sharding
@@ -33,8 +33,9 @@ from fedjax_byz.sim.config import Config, DataConfig, check_files, from_dict, gr
 from fedjax_byz.sim.program import (
     HParams,
     StaticConfig,
+    aggregator_branch,
+    attack_branch,
     make_program,
-    split_aggregator_params,
 )
 
 BATCH_MODES = ("auto", "vmap", "map")
@@ -132,15 +133,25 @@ class Batch:
     """Configs sharing one program, with their stacked numbers and data.
 
     Args:
-      cfgs: configs of the same structure (``structure_key``); one config runs unbatched.
+      cfgs: configs of the same structure (``structure_key``; in ``"map"`` mode their
+        attacks and rules may differ: the program takes them as branches); one config
+        runs unbatched.
       mode: ``"vmap"`` vectorises the configs, ``"map"`` runs them one after another in
         the same compiled program, ``"auto"`` (``batch_mode``) picks ``"map"`` on one CPU
         device and ``"vmap"`` otherwise.
       devices: how many devices to spread the batch over (``None``: every device JAX
         sees); see ``sharding.make_mesh``.
+      group: configs whose attacks and rules the program takes as branches (default
+        ``cfgs``): a sweep passes a batch's whole group, so its batches share a program.
     """
 
-    def __init__(self, cfgs: Sequence[Config], mode: str = "auto", devices: int | None = None):
+    def __init__(
+        self,
+        cfgs: Sequence[Config],
+        mode: str = "auto",
+        devices: int | None = None,
+        group: Sequence[Config] | None = None,
+    ):
         if mode not in BATCH_MODES:
             raise ValueError(f"batch mode must be one of {BATCH_MODES}, got {mode!r}")
         mode = batch_mode(mode, devices)
@@ -148,29 +159,43 @@ class Batch:
         for cfg in self.cfgs:
             validate(cfg)
             check_files(cfg)
-        keys = {structure_key(c) for c in self.cfgs}
+        group = self.cfgs if group is None else list(group)
+        keys = {structure_key(c, branches=mode == "map") for c in self.cfgs + group}
         if len(keys) != 1:
             raise ValueError("a batch must hold configs of one structure")
         self.mode = mode
         cfg0 = self.cfgs[0]
-        parts = [partition_of(c.data, data_seed(c)) for c in self.cfgs]
-        same_data = len({(freeze(c.data.__dict__), data_seed(c)) for c in self.cfgs}) == 1
-        m_max = None if same_data else max(max(len(p) for p in ps) for ps in parts)
-        datas = [client_data(c.data, data_seed(c), m_max) for c in self.cfgs]
+        data_keys = [(freeze(c.data.__dict__), data_seed(c)) for c in self.cfgs]
+        first: dict[tuple, Config] = {}  # each partition's first config, in order
+        for k, c in zip(data_keys, self.cfgs, strict=True):
+            first.setdefault(k, c)
+        distinct = list(first)
+        parts = [partition_of(first[k].data, k[1]) for k in distinct]
+        m_max = None if len(distinct) == 1 else max(max(len(p) for p in ps) for ps in parts)
+        datas = [client_data(first[k].data, k[1], m_max) for k in distinct]
         self.batched = len(self.cfgs) > 1
-        self.data_axis = None if same_data or not self.batched else 0
-        self.data = datas[0] if self.data_axis is None else _stack(datas)
+        self.data_axis = None if len(distinct) == 1 or not self.batched else 0
+        # The cells' data: shared; one block per cell (vmap); or, run one after another,
+        # each distinct partition once with every cell's index into them.
+        self.data_index = np.asarray([distinct.index(k) for k in data_keys], np.int32)
+        if self.data_axis is None:
+            self.data = datas[0]
+        elif mode == "vmap":
+            self.data = _stack([datas[i] for i in self.data_index])
+        else:
+            self.data = (_stack(datas), jnp.asarray(self.data_index))
         self.num_classes = datas[0].num_classes
-        self.static = StaticConfig.from_config(cfg0, self.num_classes, datas[0].x.shape[2:])
+        self.static = StaticConfig.from_config(group, self.num_classes, datas[0].x.shape[2:])
         self.mesh = sharding.make_mesh(len(self.cfgs) if mode == "vmap" else 1, devices)
         self.program = _program(self.static, self.mesh)
-        hps = [HParams.from_config(c) for c in self.cfgs]
+        hps = [HParams.from_config(c, self.static) for c in self.cfgs]
         keys = [jax.random.key(c.seed) for c in self.cfgs]
         self.hp = self.place(_stack(hps) if self.batched else hps[0])
         self.keys = self.place(jnp.stack(keys) if self.batched else keys[0])
         self.data = sharding.place(
             self.data, sharding.batch_sharding(self.mesh, self.data_axis is not None)
         )
+        self.counts = np.stack([np.asarray(d.counts) for d in datas])[self.data_index]  # [cells, n]
         self.rounds = cfg0.server.rounds
         self.eval_every = cfg0.server.eval_every
 
@@ -192,6 +217,7 @@ class Batch:
         shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype)), (state, self.hp, self.data))
         key = (*self._spec, periods, jax.tree.structure(shapes), tuple(jax.tree.leaves(shapes)))
         if key in _COMPILED:
+            _COMPILED.move_to_end(key)
             return _COMPILED[key]
         program = _program(self.static, self.mesh)
         run = _over_batch(
@@ -203,10 +229,17 @@ class Batch:
         jitted = jax.jit(run, donate_argnums=0, out_shardings=out)
         compiled = jitted.lower(state, self.hp, self.data, start).compile()
         _COMPILED[key] = (compiled, time.perf_counter() - t0)
+        while len(_COMPILED) > MAX_PROGRAMS:
+            _COMPILED.popitem(last=False)
         return _COMPILED[key]
 
 
-_COMPILED: dict[tuple, Any] = {}
+# Compiled programs kept for reuse in this process, least recently used dropped first. On
+# XLA's CPU backend every compiled program holds ~700 memory mappings of JIT code (a
+# digits MLP program) and Linux allows 65,530 per process (``vm.max_map_count``): keeping
+# every program of a long session crashed LLVM ("Cannot allocate memory") after ~90.
+MAX_PROGRAMS = 8
+_COMPILED: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
 
 
 def _over_batch(fn, mode: str, batched: bool, data_axis: int | None, mesh: Mesh | None):
@@ -223,12 +256,17 @@ def _over_batch(fn, mode: str, batched: bool, data_axis: int | None, mesh: Mesh 
             return jax.vmap(one, in_axes=(0, 0, data_axis), spmd_axis_name=spmd)(a, hp, data)
         if data_axis is None:
             return lax.map(lambda t: one(t[0], t[1], data), (a, hp))
-        return lax.map(lambda t: one(*t), (a, hp, data))
+        distinct, index = data  # see ``Batch``
+
+        def cell(t):
+            return one(t[0], t[1], jax.tree.map(lambda x: x[t[2]], distinct))
+
+        return lax.map(cell, (a, hp, index))
 
     return mapped
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=MAX_PROGRAMS)
 def _jitted_init(
     static: StaticConfig, mode: str, batched: bool, data_axis: int | None, mesh: Mesh | None
 ):
@@ -236,25 +274,20 @@ def _jitted_init(
     return jax.jit(init, out_shardings=sharding.batch_sharding(mesh, batched))
 
 
-def structure_key(cfg: Config) -> tuple:
+def structure_key(cfg: Config, branches: bool = False) -> tuple:
     """What must be equal for configs to share a compiled program: everything but the
-    numbers that ``HParams`` carries and the partition's seed and parameters."""
-    atk_static, atk_num = attacks.ATTACKS.entry(cfg.attack.name).split(cfg.attack.params)
-    agg_static, agg_num = split_aggregator_params(cfg.aggregator.name, cfg.aggregator.params)
+    numbers that ``HParams`` carries and the partition's seed and parameters; with
+    ``branches``, but the attack and the rule too, which a program running its configs
+    one after another takes as branches (``StaticConfig``)."""
     d, t = cfg.data, cfg.train
     return (
         (d.source, freeze(d.params), d.partition, d.num_clients),
         (cfg.model.name, freeze(cfg.model.params)),
         (t.local_epochs, t.local_steps, t.batch_size),
         (cfg.server.rounds, cfg.server.eval_every, cfg.participants),
-        (cfg.attack.name, freeze(atk_static), _given(atk_num)),
-        (cfg.aggregator.name, freeze(agg_static), _given(agg_num)),
+        None if branches else (attack_branch(cfg), aggregator_branch(cfg)),
         cfg.client_parallelism,
     )
-
-
-def _given(params: Mapping[str, Any]) -> tuple[str, ...]:
-    return tuple(sorted(k for k, v in params.items() if v is not None))
 
 
 def _key_data(x):
@@ -388,11 +421,10 @@ def run_batch(
     if not batch.batched:
         curves = {k: v[None] for k, v in curves.items()}
         captures = {k: v[None] for k, v in captures.items()}
-    counts = np.asarray(sharding.fetch(batch.data.counts))  # [n], or [cells, n] if stacked
     results = []
     for i, cfg in enumerate(batch.cfgs):
         cell = {k: v[i] for k, v in curves.items()}
-        cell_counts = counts if batch.data_axis is None else counts[i]
+        cell_counts = batch.counts[i]
         acc = cell["test_acc"]
         results.append(
             {

@@ -125,12 +125,16 @@ def expand_cells(raw: Mapping[str, Any], vmap: list[str] | None = None) -> list[
     return cells
 
 
-def group_cells(cells: list[Cell], vmap: list[str] | None = None) -> list[list[Cell]]:
-    """Cells grouped by compiled structure, in grid order; with ``vmap`` given, cells that
-    differ in a grid axis outside it go to different groups of the same structure."""
+def group_cells(
+    cells: list[Cell], vmap: list[str] | None = None, branches: bool = False
+) -> list[list[Cell]]:
+    """Cells grouped by compiled structure, in grid order; with ``branches`` (cells run
+    one after another), cells differing only in their attacks and rules share a group,
+    whose program takes them as branches; with ``vmap`` given, cells that differ in a
+    grid axis outside it go to different groups of the same structure."""
     groups: dict[tuple, list[Cell]] = {}
     for cell in cells:
-        key = structure_key(cell.config)
+        key = structure_key(cell.config, branches)
         if vmap is not None:
             fixed = tuple(
                 (k, json.dumps(v, sort_keys=True, default=str))

@@ -28,7 +28,13 @@ import numpy as np
 
 from fedjax_byz.diagnostics.measures import capture_measures
 from fedjax_byz.sim import config as config_lib
-from fedjax_byz.sim.run import Batch, enable_compilation_cache, periods_per_chunk, run_batch
+from fedjax_byz.sim.run import (
+    Batch,
+    batch_mode,
+    enable_compilation_cache,
+    periods_per_chunk,
+    run_batch,
+)
 from fedjax_byz.sweep.grid import Cell, describe, expand_cells, group_cells, split_options
 from fedjax_byz.sweep.store import ResultStore
 
@@ -61,7 +67,8 @@ def plan_batches(
     """Splits a group into batches that fit ``budget`` bytes (one trial compile)."""
     size = len(group) if opts["max_batch"] is None else min(len(group), opts["max_batch"])
     while size > 1:
-        batch = Batch([c.config for c in group[:size]], opts["mode"], opts["devices"])
+        configs = [c.config for c in group]
+        batch = Batch(configs[:size], opts["mode"], opts["devices"], group=configs)
         state = batch.init()
         compiled, _ = batch.compile(state, _periods(batch, chunk_periods))
         need = program_bytes(compiled)
@@ -184,7 +191,7 @@ def plan_sweep(
     cells = expand_cells(raw, opts["vmap"])
     for cell in cells:
         config_lib.check_files(cell.config)
-    groups = group_cells(cells, opts["vmap"])
+    groups = group_cells(cells, opts["vmap"], batch_mode(opts["mode"], opts["devices"]) == "map")
     name = cells[0].config.name
     out = Path(out or Path("runs") / name)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,7 +251,12 @@ def run_planned_batch(
     label = f"program {program + 1}/{len(plan.groups)}, batch {b + 1} ({len(batch_cells)} cells)"
     keys = hashlib.sha1(" ".join(c.key for c in batch_cells).encode()).hexdigest()[:16]
     t0 = time.perf_counter()
-    batch = Batch([c.config for c in batch_cells], plan.opts["mode"], plan.opts["devices"])
+    batch = Batch(
+        [c.config for c in batch_cells],
+        plan.opts["mode"],
+        plan.opts["devices"],
+        group=[c.config for c in plan.groups[program]],
+    )
     compiled, _ = batch.compile(batch.init(), _periods(batch, chunk_periods))
     log(f"{label}: {memory_line(batch, compiled, memory_budget(plan.opts['memory_fraction']))}")
     results = run_batch(
