@@ -174,8 +174,8 @@ def main():
                     f"({100 * rate / peak:.0f}% of peak)",
                     flush=True,
                 )
-    # The CPU choice of client_parallelism ("auto" = 1): clients one after another vs
-    # chunks of 5 vmapped clients vs all 50 vmapped, one local step.
+    # The CPU choice of client_parallelism ("auto": all clients vmapped for the MLP, one
+    # after another for LeNet-5) against the others, one local step.
     choice = []
     for model in ("mlp", "lenet5"):
         ds = dataset_for(model)
@@ -222,7 +222,9 @@ def main():
         "",
         "`client_parallelism` (n = 50, one local step): 1 runs the clients one after "
         "another inside the compiled round (`lax.map`), 5 vmaps chunks of 5, 50 vmaps all "
-        "of them. `auto` picks 1 on a CPU and all of them on an accelerator.",
+        "of them. `auto` picks all of them on an accelerator and, on a CPU, for dense "
+        "models (the MLP), and 1 for convolutional models on a CPU "
+        "(`models.clients_at_once`).",
         "",
         "| model | client_parallelism | s/round | compile s |",
         "|---|---|---|---|",
