@@ -70,8 +70,10 @@ def test_killed_worker_loses_no_cell(tmp_path, local_ray):
         done.set()
         killer.join()
     assert killed, "no worker was running a batch to kill"
-    keys = [json.loads(line)["key"] for line in (tmp_path / "results.jsonl").open()]
+    lines = [json.loads(line) for line in (tmp_path / "results.jsonl").open()]
+    keys = [r["key"] for r in lines]
     assert len(keys) == 8 and len(set(keys)) == 8  # every cell exactly once
+    assert len({r["program"] for r in lines}) == 2  # one per rule: parallel tasks, no branches
     assert {r["key"] for r in records} == set(keys)
     for r in records:  # a resumed batch keeps the curves of the chunks before the kill
         assert len(r["test_acc"]) == len(r["train_loss"]) == ROUNDS

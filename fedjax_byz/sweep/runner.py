@@ -178,9 +178,13 @@ def plan_sweep(
     chunk_periods: int = 10,
     log=print,
     complete: bool = True,
+    branches: bool = True,
 ) -> Plan:
     """Expands and groups the grid and plans its batches (reusing ``plan.json``); with
-    ``complete=False`` the batches are left for ``planned_groups`` to plan."""
+    ``complete=False`` the batches are left for ``planned_groups`` to plan. With
+    ``branches``, cells run one after another (``map`` mode) that differ only in attack
+    and rule share a group (one program, each attack and rule a branch); a Ray sweep
+    keeps them apart, so they run as parallel tasks."""
     if isinstance(config, str | Path):
         raw = config_lib.load_yaml(config, profile)
     else:
@@ -191,7 +195,8 @@ def plan_sweep(
     cells = expand_cells(raw, opts["vmap"])
     for cell in cells:
         config_lib.check_files(cell.config)
-    groups = group_cells(cells, opts["vmap"], batch_mode(opts["mode"], opts["devices"]) == "map")
+    mapped = batch_mode(opts["mode"], opts["devices"]) == "map"
+    groups = group_cells(cells, opts["vmap"], branches and mapped)
     name = cells[0].config.name
     out = Path(out or Path("runs") / name)
     out.mkdir(parents=True, exist_ok=True)
@@ -327,6 +332,7 @@ def sweep(
         chunk_periods=chunk_periods,
         log=log,
         complete=ray is not None,
+        branches=ray is None,
     )
     if ray is not None:
         run_on_ray(plan, ray, chunk_periods=chunk_periods, log=log)
