@@ -362,5 +362,5 @@ def test_a_session_keeps_a_bounded_number_of_compiled_programs(monkeypatch):
     monkeypatch.setattr(sim.run, "_COMPILED", type(sim.run._COMPILED)())
     for rule in ("mean", "median", "trmean"):
         fb.simulate(tiny(**{"aggregator.name": rule}), progress=False)
-    kept = [key[0].aggregators[0][0] for key in sim.run._COMPILED]
+    kept = [key[0].aggregators[0].name for key in sim.run._COMPILED]
     assert kept == ["median", "trmean"]

@@ -83,14 +83,14 @@ class HParams(struct.PyTreeNode):
         lists the program's attacks and rules (default: the config's own)."""
         t, s = cfg.train, cfg.server
         f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
-        atk, agg = attack_branch(cfg), aggregator_branch(cfg)
+        (atk, atk_num), (agg, agg_num) = _split(cfg, "attack"), _split(cfg, "aggregator")
         atk_all = (atk,) if static is None else static.attacks
         agg_all = (agg,) if static is None else static.aggregators
-        _, atk_num = attacks.ATTACKS.entry(cfg.attack.name).split(cfg.attack.params)
-        _, agg_num = split_aggregator_params(cfg.aggregator.name, cfg.aggregator.params)
 
         def numbers(branches, own, values):
-            return tuple({k: _number(values[k] if b == own else 0) for k in b[2]} for b in branches)
+            return tuple(
+                {k: _number(values[k] if b == own else 0) for k in b.given} for b in branches
+            )
 
         return cls(
             client_lr=f32(t.lr),
@@ -124,30 +124,42 @@ def _frozen(d: Mapping[str, Any]) -> tuple:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
 
 
-def _branch(name: str, static: Mapping[str, Any], numeric: Mapping[str, Any]) -> tuple:
-    """``(name, static params, the numeric params given)``: what shapes a component."""
-    return name, _frozen(static), tuple(sorted(k for k, v in numeric.items() if v is not None))
+class Branch(NamedTuple):
+    """An attack or a rule as a branch of a program: what shapes its code."""
+
+    name: str
+    static: tuple  # its static parameters, frozen
+    given: tuple[str, ...]  # the numeric parameters given (their values are in ``HParams``)
 
 
-def attack_branch(cfg: Config) -> tuple:
+def _split(cfg: Config, kind: str) -> tuple[Branch, dict[str, Any]]:
+    """The config's attack or rule (``kind``) as a ``Branch``, and its numeric params."""
+    if kind == "attack":
+        name = cfg.attack.name
+        static, numeric = attacks.ATTACKS.entry(name).split(cfg.attack.params)
+    else:
+        name = cfg.aggregator.name
+        static, numeric = split_aggregator_params(name, cfg.aggregator.params)
+    given = {k: v for k, v in numeric.items() if v is not None}
+    return Branch(name, _frozen(static), tuple(sorted(given))), given
+
+
+def attack_branch(cfg: Config) -> Branch:
     """The config's attack as a branch of a program (``StaticConfig.attacks``)."""
-    return _branch(
-        cfg.attack.name, *attacks.ATTACKS.entry(cfg.attack.name).split(cfg.attack.params)
-    )
+    return _split(cfg, "attack")[0]
 
 
-def aggregator_branch(cfg: Config) -> tuple:
+def aggregator_branch(cfg: Config) -> Branch:
     """The config's rule as a branch of a program (``StaticConfig.aggregators``)."""
-    name = cfg.aggregator.name
-    return _branch(name, *split_aggregator_params(name, cfg.aggregator.params))
+    return _split(cfg, "aggregator")[0]
 
 
 @dataclasses.dataclass(frozen=True)
 class StaticConfig:
     """Everything that shapes the compiled program (hashable).
 
-    ``attacks`` and ``aggregators`` are the program's branches, ``(name, static params,
-    numeric params given)`` each: one, or, for a batch of configs run one after another
+    ``attacks`` and ``aggregators`` are the program's ``Branch``es: one, or, for a
+    batch of configs run one after another
     (``map`` mode), every attack and rule among them, chosen per config by a traced
     index (``attacks.switch``, ``aggregators.switch``), so an attack × rule grid
     compiles one program.
@@ -163,8 +175,8 @@ class StaticConfig:
     batch_size: int
     local_epochs: int
     local_steps: int | None
-    attacks: tuple[tuple, ...]
-    aggregators: tuple[tuple, ...]
+    attacks: tuple[Branch, ...]
+    aggregators: tuple[Branch, ...]
     client_parallelism: int
     capture_rounds: tuple[int, ...] = ()
 
@@ -235,15 +247,15 @@ def make_program(static: StaticConfig, mesh: Mesh | None = None) -> Program:
         attack = attacks.switch(
             hp.attack_index,
             [
-                attacks.get(name, **dict(st), **p)
-                for (name, st, _), p in zip(static.attacks, hp.attack, strict=True)
+                attacks.get(b.name, **dict(b.static), **p)
+                for b, p in zip(static.attacks, hp.attack, strict=True)
             ],
         )
         rule = aggregators.switch(
             hp.aggregator_index,
             [
-                aggregators.get(name, **dict(st), **p)
-                for (name, st, _), p in zip(static.aggregators, hp.aggregator, strict=True)
+                aggregators.get(b.name, **dict(b.static), **p)
+                for b, p in zip(static.aggregators, hp.aggregator, strict=True)
             ],
         )
         return attack, rule

@@ -66,8 +66,8 @@ def plan_batches(
 ) -> list[list[Cell]]:
     """Splits a group into batches that fit ``budget`` bytes (one trial compile)."""
     size = len(group) if opts["max_batch"] is None else min(len(group), opts["max_batch"])
+    configs = [c.config for c in group]
     while size > 1:
-        configs = [c.config for c in group]
         batch = Batch(configs[:size], opts["mode"], opts["devices"], group=configs)
         state = batch.init()
         compiled, _ = batch.compile(state, _periods(batch, chunk_periods))
