@@ -10,8 +10,8 @@
    lr 0.1, no momentum, no weight decay), test accuracy every 50 steps. ByzFL's benchmark
    runner (``byzfl.benchmark.run_benchmark``, 2 parallel jobs on the 2 cores) against
    ``fb.sweep`` (on a CPU one compiled program for the whole grid: the cells run one after
-   another, each attack and rule a branch chosen per cell), wall time including
-   compilation.
+   another, each attack and rule a branch chosen per cell, on one thread per core), wall
+   time including compilation.
 
     python benchmarks/sweep_speed.py     # in the benchmark environment (benchmarks/README.md)
 
@@ -202,6 +202,8 @@ def main():
     import byzfl
     import jax
 
+    from fedjax_byz.sim.run import default_threads
+
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         t_batch, t_seq = quickstart_seeds(tmp)
@@ -244,7 +246,8 @@ def main():
         "",
         f"Where our time goes: {programs} compiled program(s) for the 49 attack × rule "
         f"pairs (each attack and rule a branch chosen per cell), {t_compile:.0f} s of "
-        f"compilation, and {batches} batch(es) that ran in {t_runs:.0f} s: "
+        f"compilation, and {batches} batch(es) that ran in {t_runs:.0f} s on "
+        f"{default_threads()} thread(s): "
         f"{1000 * t_runs / seed_rounds:.1f} ms per seed-round. ByzFL takes "
         f"{2 * t_ref * STEPS / seed_rounds:.1f} core-seconds per run, "
         f"{2000 * t_ref / seed_rounds:.0f} ms per step.",

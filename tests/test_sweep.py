@@ -45,16 +45,19 @@ def test_expansion_grouping_and_batch_counts(tmp_path, capsys):
     assert "12 cells in 2 compiled program(s), 2 batch(es)" in capsys.readouterr().out
 
 
-def test_attack_and_rule_branches_equal_single_runs(tmp_path):
+def test_attack_and_rule_branches_equal_single_runs(tmp_path, capsys):
     """One program for an attack × rule grid (stateful rule, label flipping, a composite
-    rule, several seeds and partitions): every cell exactly as its own single run."""
+    rule, several seeds and partitions), its cells run by 5 threads (shares of 3, the
+    last cell repeated to fill them): every cell exactly as its own single run."""
     cfg = dict(
         TINY,
         seed=[0, 1],
         attack={"grid": [{"name": "labelflip"}, {"name": "lie", "z": 1.0}, {"name": "none"}]},
         aggregator={"grid": [{"name": "cclip", "tau": 0.5}, {"name": "bucketing+krum"}]},
+        sweep={"threads": 5},
     )
-    records = fb.sweep(cfg, out=tmp_path, progress=False, log=None)
+    records = fb.sweep(cfg, out=tmp_path, progress=False)
+    assert "12 cell(s), 1 device(s), 5 thread(s)" in capsys.readouterr().out
     assert len({r["program"] for r in records}) == 1 and len(records) == 12
     for r in records:
         single = fb.simulate(r["config"], progress=False)
@@ -117,6 +120,37 @@ def test_checkpoint_resumes_an_interrupted_batch(tmp_path, monkeypatch):
         assert resumed[m] == whole[m]
 
 
+def test_threads_share_cells_and_resume_with_another_count(tmp_path, monkeypatch):
+    """Cells split over threads give a single thread's numbers; a checkpoint written by
+    3 threads resumes with 2 (it holds the cells in order, not the threads' shares)."""
+    cfgs = [
+        fb.sim.from_dict(dict(TINY, seed=s, server={"rounds": 6, "eval_every": 1}))
+        for s in range(4)
+    ]
+    one = run_lib.run_batch(run_lib.Batch(cfgs, "map", threads=1), progress=False)
+    batch = run_lib.Batch(cfgs, "map", threads=3)
+    assert batch.threads == 3 and batch.shares(batch.init())[2][1].client_lr.shape == (2,)
+    saved, calls = run_lib.save_checkpoint, []
+
+    def save_then_die(*args, **kwargs):
+        saved(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_lib, "save_checkpoint", save_then_die)
+    ckpt = tmp_path / "c.npz"
+    with pytest.raises(KeyboardInterrupt):
+        run_lib.run_batch(batch, progress=False, chunk_periods=2, checkpoint=ckpt)
+    monkeypatch.setattr(run_lib, "save_checkpoint", saved)
+    two = run_lib.Batch(cfgs, "map", threads=2)
+    resumed = run_lib.run_batch(two, progress=False, chunk_periods=2, checkpoint=ckpt)
+    assert [r["config"]["seed"] for r in resumed] == [0, 1, 2, 3]
+    for a, b in zip(one, resumed, strict=True):
+        for m in METRICS:
+            np.testing.assert_array_equal(a[m], b[m], err_msg=m)
+
+
 def test_killed_sweep_resumes_to_identical_results(tmp_path):
     """kill -9 mid-sweep, start again: every cell once, same numbers as an unbroken run."""
     cfg = dict(GRID, sweep={"max_batch": 2})
@@ -162,6 +196,7 @@ def test_killed_sweep_resumes_to_identical_results(tmp_path):
         ({"name": ["a", "b"]}, "name"),
         ({"sweep": [1]}, "sweep"),
         ({"sweep": {"max_batch": 0}}, "sweep.max_batch"),
+        ({"sweep": {"threads": 1.5}}, "sweep.threads"),
         ({"sweep": {"memory_fraction": -1}}, "sweep.memory_fraction"),
         ({"sweep": {"vmap": "seed"}}, "sweep.vmap"),
         ({"profiles": ["cpu"]}, "profiles"),

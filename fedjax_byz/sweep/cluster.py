@@ -34,7 +34,7 @@ def _run_batch(plan: Plan, b: int, chunk_periods: int) -> int:
     from fedjax_byz.sim.run import enable_compilation_cache
 
     enable_compilation_cache()
-    run_planned_batch(plan, b, progress=False, chunk_periods=chunk_periods, log=None)
+    run_planned_batch(plan, b, progress=False, chunk_periods=chunk_periods, log=None, threads=1)
     return b
 
 

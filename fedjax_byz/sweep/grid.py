@@ -44,6 +44,7 @@ SWEEP_DEFAULTS = {
     "max_batch": None,
     "memory_fraction": 0.5,
     "devices": None,
+    "threads": None,
 }
 
 
@@ -83,7 +84,7 @@ def split_options(raw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     vmap, fraction = opts["vmap"], opts["memory_fraction"]
     if vmap is not None and not (isinstance(vmap, list) and all(isinstance(f, str) for f in vmap)):
         raise ConfigError(f"sweep.vmap: must be a list of dotted field names, got {vmap!r}.")
-    for k in ("max_batch", "devices"):
+    for k in ("max_batch", "devices", "threads"):
         v = opts[k]
         if v is not None and not (is_int(v) and v >= 1):
             raise ConfigError(f"sweep.{k}: must be a positive integer or null, got {v!r}.")

@@ -68,10 +68,10 @@ def plan_batches(
     size = len(group) if opts["max_batch"] is None else min(len(group), opts["max_batch"])
     configs = [c.config for c in group]
     while size > 1:
-        batch = Batch(configs[:size], opts["mode"], opts["devices"], group=configs)
+        batch = Batch(configs[:size], opts["mode"], opts["devices"], configs, opts["threads"])
         state = batch.init()
         compiled, _ = batch.compile(state, _periods(batch, chunk_periods))
-        need = program_bytes(compiled)
+        need = batch.threads * program_bytes(compiled)  # each thread's share at once
         if need <= budget:
             break
         size = max(1, min(size - 1, int(size * budget / need)))
@@ -230,26 +230,34 @@ def _mib(n: int) -> str:
 
 
 def memory_line(batch: Batch, compiled, budget: int) -> str:
-    """The compiled program's memory per device, before it runs."""
+    """The compiled program's memory per device, before it runs (``threads`` copies of it
+    in ``map`` mode, each running a share of the cells; the client data counted each time)."""
     m = compiled.memory_analysis()
     data = sum(a.nbytes for a in jax.tree.leaves(batch.data))
     devices = 1 if batch.mesh is None else batch.mesh.size
     if m is None:
         return f"memory estimate: unavailable on this backend (data {_mib(data)})"
     return (
-        f"memory estimate per device: {_mib(program_bytes(compiled))} of a "
-        f"{_mib(budget)} budget (arguments {_mib(m.argument_size_in_bytes)}, of which client "
-        f"data {_mib(data)}; temporaries {_mib(m.temp_size_in_bytes)}); "
+        f"memory estimate per device: {_mib(batch.threads * program_bytes(compiled))} of a "
+        f"{_mib(budget)} budget (per thread: arguments {_mib(m.argument_size_in_bytes)}, of "
+        f"which client data {_mib(data)}; temporaries {_mib(m.temp_size_in_bytes)}); "
         f"{batch.static.participants} of {batch.static.num_clients} clients per round, "
-        f"{len(batch.cfgs)} cell(s), {devices} device(s)"
+        f"{len(batch.cfgs)} cell(s), {devices} device(s), {batch.threads} thread(s)"
     )
 
 
 def run_planned_batch(
-    plan: Plan, b: int, *, progress: bool = True, chunk_periods: int = 10, log=print
+    plan: Plan,
+    b: int,
+    *,
+    progress: bool = True,
+    chunk_periods: int = 10,
+    log=print,
+    threads: int | None = None,
 ) -> None:
     """Runs batch ``b`` of ``plan`` (resuming its checkpoint) and adds its records to the
-    store; prints the compiled program's memory estimate before the first round."""
+    store; prints the compiled program's memory estimate before the first round.
+    ``threads`` overrides ``sweep.threads`` (a Ray task runs on one CPU)."""
     log = log or (lambda *a, **k: None)
     batch_cells = plan.batches[b]
     program = next(i for i, g in enumerate(plan.groups) if batch_cells[0] in g)
@@ -261,6 +269,7 @@ def run_planned_batch(
         plan.opts["mode"],
         plan.opts["devices"],
         group=[c.config for c in plan.groups[program]],
+        threads=plan.opts["threads"] if threads is None else threads,
     )
     compiled, _ = batch.compile(batch.init(), _periods(batch, chunk_periods))
     log(f"{label}: {memory_line(batch, compiled, memory_budget(plan.opts['memory_fraction']))}")
@@ -306,8 +315,9 @@ def sweep(
       config: a YAML path or a plain dict whose lists are grid axes; an optional
         ``sweep:`` section sets ``mode`` (``auto`` | ``vmap`` | ``map``, see
         ``sim.run.batch_mode``), ``vmap`` (the only fields to batch), ``max_batch``,
-        ``memory_fraction`` and ``devices`` (how many local devices a batch is split
-        over; null: all).
+        ``memory_fraction``, ``devices`` (how many local devices a batch is split
+        over; null: all) and ``threads`` (in ``map`` mode, how many cells run at once;
+        null: one per CPU core, ``sim.run.default_threads``).
       out: the sweep's folder (``results.jsonl``, ``plan.json``, ``checkpoints/``);
         default ``runs/<name>``.
       profile: a ``profiles:`` entry of the config to overlay (e.g. ``cpu``).
