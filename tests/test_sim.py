@@ -119,6 +119,30 @@ def test_shared_first_step_trains_as_the_loop(steps):
     np.testing.assert_allclose(l_shared, l_loop, rtol=1e-6)
 
 
+def test_clipping_as_optax_and_skipped_when_unbounded():
+    """``clip_by_global_norm``: optax's arithmetic bit for bit under a finite bound (traced,
+    per client under ``vmap``, batched bounds too); an infinite bound leaves every
+    gradient as it is, even one whose norm overflows float32."""
+    rng = np.random.default_rng(0)
+    scale = np.arange(1, 6, dtype=np.float32)  # client i's norm grows with i
+    tree = {
+        "w": jnp.asarray(rng.standard_normal((5, 4, 3)) * scale[:, None, None], jnp.float32),
+        "b": jnp.asarray(rng.standard_normal((5, 3)) * scale[:, None], jnp.float32),
+    }
+    ours = jax.jit(jax.vmap(lambda t, c: sim.client.clip_by_global_norm(c).update(t, ())[0]))
+    ref = jax.jit(jax.vmap(lambda t, c: optax.clip_by_global_norm(c).update(t, ())[0]))
+    for bounds in ([0.5, 3.0, 100.0, 2.0, 8.0], [0.5, 2.0, np.inf, 8.0, np.inf]):
+        bounds = jnp.asarray(bounds, jnp.float32)
+        finite = jnp.where(jnp.isinf(bounds), 1e30, bounds)  # optax: no clipping either
+        jax.tree.map(np.testing.assert_array_equal, ours(tree, bounds), ref(tree, finite))
+    one = jax.jit(lambda t, c: sim.client.clip_by_global_norm(c).update(t, ())[0])
+    tree0 = jax.tree.map(lambda a: a[0], tree)
+    jax.tree.map(np.testing.assert_array_equal, one(tree0, jnp.inf), tree0)
+    huge = {"w": jnp.full((3,), 1e20, jnp.float32)}  # ‖w‖² overflows float32
+    np.testing.assert_array_equal(one(huge, jnp.inf)["w"], huge["w"])
+    assert np.isnan(optax.clip_by_global_norm(jnp.inf).update(huge, ())[0]["w"]).all()
+
+
 def test_auto_client_parallelism():
     """Dense models vmap their clients on every backend, convolutional ones only off CPU."""
     assert fb.models.clients_at_once("mlp", 20, "cpu") == 20

@@ -19,11 +19,30 @@ def local_optimizer(lr, momentum, weight_decay, clip_norm) -> optax.GradientTran
     be traced; ``clip_norm = inf`` disables clipping, ``momentum = 0`` is plain SGD.
     """
     return optax.chain(
-        optax.clip_by_global_norm(clip_norm),
+        clip_by_global_norm(clip_norm),
         optax.add_decayed_weights(weight_decay),
         optax.trace(decay=momentum),
         optax.scale(-lr),
     )
+
+
+def clip_by_global_norm(max_norm) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm`` (``g ← g·max_norm/‖g‖`` when ``‖g‖ ≥ max_norm``, the
+    same arithmetic), whose norm is computed only when ``max_norm`` is finite: a
+    ``lax.cond`` on the traced bound. The norm is one more pass over every gradient, a
+    sixth of a round of the digits MLP's 20 clients on a CPU here; the cond returns the
+    norm alone, so skipping it copies nothing."""
+
+    def update(updates, state, params=None):
+        del params
+        g_norm = lax.cond(
+            jnp.isinf(max_norm), lambda u: jnp.zeros((), jnp.float32), optax.tree.norm, updates
+        )
+        keep = g_norm < max_norm
+        clip = lambda t: lax.select(keep, t, (t / g_norm.astype(t.dtype)) * max_norm)  # noqa: E731
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
 
 
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
