@@ -128,8 +128,8 @@ def batch_mode(mode: str, devices: int | None = None) -> str:
 
 def default_threads() -> int:
     """Cells a ``"map"`` batch runs at once, one per thread: the CPU cores this process may
-    use. XLA's CPU backend runs a small program mostly on one core; two cells on two
-    threads ran the digits MLP grid of ``benchmarks/sweep_speed.py`` 1.35x faster here."""
+    use. XLA's CPU backend runs a small program mostly on one core; two threads ran the
+    digits MLP grid of ``benchmarks/sweep_speed.py`` 1.1-1.5x faster than one here."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -219,8 +219,9 @@ class Batch:
         self.eval_every = cfg0.server.eval_every
         threads = default_threads() if threads is None else threads
         self.threads = min(threads, len(self.cfgs)) if mode == "map" and self.batched else 1
-        # Thread t runs cells t, t + threads, ... (neighbouring cells, e.g. one attack's
-        # rules, cost alike); a short share repeats the last cell.
+        # Thread t runs cells t, t + threads, ...: neighbouring cells (one attack under
+        # several rules, say) tend to cost alike, so dealing them out balances the threads.
+        # A short share repeats the last cell.
         share = -(-len(self.cfgs) // self.threads)
         cells = np.arange(share * self.threads).reshape(share, self.threads).T
         self._shares = np.minimum(cells, len(self.cfgs) - 1)  # [threads, share]
