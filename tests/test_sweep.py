@@ -94,11 +94,10 @@ def test_memory_budget_splits_batches(tmp_path, monkeypatch):
     assert len(plan["batches"]) == 12
 
 
-def test_checkpoint_resumes_an_interrupted_batch(tmp_path, monkeypatch):
-    cfg = fb.sim.from_dict(dict(TINY, server={"rounds": 6, "eval_every": 1}))
-    whole = run_lib.run_batch(run_lib.Batch([cfg]), progress=False, chunk_periods=2)[0]
-    saved = run_lib.save_checkpoint
-    calls = []
+def _interrupt_after_two_chunks(monkeypatch, batch, ckpt):
+    """Runs ``batch`` in chunks of 2 periods, checkpointing to ``ckpt``, and stops it with a
+    ``KeyboardInterrupt`` right after its second checkpoint."""
+    saved, calls = run_lib.save_checkpoint, []
 
     def save_then_die(*args, **kwargs):
         saved(*args, **kwargs)
@@ -107,11 +106,17 @@ def test_checkpoint_resumes_an_interrupted_batch(tmp_path, monkeypatch):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(run_lib, "save_checkpoint", save_then_die)
-    ckpt = tmp_path / "c.npz"
     with pytest.raises(KeyboardInterrupt):
-        run_lib.run_batch(run_lib.Batch([cfg]), progress=False, chunk_periods=2, checkpoint=ckpt)
-    assert ckpt.exists()
+        run_lib.run_batch(batch, progress=False, chunk_periods=2, checkpoint=ckpt)
     monkeypatch.setattr(run_lib, "save_checkpoint", saved)
+
+
+def test_checkpoint_resumes_an_interrupted_batch(tmp_path, monkeypatch):
+    cfg = fb.sim.from_dict(dict(TINY, server={"rounds": 6, "eval_every": 1}))
+    whole = run_lib.run_batch(run_lib.Batch([cfg]), progress=False, chunk_periods=2)[0]
+    ckpt = tmp_path / "c.npz"
+    _interrupt_after_two_chunks(monkeypatch, run_lib.Batch([cfg]), ckpt)
+    assert ckpt.exists()
     resumed = run_lib.run_batch(
         run_lib.Batch([cfg]), progress=False, chunk_periods=2, checkpoint=ckpt
     )[0]
@@ -130,19 +135,8 @@ def test_threads_share_cells_and_resume_with_another_count(tmp_path, monkeypatch
     one = run_lib.run_batch(run_lib.Batch(cfgs, "map", threads=1), progress=False)
     batch = run_lib.Batch(cfgs, "map", threads=3)
     assert batch.threads == 3 and batch.shares(batch.init())[2][1].client_lr.shape == (2,)
-    saved, calls = run_lib.save_checkpoint, []
-
-    def save_then_die(*args, **kwargs):
-        saved(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(run_lib, "save_checkpoint", save_then_die)
     ckpt = tmp_path / "c.npz"
-    with pytest.raises(KeyboardInterrupt):
-        run_lib.run_batch(batch, progress=False, chunk_periods=2, checkpoint=ckpt)
-    monkeypatch.setattr(run_lib, "save_checkpoint", saved)
+    _interrupt_after_two_chunks(monkeypatch, batch, ckpt)
     two = run_lib.Batch(cfgs, "map", threads=2)
     resumed = run_lib.run_batch(two, progress=False, chunk_periods=2, checkpoint=ckpt)
     assert [r["config"]["seed"] for r in resumed] == [0, 1, 2, 3]

@@ -241,17 +241,17 @@ class Batch:
 
     def shares(self, state) -> list[tuple]:
         """``(state, hp, data)`` of each thread's cells (the whole batch with one thread)."""
+        return [self._share(state, cells) for cells in self._shares]
+
+    def _share(self, state, cells: np.ndarray) -> tuple:
         if self.threads == 1:
-            return [(state, self.hp, self.data)]
-        distinct, index = self.data if self.data_axis is not None else (self.data, None)
-        return [
-            (
-                _take(state, cells),
-                _take(self.hp, cells),
-                self.data if index is None else (distinct, index[cells]),
-            )
-            for cells in self._shares
-        ]
+            return state, self.hp, self.data
+        if self.data_axis is None:
+            data = self.data
+        else:
+            distinct, index = self.data
+            data = distinct, index[cells]
+        return _take(state, cells), _take(self.hp, cells), data
 
     def join(self, parts: Sequence[Any]) -> Any:
         """The threads' per-cell results (leading axis ``share``) as one batch's, in order."""
@@ -263,7 +263,7 @@ class Batch:
         """The compiled chunk ``(state, hp, data, start) -> (state, metrics)`` for one
         thread's share of the cells (``shares``), and the seconds its compilation took
         (compiled once per process; the persistent cache may shorten it)."""
-        state, hp, data = self.shares(state)[0]
+        state, hp, data = self._share(state, self._shares[0])
         shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype)), (state, hp, data))
         key = (*self._spec, periods, jax.tree.structure(shapes), tuple(jax.tree.leaves(shapes)))
         if key in _COMPILED:
