@@ -49,7 +49,8 @@ FAST3 = {"dnc", "multikrum", "krum", "geomed", "cclip"}
 # Rules whose work is a fixed number of passes over [n, d] (issue 4: within 5x of the
 # floor). The second set also needs the n x n Gram matrix, n^2 d multiply-adds, which is
 # compute-bound: numpy's own G @ G.T is listed beside them.
-PASSES = {"mean", "median", "trmean", "meamed", "rbtm", "aksel", "cclip", "dnc", "signguard"}
+PASSES = {"mean", "median", "trmean", "meamed", "rbtm", "aksel", "cclip", "cge", "dnc"}
+PASSES |= {"signguard"}
 PASSES |= {"bucketing+dnc", "arc+trmean"}
 GRAM = {"krum", "multikrum", "bulyan", "geomed", "monna", "caf", "clippedclustering"}
 GRAM |= {"signguard-sim", "signguard-dist", "bucketing+geomed", "nnm+median", "nnm+geomed"}
@@ -163,6 +164,9 @@ def add_byzpy(add, n: int, f: int) -> None:
     from byzpy.aggregators.geometric_wise.monna import MoNNA
     from byzpy.aggregators.norm_wise.caf import CAF
     from byzpy.aggregators.norm_wise.center_clipping import CenteredClipping
+    from byzpy.aggregators.norm_wise.comparative_gradient_elimination import (
+        ComparativeGradientElimination,
+    )
     from byzpy.pre_aggregators.arc import ARC
     from byzpy.pre_aggregators.bucketing import Bucketing
     from byzpy.pre_aggregators.nnm import NearestNeighborMixing
@@ -176,6 +180,7 @@ def add_byzpy(add, n: int, f: int) -> None:
         "monna": MoNNA(f),
         "caf": CAF(f),
         "cclip": CenteredClipping(c_tau=10.0, M=1),
+        "cge": ComparativeGradientElimination(f),
     }
     for rule, agg in aggs.items():
         add(rule, f"ByzPy {type(agg).__name__}", _byzpy(agg))

@@ -145,6 +145,11 @@ def monna(G, f, idx=0):
     return G[kept].mean(0), set(kept)
 
 
+def cge(G, f):
+    kept = sorted(range(len(G)), key=lambda i: (_sqd(G[i], 0.0), i))[: len(G) - f]
+    return G[kept].mean(0), set(kept)
+
+
 def dnc(G, f, coords_per_iter, c=1.0):
     n = len(G)
     good = set(range(n))

@@ -1,5 +1,5 @@
 """Distance-based rules: Krum, Multi-Krum, Bulyan, geometric median, centred clipping,
-AKSEL and MoNNA.
+AKSEL, CGE (distance to the origin) and MoNNA.
 
 Most of them are Gram-matrix rules in disguise: distances between rows, and between a
 row and any combination ``z = Σ_i α_i g_i`` of rows, follow from ``K = G Gᵀ``
@@ -46,9 +46,10 @@ def krum() -> Aggregator:
     """Krum (Blanchard, El Mhamdi, Guerraoui & Stainer, NeurIPS 2017).
 
     ``Krum(g) = g_{i*}``, ``i* = argmin_i Σ_{i→j} ‖g_i − g_j‖²`` where ``i → j`` ranges
-    over the ``n − f − 2`` rows nearest to ``g_i`` (the paper's count; ByzFL ``Krum``
-    uses ``n − f − 1`` including the row itself at distance 0, which gives the same
-    scores, and the SignGuard code ``n − f − 2``). Ties go to the lowest index.
+    over the ``n − f − 2`` other rows nearest to ``g_i`` (the paper's count, also the
+    SignGuard code's; ByzFL's and ByzPy's ``Krum`` sum over ``n − f − 1`` other rows, so
+    their ``Krum(f)`` is ours with ``f − 1``: ``benchmarks/results/agreement.md``). Ties
+    go to the lowest index.
     ``aux["weights"]`` is one-hot. Needs ``n − f − 2 >= 1``.
     """
 
@@ -124,9 +125,10 @@ def geomed(iters: int = 8, nu: ArrayLike = 1e-6) -> Aggregator:
 
     ``z ← Σ_i β_i g_i / Σ_i β_i`` with ``β_i = 1 / max(ν, ‖z − g_i‖)``, from the mean
     ``z = ḡ``, for ``T = iters`` iterations. Defaults ``T = 8`` (STRIKE paper, Table 4)
-    and ``ν = 1e-6`` (RFA paper); ByzFL ``GeometricMedian`` defaults to ``ν = 0.1, T = 3``
-    from the same starting point. The iterates stay in the span of the rows and run on
-    the Gram matrix. ``aux["weights"]`` are the final ``β_i / Σ β``.
+    and ``ν = 1e-6`` (RFA paper); ByzFL's ``GeometricMedian`` defaults to ``ν = 0.1,
+    T = 3`` and starts from ``z = 0``, ByzPy's from the coordinate-wise median and runs to
+    convergence (``benchmarks/results/agreement.md``). The iterates stay in the span of
+    the rows and run on the Gram matrix. ``aux["weights"]`` are the final ``β_i / Σ β``.
 
     Args:
       iters: number of Weiszfeld steps ``T`` (static).
@@ -215,6 +217,24 @@ def aksel(mode: str = "mid") -> Aggregator:
         else:
             keep = ops.smallest_mask(r, n - ctx.f)
         w = keep / keep.sum().astype(G.dtype)
+        return ops.weighted_sum(w, G), w
+
+    return stateless(fn)
+
+
+def cge() -> Aggregator:
+    """CGE, comparative gradient elimination (Gupta, Liu & Vaidya, "Byzantine
+    fault-tolerant distributed machine learning with norm-based comparative gradient
+    elimination", DSN Workshops 2021).
+
+    ``(1/(n−f)) Σ_{i ∈ S} g_i`` with ``S`` the ``n − f`` rows of smallest norm ``‖g_i‖``
+    (ties to the lowest index), as ByzPy's ``ComparativeGradientElimination``; the paper
+    sums them, the same up to the server's learning rate. Needs ``f < n/2``.
+    """
+
+    def fn(G, ctx):
+        n = G.shape[0]
+        w = ops.smallest_mask(ops.row_norms(G), n - ctx.f) / jnp.asarray(n - ctx.f, G.dtype)
         return ops.weighted_sum(w, G), w
 
     return stateless(fn)
