@@ -13,6 +13,13 @@ from fedjax_byz.attacks import ATTACKS, stateless
 from fedjax_byz.sim.client import make_client_update, map_clients
 from fedjax_byz.sweep import grid
 
+try:  # tests/ as a package or as a plain directory on sys.path
+    from tests import oracles_aggregators as rule_oracle
+    from tests import oracles_attacks as attack_oracle
+except ImportError:
+    import oracles_aggregators as rule_oracle
+    import oracles_attacks as attack_oracle
+
 TINY = {
     "name": "tiny",
     "seed": 0,
@@ -117,6 +124,66 @@ def test_shared_first_step_trains_as_the_loop(steps):
     assert np.all(g_loop[0] == 0) and np.all(np.abs(g_loop[1:]).sum(1) > 0)
     np.testing.assert_allclose(g_shared, g_loop, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(l_shared, l_loop, rtol=1e-6)
+
+
+def test_a_run_matches_a_plain_per_client_loop():
+    """End to end against an independent transcription of FedAvg under attack: a Python
+    loop over rounds and clients doing PyTorch-style SGD in float64 numpy (clip at norm 1,
+    weight decay, momentum; each batch holds all of the client's examples, so their
+    order cannot matter), then the numpy oracles of ALIE and the trimmed mean, then the
+    server's momentum step, from the run's initial weights and client data. Every
+    round's update matrix and aggregate, as captured, match it."""
+    rounds, steps, lr, mu, wd, clip = 3, 3, 0.1, 0.9, 1e-3, 1.0
+    cfg = sim.from_dict(
+        {
+            **TINY,
+            "train": {
+                "local_steps": steps,
+                "batch_size": 256,  # more than any client holds
+                "lr": lr,
+                "momentum": mu,
+                "weight_decay": wd,
+                "clip_norm": clip,
+            },
+            "server": {"rounds": rounds, "eval_every": 1, "lr": 0.5, "momentum": 0.5},
+            "attack": {"name": "lie", "z": 1.5, "num_byzantine": 1},
+            "aggregator": {"name": "trmean"},
+            "diagnostics": {"capture_rounds": list(range(1, rounds + 1))},
+        }
+    )
+    out = sim.simulate(cfg, progress=False)
+    data = sim.client_data(cfg.data, cfg.seed)
+    model = fb.models.get("mlp", data.num_classes, data.x.shape[2:], hidden=[16])
+    w, unravel = jax.flatten_util.ravel_pytree(sim.Batch([cfg]).init().params)
+    w = np.asarray(w, np.float64)
+
+    @jax.jit
+    def grad(flat, x, y):  # the mean cross-entropy's gradient at the float32 weights
+        loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+            model.apply(unravel(p), data.normalize(x)), y
+        ).mean()
+        return jax.grad(loss)(flat)
+
+    byz = np.isin(np.arange(6), out["byzantine_clients"])
+    x, y, counts = np.asarray(data.x), np.asarray(data.y), np.asarray(data.counts)
+    velocity = np.zeros_like(w)
+    for r in range(rounds):
+        G = np.zeros((6, w.size))
+        for i in range(6):
+            local, buf = w.copy(), np.zeros_like(w)
+            for _ in range(steps if counts[i] else 0):
+                g = np.asarray(grad(local.astype(np.float32), x[i, : counts[i]], y[i, : counts[i]]))
+                g = g * min(1.0, clip / np.linalg.norm(g)) + wd * local
+                buf = mu * buf + g
+                local = local - lr * buf
+            G[i] = w - local
+        G = attack_oracle.lie(G, byz, z=1.5)
+        aggregate = rule_oracle.trmean(G, 1)[0]
+        scale = np.abs(G).max()
+        np.testing.assert_allclose(out["captures"]["updates"][r], G, rtol=0, atol=1e-4 * scale)
+        np.testing.assert_allclose(out["captures"]["aggregate"][r], aggregate, atol=1e-4 * scale)
+        velocity = 0.5 * velocity + aggregate
+        w = w - 0.5 * velocity
 
 
 def test_clipping_as_optax_and_skipped_when_unbounded():
