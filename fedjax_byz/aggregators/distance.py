@@ -246,7 +246,8 @@ def monna(idx: ArrayLike = 0) -> Aggregator:
 
     ``(1/(n−f)) Σ_{i ∈ N_idx} g_i`` with ``N_idx`` the ``n − f`` rows nearest to the
     trusted row ``g_idx`` (itself included), as ByzFL ``MoNNA(f, idx)``. Ties go to the
-    lowest index. Needs ``f < n/2``.
+    lowest index. Needs ``f < n/2``. Only the distances to ``g_idx`` are needed: one
+    pass over the rows, no Gram matrix.
 
     Args:
       idx: index of the trusted row (traced; default 0).
@@ -254,7 +255,7 @@ def monna(idx: ArrayLike = 0) -> Aggregator:
 
     def fn(G, ctx):
         n = G.shape[0]
-        d2 = ops.pairwise_sq_dists(G)[idx]
+        d2 = ops.row_sq_dists(G, G[idx])
         w = ops.smallest_mask(d2, n - ctx.f) / jnp.asarray(n - ctx.f, G.dtype)
         return ops.weighted_sum(w, G), w
 
