@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +33,8 @@ from fedjax_byz import data as data_lib
 from fedjax_byz import models, sim
 
 BATCH = 32
+# XLA's experimental YNNPACK fusion of dots (jaxlib 0.10.2), measured as an opt-in below.
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT"
 OUT = Path(__file__).parent / "results" / "round_speed.md"
 
 
@@ -150,10 +156,26 @@ def torch_round(model_name, n, mode, ds, reps: int = 2) -> float:
     return (time.perf_counter() - t) / reps
 
 
+def lenet_in_child(flags: str) -> dict[str, float]:
+    """LeNet-5 seconds per round at n = 50 (``step``, ``epoch``) in a fresh process with
+    ``flags`` added to ``XLA_FLAGS`` (read once, when JAX starts)."""
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
+    out = subprocess.run(
+        [sys.executable, __file__, "--lenet50"], env=env, check=True, capture_output=True, text=True
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="n=50 only, print, no file")
+    parser.add_argument("--lenet50", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.lenet50:
+        ds = dataset_for("lenet5")
+        times = {mode: jax_round("lenet5", 50, mode, ds)[0] for mode in ("step", "epoch")}
+        print(json.dumps(times))
+        return
     import torch
 
     peak = sgemm_peak()
@@ -183,6 +205,8 @@ def main():
             ours, compile_s, _ = jax_round(model, 50, "step", ds, parallelism=cp)
             choice.append((model, cp, ours, compile_s))
             print(f"{model:7s} client_parallelism={cp:2d}  {ours:8.4f}s", flush=True)
+    flagged = {"default": lenet_in_child(""), "ynn": lenet_in_child(YNN_FLAG)}
+    print(f"lenet5 n=50 in child processes: {flagged}", flush=True)
     if args.quick:
         return
     lines = [
@@ -230,6 +254,26 @@ def main():
         "|---|---|---|---|",
     ]
     lines += [f"| {m} | {cp} | {t:.4f} | {c:.1f} |" for m, cp, t, c in choice]
+    torch_lenet = {mode: ref for m, mode, n, _, _, ref, *_ in rows if m == "lenet5" and n == 50}
+    lines += [
+        "",
+        "## Opt-in: XLA's experimental YNNPACK dot fusion",
+        "",
+        f"LeNet-5, n = 50, each in a fresh process: as above, and with `XLA_FLAGS={YNN_FLAG}` "
+        "(an experimental flag of jaxlib 0.10.2 that hands the patch products to "
+        "YNNPACK; gradients equal to float32 round-off here). The library does not set it: "
+        "an XLA_FLAGS entry that a later jaxlib does not know aborts the process at start.",
+        "",
+        "| local work | default s/round | with the flag | PyTorch s/round | "
+        "speedup with the flag |",
+        "|---|---|---|---|---|",
+    ]
+    for mode in ("step", "epoch"):
+        base, ynn = flagged["default"][mode], flagged["ynn"][mode]
+        lines.append(
+            f"| {mode} | {base:.4f} | {ynn:.4f} | {torch_lenet[mode]:.4f} | "
+            f"**{torch_lenet[mode] / ynn:.1f}x** |"
+        )
     OUT.write_text("\n".join(lines) + "\n")
     print(f"wrote {OUT}")
 
