@@ -152,7 +152,7 @@ def test_a_run_matches_a_plain_per_client_loop():
         }
     )
     out = sim.simulate(cfg, progress=False)
-    data = sim.client_data(cfg.data, cfg.seed)
+    data = sim.client_data(cfg.data, sim.run.data_seed(cfg))
     model = fb.models.get("mlp", data.num_classes, data.x.shape[2:], hidden=[16])
     w, unravel = jax.flatten_util.ravel_pytree(sim.Batch([cfg]).init().params)
     w = np.asarray(w, np.float64)
@@ -164,12 +164,13 @@ def test_a_run_matches_a_plain_per_client_loop():
         ).mean()
         return jax.grad(loss)(flat)
 
-    byz = np.isin(np.arange(6), out["byzantine_clients"])
+    n = cfg.data.num_clients
+    byz = np.isin(np.arange(n), out["byzantine_clients"])
     x, y, counts = np.asarray(data.x), np.asarray(data.y), np.asarray(data.counts)
     velocity = np.zeros_like(w)
     for r in range(rounds):
-        G = np.zeros((6, w.size))
-        for i in range(6):
+        G = np.zeros((n, w.size))
+        for i in range(n):
             local, buf = w.copy(), np.zeros_like(w)
             for _ in range(steps if counts[i] else 0):
                 g = np.asarray(grad(local.astype(np.float32), x[i, : counts[i]], y[i, : counts[i]]))
