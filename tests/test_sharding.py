@@ -28,7 +28,7 @@ CURVES = ("train_loss", "agg_norm", "agg_error", "byz_weight", "test_acc", "test
 
 # Rule families (DESIGN.md): coordinate-wise, distance-based, SVD-based, and a
 # pre-aggregator in front of a coordinate-wise rule.
-FAMILIES = ("median", "trmean", "krum", "multikrum", "geomed", "dnc", "nnm+median")
+FAMILIES = ("median", "trmean", "krum", "multikrum", "geomed", "monna", "cge", "dnc", "nnm+median")
 
 RULES_SCRIPT = r"""
 import json, sys
