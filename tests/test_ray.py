@@ -25,7 +25,7 @@ GRID = dict(
     aggregator={"name": ["mean", "median"]},
     sweep={"max_batch": 2},
 )
-TASK = "ray::_run_batch"
+TASK = "ray::run_batch_task"
 
 
 def _task_pids() -> list[int]:

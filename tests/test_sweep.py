@@ -1,18 +1,21 @@
 """Sweeps: grid expansion, grouping, batching, the resumable store, reports."""
 
+import contextlib
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import fedjax_byz as fb
 from fedjax_byz.sim import run as run_lib
-from fedjax_byz.sweep import grid, report, runner
+from fedjax_byz.sweep import grid, report, runner, workers
 from fedjax_byz.sweep.store import ResultStore
 
 from .test_sim import TINY
@@ -24,6 +27,15 @@ GRID = dict(
     aggregator={"name": ["mean", "median"]},
 )
 METRICS = ("test_acc", "test_loss", "train_loss", "byz_weight", "agg_error", "best_acc")
+
+
+def _workers_alive() -> bool:
+    """Whether a sweep worker process (``sweep.workers``) is running on this machine."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if b"sweep.workers import serve" in cmdline.read_bytes():
+                return True
+    return False
 
 
 def _metrics(records):
@@ -47,8 +59,8 @@ def test_expansion_grouping_and_batch_counts(tmp_path, capsys):
 
 def test_attack_and_rule_branches_equal_single_runs(tmp_path, capsys):
     """One program for an attack × rule grid (stateful rule, label flipping, a composite
-    rule, several seeds and partitions), its cells run by 5 threads (shares of 3, the
-    last cell repeated to fill them): every cell exactly as its own single run."""
+    rule, several seeds and partitions), its cells dealt to 5 worker processes: every cell
+    exactly as its own single run."""
     cfg = dict(
         TINY,
         seed=[0, 1],
@@ -57,7 +69,7 @@ def test_attack_and_rule_branches_equal_single_runs(tmp_path, capsys):
         sweep={"threads": 5},
     )
     records = fb.sweep(cfg, out=tmp_path, progress=False)
-    assert "12 cell(s), 1 device(s), 5 thread(s)" in capsys.readouterr().out
+    assert "12 cells in 1 compiled program(s), 5 batch(es)" in capsys.readouterr().out
     assert len({r["program"] for r in records}) == 1 and len(records) == 12
     for r in records:
         single = fb.simulate(r["config"], progress=False)
@@ -79,9 +91,25 @@ def test_batched_cells_equal_single_runs(tmp_path, mode):
         np.testing.assert_allclose(r["train_loss"], single["train_loss"], rtol=1e-5)
 
 
+def test_worker_processes_on_a_cpu_in_map_mode_only():
+    opts = dict(grid.SWEEP_DEFAULTS)
+    assert runner.worker_count(opts) == run_lib.default_threads()
+    assert runner.worker_count(dict(opts, threads=3)) == 3
+    assert runner.worker_count(dict(opts, mode="vmap", threads=3)) == 1
+
+
+def test_a_failing_batch_fails_the_sweep():
+    worker = workers.Worker(0)
+    with pytest.raises(RuntimeError, match="(?s)batch 3 failed in a sweep worker.*AttributeError"):
+        worker.run(pickle.dumps((None, 2, 10)))  # no plan
+    worker.close()
+    assert worker.process.returncode == 0
+
+
 def test_finished_sweep_reruns_as_noop(tmp_path, monkeypatch):
     first = fb.sweep(GRID, out=tmp_path, progress=False)
     monkeypatch.setattr(runner, "run_batch", lambda *a, **k: pytest.fail("re-ran a cell"))
+    monkeypatch.setattr(runner, "Worker", lambda *a, **k: pytest.fail("started a worker"))
     again = fb.sweep(GRID, out=tmp_path, progress=False)
     assert _metrics(again) == _metrics(first)
 
@@ -126,13 +154,19 @@ def test_checkpoint_resumes_an_interrupted_batch(tmp_path, monkeypatch):
 
 
 def test_threads_share_cells_and_resume_with_another_count(tmp_path, monkeypatch):
-    """Cells split over threads give a single thread's numbers; a checkpoint written by
-    3 threads resumes with 2 (it holds the cells in order, not the threads' shares)."""
+    """Cells split over threads, or padded with a repeated cell, give a single thread's
+    numbers; a checkpoint written by 3 threads resumes with 2 (it holds the cells in
+    order, not the threads' shares)."""
     cfgs = [
         fb.sim.from_dict(dict(TINY, seed=s, server={"rounds": 6, "eval_every": 1}))
         for s in range(4)
     ]
     one = run_lib.run_batch(run_lib.Batch(cfgs, "map", threads=1), progress=False)
+    padded = run_lib.Batch(cfgs[:3], "map", threads=1, size=4)  # the last cell run twice
+    assert padded.shares(padded.init())[0][1].client_lr.shape == (4,)
+    for a, b in zip(one, run_lib.run_batch(padded, progress=False), strict=False):
+        for m in METRICS:
+            np.testing.assert_array_equal(a[m], b[m], err_msg=m)
     batch = run_lib.Batch(cfgs, "map", threads=3)
     assert batch.threads == 3 and batch.shares(batch.init())[2][1].client_lr.shape == (2,)
     ckpt = tmp_path / "c.npz"
@@ -167,6 +201,10 @@ def test_killed_sweep_resumes_to_identical_results(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 10  # its worker processes end with it
+    while time.time() < deadline and _workers_alive():
+        time.sleep(0.1)
+    assert not _workers_alive()
     partial = len(ResultStore(store)) if store.exists() else 0
     assert partial < 12, "the sweep finished before it could be killed"
     resumed = fb.sweep(cfg, out=out, progress=False)

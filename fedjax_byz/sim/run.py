@@ -159,6 +159,9 @@ class Batch:
         share of the cells one after another in the same compiled program (``None``:
         ``default_threads()``). The shares are equal: a short one repeats its last cell,
         and the copy's results are dropped.
+      size: in ``"map"`` mode, run as a batch of at least this many cells, the last one
+        repeated (its copies' results dropped): batches of a few sizes then share one
+        compiled program.
     """
 
     def __init__(
@@ -168,6 +171,7 @@ class Batch:
         devices: int | None = None,
         group: Sequence[Config] | None = None,
         threads: int | None = None,
+        size: int | None = None,
     ):
         if mode not in BATCH_MODES:
             raise ValueError(f"batch mode must be one of {BATCH_MODES}, got {mode!r}")
@@ -222,10 +226,12 @@ class Batch:
         # Thread t runs cells t, t + threads, ...: neighbouring cells (one attack under
         # several rules, say) tend to cost alike, so dealing them out balances the threads.
         # A short share repeats the last cell.
-        share = -(-len(self.cfgs) // self.threads)
+        padded = max(len(self.cfgs), size or 0) if mode == "map" and self.batched else 0
+        share = -(-max(len(self.cfgs), padded) // self.threads)
         cells = np.arange(share * self.threads).reshape(share, self.threads).T
         self._shares = np.minimum(cells, len(self.cfgs) - 1)  # [threads, share]
         self._joined = cells.reshape(-1).argsort()[: len(self.cfgs)]  # cell -> position
+        self._whole = self._shares.size == len(self.cfgs) and self.threads == 1
 
     @property
     def _spec(self) -> tuple:
@@ -244,7 +250,7 @@ class Batch:
         return [self._share(state, cells) for cells in self._shares]
 
     def _share(self, state, cells: np.ndarray) -> tuple:
-        if self.threads == 1:
+        if self._whole:
             return state, self.hp, self.data
         if self.data_axis is None:
             data = self.data
@@ -255,7 +261,7 @@ class Batch:
 
     def join(self, parts: Sequence[Any]) -> Any:
         """The threads' per-cell results (leading axis ``share``) as one batch's, in order."""
-        if self.threads == 1:
+        if self._whole:
             return parts[0]
         return jax.tree.map(lambda *a: jnp.concatenate(a)[self._joined], *parts)
 

@@ -24,18 +24,9 @@ from __future__ import annotations
 import time
 
 from fedjax_byz.registry import ConfigError
-from fedjax_byz.sweep.runner import Plan, run_planned_batch
+from fedjax_byz.sweep.runner import Plan, run_batch_task
 
 MAX_RETRIES = 3
-
-
-def _run_batch(plan: Plan, b: int, chunk_periods: int) -> int:
-    """The Ray task: batch ``b`` of ``plan``, records to the store; returns ``b``."""
-    from fedjax_byz.sim.run import enable_compilation_cache
-
-    enable_compilation_cache()
-    run_planned_batch(plan, b, progress=False, chunk_periods=chunk_periods, log=None, threads=1)
-    return b
 
 
 def connect(address: str) -> None:
@@ -57,7 +48,9 @@ def run_on_ray(plan: Plan, address: str, *, chunk_periods: int = 10, log=print) 
 
     connect(address)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
-    task = ray.remote(num_cpus=0 if gpus else 1, num_gpus=gpus, max_retries=MAX_RETRIES)(_run_batch)
+    task = ray.remote(num_cpus=0 if gpus else 1, num_gpus=gpus, max_retries=MAX_RETRIES)(
+        run_batch_task
+    )
     pending = plan.pending()
     res = ray.cluster_resources()
     log(

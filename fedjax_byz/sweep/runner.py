@@ -2,7 +2,8 @@
 
 Plan: expand the grid (validating every cell), group cells by structure, and split each
 group into batches whose compiled program fits the memory budget (measured with
-``memory_analysis()`` of the compiled batch). Groups are planned in order, each while
+``memory_analysis()`` of the compiled batch). On a CPU, in ``map`` mode, the batches run
+in worker processes, one per core (``worker_count``). Groups are planned in order, each while
 the one before runs (planning compiles the program the run then reuses), and every
 group's batches are added to ``plan.json`` as they are planned; a rerun reuses them, so
 an interrupted sweep recomputes exactly the batches it had not finished, with the same
@@ -17,6 +18,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
+import queue
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -31,12 +34,14 @@ from fedjax_byz.sim import config as config_lib
 from fedjax_byz.sim.run import (
     Batch,
     batch_mode,
+    default_threads,
     enable_compilation_cache,
     periods_per_chunk,
     run_batch,
 )
 from fedjax_byz.sweep.grid import Cell, describe, expand_cells, group_cells, split_options
 from fedjax_byz.sweep.store import ResultStore
+from fedjax_byz.sweep.workers import Worker
 
 
 def memory_budget(fraction: float) -> int:
@@ -62,20 +67,31 @@ def program_bytes(compiled) -> int:
 
 
 def plan_batches(
-    group: list[Cell], opts: Mapping[str, Any], budget: int, chunk_periods: int
+    group: list[Cell], opts: Mapping[str, Any], budget: int, chunk_periods: int, workers: int = 1
 ) -> list[list[Cell]]:
-    """Splits a group into batches that fit ``budget`` bytes (one trial compile)."""
+    """Splits a group into batches that fit ``budget`` bytes (one trial compile, of the
+    first batch). For ``workers`` processes running at once, into at least that many, the
+    cells dealt out in turn: neighbouring cells (one attack under several rules, say) tend
+    to cost alike, so the workers finish together."""
     size = len(group) if opts["max_batch"] is None else min(len(group), opts["max_batch"])
-    configs = [c.config for c in group]
+    size = min(size, -(-len(group) // workers))
+    threads = 1 if workers > 1 else opts["threads"]
+
+    def split(size: int) -> list[list[Cell]]:
+        if workers == 1:
+            return [group[i : i + size] for i in range(0, len(group), size)]
+        count = max(min(workers, len(group)), -(-len(group) // size))
+        return [group[i::count] for i in range(count)]
+
     while size > 1:
-        batch = Batch(configs[:size], opts["mode"], opts["devices"], configs, opts["threads"])
-        state = batch.init()
-        compiled, _ = batch.compile(state, _periods(batch, chunk_periods))
-        need = batch.threads * program_bytes(compiled)  # each thread's share at once
+        configs = [c.config for c in split(size)[0]]
+        batch = Batch(configs, opts["mode"], opts["devices"], [c.config for c in group], threads)
+        compiled, _ = batch.compile(batch.init(), _periods(batch, chunk_periods))
+        need = workers * batch.threads * program_bytes(compiled)  # all of them at once
         if need <= budget:
             break
         size = max(1, min(size - 1, int(size * budget / need)))
-    return [group[i : i + size] for i in range(0, len(group), size)]
+    return split(size)
 
 
 def _periods(batch: Batch, chunk_periods: int) -> int:
@@ -136,6 +152,15 @@ class Plan:
         return [b for b in among if any(c.key not in store for c in self.batches[b])]
 
 
+def worker_count(opts: Mapping[str, Any]) -> int:
+    """Processes a sweep runs its batches in: in ``map`` mode on a CPU, ``sweep.threads``
+    (default: one per core, ``default_threads``), each pinned to a core of its own (see
+    ``sweep.workers`` for why); else 1 (the sweep's own process)."""
+    if batch_mode(opts["mode"], opts["devices"]) != "map" or jax.default_backend() != "cpu":
+        return 1
+    return opts["threads"] or default_threads()
+
+
 def _group_batches(plan: Plan, group: list[Cell], finished: bool) -> list[list[Cell]]:
     """``group``'s batches: as ``plan.json`` has them, or planned now (compiling the group's
     program, which the run then reuses); a finished group is not compiled."""
@@ -148,7 +173,7 @@ def _group_batches(plan: Plan, group: list[Cell], finished: bool) -> list[list[C
     if finished:
         return [group]
     budget = memory_budget(plan.opts["memory_fraction"])
-    return plan_batches(group, plan.opts, budget, plan.chunk_periods)
+    return plan_batches(group, plan.opts, budget, plan.chunk_periods, worker_count(plan.opts))
 
 
 def planned_groups(plan: Plan) -> Iterator[list[int]]:
@@ -264,12 +289,18 @@ def run_planned_batch(
     label = f"program {program + 1}/{len(plan.groups)}, batch {b + 1} ({len(batch_cells)} cells)"
     keys = hashlib.sha1(" ".join(c.key for c in batch_cells).encode()).hexdigest()[:16]
     t0 = time.perf_counter()
+    group = plan.groups[program]
+    members = {c.key for c in group}
+    largest = max(len(cells) for cells in plan.batches if cells[0].key in members)
     batch = Batch(
         [c.config for c in batch_cells],
         plan.opts["mode"],
         plan.opts["devices"],
-        group=[c.config for c in plan.groups[program]],
+        group=[c.config for c in group],
         threads=plan.opts["threads"] if threads is None else threads,
+        # one cell short of the group's largest batch (cells dealt to worker processes):
+        # one cell run twice costs less than another compilation
+        size=largest if largest - len(batch_cells) == 1 else None,
     )
     compiled, _ = batch.compile(batch.init(), _periods(batch, chunk_periods))
     log(f"{label}: {memory_line(batch, compiled, memory_budget(plan.opts['memory_fraction']))}")
@@ -298,6 +329,63 @@ def run_planned_batch(
     )
 
 
+def run_batch_task(plan: Plan, b: int, chunk_periods: int) -> int:
+    """Batch ``b`` of ``plan`` in a worker process (the sweep's own, or a Ray task), its
+    records to the store; returns ``b``."""
+    enable_compilation_cache()
+    run_planned_batch(plan, b, progress=False, chunk_periods=chunk_periods, log=None, threads=1)
+    return b
+
+
+def run_in_processes(
+    plan: Plan, workers: int, *, progress: bool = True, chunk_periods: int = 10, log=print
+) -> None:
+    """Plans the groups in order and runs their pending batches in ``workers`` worker
+    processes (``sweep.workers``), each on one core, while the next group compiles here
+    (the workers then load it from the persistent cache). A progress bar counts finished
+    cells."""
+    from tqdm.auto import tqdm
+
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+    store = plan.store
+    done = sum(c.key in store for c in plan.cells)
+    bar = tqdm(
+        total=len(plan.cells),
+        initial=done,
+        unit="cell",
+        desc=plan.cells[0].config.name,
+        disable=not progress,
+    )
+    t0 = time.perf_counter()
+    tasks: queue.Queue = queue.Queue()
+
+    def drive(core: int) -> None:
+        # started now, to import while the first group compiles here; none when all is done
+        worker = Worker(core) if done < len(plan.cells) else None
+        try:
+            while (task := tasks.get()) is not None:
+                b, pickled = task
+                worker.run(pickled)
+                bar.update(len(plan.batches[b]))
+                log(f"batch {b + 1}/{len(plan.batches)} done ({time.perf_counter() - t0:.1f}s)")
+        finally:
+            if worker is not None:
+                worker.close()
+
+    with ThreadPoolExecutor(workers) as pool:
+        drivers = [pool.submit(drive, cores[i % len(cores)]) for i in range(workers)]
+        try:
+            for batches in planned_groups(plan):
+                for b in plan.pending(batches):
+                    tasks.put((b, pickle.dumps((plan, b, chunk_periods))))
+        finally:  # the workers finish what they hold, also when planning fails
+            for _ in drivers:
+                tasks.put(None)
+        for d in drivers:
+            d.result()  # a worker's error, raised here
+    bar.close()
+
+
 def sweep(
     config: str | Path | Mapping[str, Any],
     *,
@@ -316,8 +404,9 @@ def sweep(
         ``sweep:`` section sets ``mode`` (``auto`` | ``vmap`` | ``map``, see
         ``sim.run.batch_mode``), ``vmap`` (the only fields to batch), ``max_batch``,
         ``memory_fraction``, ``devices`` (how many local devices a batch is split
-        over; null: all) and ``threads`` (in ``map`` mode, how many cells run at once;
-        null: one per CPU core, ``sim.run.default_threads``).
+        over; null: all) and ``threads`` (in ``map`` mode on a CPU, how many cells run
+        at once, each batch in one of that many worker processes, ``worker_count``; null:
+        one per CPU core, ``sim.run.default_threads``).
       out: the sweep's folder (``results.jsonl``, ``plan.json``, ``checkpoints/``);
         default ``runs/<name>``.
       profile: a ``profiles:`` entry of the config to overlay (e.g. ``cpu``).
@@ -344,8 +433,12 @@ def sweep(
         complete=ray is not None,
         branches=ray is None,
     )
+    workers = 1 if ray is not None else worker_count(plan.opts)
     if ray is not None:
         run_on_ray(plan, ray, chunk_periods=chunk_periods, log=log)
+    elif workers > 1:
+        run_in_processes(plan, workers, progress=progress, chunk_periods=chunk_periods, log=log)
+        log(summary(plan))
     else:  # each group runs while the next one compiles
         for batches in planned_groups(plan):
             for b in plan.pending(batches):
