@@ -1,6 +1,7 @@
 """Sweeps: grid expansion, grouping, batching, the resumable store, reports."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import pickle
@@ -91,11 +92,15 @@ def test_batched_cells_equal_single_runs(tmp_path, mode):
         np.testing.assert_allclose(r["train_loss"], single["train_loss"], rtol=1e-5)
 
 
-def test_worker_processes_on_a_cpu_in_map_mode_only():
-    opts = dict(grid.SWEEP_DEFAULTS)
-    assert runner.worker_count(opts) == run_lib.default_threads()
-    assert runner.worker_count(dict(opts, threads=3)) == 3
-    assert runner.worker_count(dict(opts, mode="vmap", threads=3)) == 1
+def test_worker_processes_on_a_cpu_in_map_mode_only(tmp_path):
+    plan = runner.plan_sweep(GRID, out=tmp_path, log=lambda *a: None, complete=False)
+    assert runner.worker_count(plan) == 1  # 12 tiny cells: in this process
+    big = dataclasses.replace(plan, cells=plan.cells * 10_000)
+    assert runner.worker_count(big) == run_lib.default_threads()
+    opts = dict(plan.opts, threads=3)
+    assert runner.worker_count(dataclasses.replace(plan, opts=opts)) == 3
+    opts = dict(plan.opts, threads=3, mode="vmap")
+    assert runner.worker_count(dataclasses.replace(plan, opts=opts)) == 1
 
 
 def test_a_failing_batch_fails_the_sweep():
@@ -180,8 +185,9 @@ def test_threads_share_cells_and_resume_with_another_count(tmp_path, monkeypatch
 
 
 def test_killed_sweep_resumes_to_identical_results(tmp_path):
-    """kill -9 mid-sweep, start again: every cell once, same numbers as an unbroken run."""
-    cfg = dict(GRID, sweep={"max_batch": 2})
+    """kill -9 mid-sweep (running its batches in worker processes, which end with it),
+    start again: every cell once, same numbers as an unbroken run."""
+    cfg = dict(GRID, sweep={"max_batch": 2, "threads": 2})
     path = tmp_path / "grid.json"
     path.write_text(json.dumps(cfg))
     out = tmp_path / "killed"

@@ -152,13 +152,27 @@ class Plan:
         return [b for b in among if any(c.key not in store for c in self.batches[b])]
 
 
-def worker_count(opts: Mapping[str, Any]) -> int:
-    """Processes a sweep runs its batches in: in ``map`` mode on a CPU, ``sweep.threads``
-    (default: one per core, ``default_threads``), each pinned to a core of its own (see
-    ``sweep.workers`` for why); else 1 (the sweep's own process)."""
+# A worker process costs ~3-4 s here (Python and JAX start, the program's cache load, its
+# small compilations): the quickstart's 8 seeds (8,000 client-rounds) took 9.4 s in one
+# process and 17.4 s in two workers. A sweep left to choose (``threads: null``) starts
+# workers only for at least this much training (the digits grid of
+# ``benchmarks/sweep_speed.py``: 588,000).
+WORKER_MIN_CLIENT_ROUNDS = 100_000
+
+
+def worker_count(plan: Plan) -> int:
+    """Processes a sweep runs its batches in: in ``map`` mode on a CPU, ``sweep.threads``,
+    each pinned to a core of its own (see ``sweep.workers`` for why); with ``threads:
+    null``, one per core (``default_threads``) for sweeps of at least
+    ``WORKER_MIN_CLIENT_ROUNDS`` client-rounds, else 1. Otherwise 1 (the sweep's own
+    process)."""
+    opts = plan.opts
     if batch_mode(opts["mode"], opts["devices"]) != "map" or jax.default_backend() != "cpu":
         return 1
-    return opts["threads"] or default_threads()
+    if opts["threads"] is not None:
+        return opts["threads"]
+    work = sum(c.config.server.rounds * c.config.participants for c in plan.cells)
+    return default_threads() if work >= WORKER_MIN_CLIENT_ROUNDS else 1
 
 
 def _group_batches(plan: Plan, group: list[Cell], finished: bool) -> list[list[Cell]]:
@@ -173,7 +187,7 @@ def _group_batches(plan: Plan, group: list[Cell], finished: bool) -> list[list[C
     if finished:
         return [group]
     budget = memory_budget(plan.opts["memory_fraction"])
-    return plan_batches(group, plan.opts, budget, plan.chunk_periods, worker_count(plan.opts))
+    return plan_batches(group, plan.opts, budget, plan.chunk_periods, worker_count(plan))
 
 
 def planned_groups(plan: Plan) -> Iterator[list[int]]:
@@ -433,7 +447,7 @@ def sweep(
         complete=ray is not None,
         branches=ray is None,
     )
-    workers = 1 if ray is not None else worker_count(plan.opts)
+    workers = 1 if ray is not None else worker_count(plan)
     if ray is not None:
         run_on_ray(plan, ray, chunk_periods=chunk_periods, log=log)
     elif workers > 1:
