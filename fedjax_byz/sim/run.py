@@ -225,9 +225,9 @@ class Batch:
         self.threads = min(threads, len(self.cfgs)) if mode == "map" and self.batched else 1
         # Thread t runs cells t, t + threads, ...: neighbouring cells (one attack under
         # several rules, say) tend to cost alike, so dealing them out balances the threads.
-        # A short share repeats the last cell.
-        padded = max(len(self.cfgs), size or 0) if mode == "map" and self.batched else 0
-        share = -(-max(len(self.cfgs), padded) // self.threads)
+        # A short share (or a batch run as ``size`` cells) repeats the last cell.
+        runs = max(len(self.cfgs), size or 0) if mode == "map" and self.batched else len(self.cfgs)
+        share = -(-runs // self.threads)
         cells = np.arange(share * self.threads).reshape(share, self.threads).T
         self._shares = np.minimum(cells, len(self.cfgs) - 1)  # [threads, share]
         self._joined = cells.reshape(-1).argsort()[: len(self.cfgs)]  # cell -> position
