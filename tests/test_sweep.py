@@ -1,7 +1,6 @@
 """Sweeps: grid expansion, grouping, batching, the resumable store, reports."""
 
 import contextlib
-import dataclasses
 import json
 import os
 import pickle
@@ -94,13 +93,10 @@ def test_batched_cells_equal_single_runs(tmp_path, mode):
 
 def test_worker_processes_on_a_cpu_in_map_mode_only(tmp_path):
     plan = runner.plan_sweep(GRID, out=tmp_path, log=lambda *a: None, complete=False)
-    assert runner.worker_count(plan) == 1  # 12 tiny cells: in this process
-    big = dataclasses.replace(plan, cells=plan.cells * 10_000)
-    assert runner.worker_count(big) == run_lib.default_threads()
-    opts = dict(plan.opts, threads=3)
-    assert runner.worker_count(dataclasses.replace(plan, opts=opts)) == 3
-    opts = dict(plan.opts, threads=3, mode="vmap")
-    assert runner.worker_count(dataclasses.replace(plan, opts=opts)) == 1
+    assert plan.workers == runner.worker_count(plan.opts, plan.cells) == 1  # 12 tiny cells
+    assert runner.worker_count(plan.opts, plan.cells * 10_000) == run_lib.default_threads()
+    assert runner.worker_count(dict(plan.opts, threads=3), plan.cells) == 3
+    assert runner.worker_count(dict(plan.opts, threads=3, mode="vmap"), plan.cells) == 1
 
 
 def test_a_failing_batch_fails_the_sweep():
@@ -111,11 +107,13 @@ def test_a_failing_batch_fails_the_sweep():
     assert worker.process.returncode == 0
 
 
-def test_finished_sweep_reruns_as_noop(tmp_path, monkeypatch):
-    first = fb.sweep(GRID, out=tmp_path, progress=False)
+@pytest.mark.parametrize("threads", [None, 2])  # in this process; in worker processes
+def test_finished_sweep_reruns_as_noop(tmp_path, monkeypatch, threads):
+    cfg = dict(GRID, sweep={"threads": threads})
+    first = fb.sweep(cfg, out=tmp_path, progress=False)
     monkeypatch.setattr(runner, "run_batch", lambda *a, **k: pytest.fail("re-ran a cell"))
     monkeypatch.setattr(runner, "Worker", lambda *a, **k: pytest.fail("started a worker"))
-    again = fb.sweep(GRID, out=tmp_path, progress=False)
+    again = fb.sweep(cfg, out=tmp_path, progress=False)
     assert _metrics(again) == _metrics(first)
 
 

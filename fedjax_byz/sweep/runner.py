@@ -2,12 +2,12 @@
 
 Plan: expand the grid (validating every cell), group cells by structure, and split each
 group into batches whose compiled program fits the memory budget (measured with
-``memory_analysis()`` of the compiled batch). On a CPU, in ``map`` mode, the batches run
-in worker processes, one per core (``worker_count``). Groups are planned in order, each while
-the one before runs (planning compiles the program the run then reuses), and every
-group's batches are added to ``plan.json`` as they are planned; a rerun reuses them, so
-an interrupted sweep recomputes exactly the batches it had not finished, with the same
-batch composition, and produces the same records. Every batch's
+``memory_analysis()`` of the compiled batch); on a CPU, in ``map`` mode, the batches of
+a big enough sweep run in worker processes, one per core (``worker_count``). Groups are
+planned in order, each while the one before runs (planning compiles the program the run
+then reuses), and every group's batches are added to ``plan.json`` as they are planned; a
+rerun reuses them, so an interrupted sweep recomputes exactly the batches it had not
+finished, with the same batch composition, and produces the same records. Every batch's
 records are added to the store atomically as soon as it finishes; a batch interrupted
 midway resumes from its last checkpoint.
 """
@@ -139,6 +139,7 @@ class Plan:
     opts: Mapping[str, Any]
     chunk_periods: int
     saved: dict[str, list[list[Cell]]]  # plan.json's batches by their first cell's key
+    workers: int = 1  # processes the batches run in (``worker_count``)
 
     @property
     def store(self) -> ResultStore:
@@ -160,18 +161,17 @@ class Plan:
 WORKER_MIN_CLIENT_ROUNDS = 100_000
 
 
-def worker_count(plan: Plan) -> int:
+def worker_count(opts: Mapping[str, Any], cells: list[Cell]) -> int:
     """Processes a sweep runs its batches in: in ``map`` mode on a CPU, ``sweep.threads``,
     each pinned to a core of its own (see ``sweep.workers`` for why); with ``threads:
     null``, one per core (``default_threads``) for sweeps of at least
     ``WORKER_MIN_CLIENT_ROUNDS`` client-rounds, else 1. Otherwise 1 (the sweep's own
     process)."""
-    opts = plan.opts
     if batch_mode(opts["mode"], opts["devices"]) != "map" or jax.default_backend() != "cpu":
         return 1
     if opts["threads"] is not None:
         return opts["threads"]
-    work = sum(c.config.server.rounds * c.config.participants for c in plan.cells)
+    work = sum(c.config.server.rounds * c.config.participants for c in cells)
     return default_threads() if work >= WORKER_MIN_CLIENT_ROUNDS else 1
 
 
@@ -187,7 +187,7 @@ def _group_batches(plan: Plan, group: list[Cell], finished: bool) -> list[list[C
     if finished:
         return [group]
     budget = memory_budget(plan.opts["memory_fraction"])
-    return plan_batches(group, plan.opts, budget, plan.chunk_periods, worker_count(plan))
+    return plan_batches(group, plan.opts, budget, plan.chunk_periods, plan.workers)
 
 
 def planned_groups(plan: Plan) -> Iterator[list[int]]:
@@ -242,7 +242,8 @@ def plan_sweep(
     enable_compilation_cache()
     saved = _load_plan(out / "plan.json", {c.key: c for c in cells})
     _save_plan(out, cells, list(saved.values()))  # the folder now describes this grid
-    plan = Plan(out, cells, groups, [], opts, chunk_periods, saved)
+    workers = worker_count(opts, cells) if branches else 1  # a Ray sweep: its own tasks
+    plan = Plan(out, cells, groups, [], opts, chunk_periods, saved, workers)
     done = sum(c.key in plan.store for c in cells)
     log(
         f"{name}: {len(cells)} cells in {len(groups)} compiled program(s); {done} already finished."
@@ -351,10 +352,8 @@ def run_batch_task(plan: Plan, b: int, chunk_periods: int) -> int:
     return b
 
 
-def run_in_processes(
-    plan: Plan, workers: int, *, progress: bool = True, chunk_periods: int = 10, log=print
-) -> None:
-    """Plans the groups in order and runs their pending batches in ``workers`` worker
+def run_in_processes(plan: Plan, *, progress: bool = True, chunk_periods: int = 10, log=print):
+    """Plans the groups in order and runs their pending batches in ``plan.workers`` worker
     processes (``sweep.workers``), each on one core, while the next group compiles here
     (the workers then load it from the persistent cache). A progress bar counts finished
     cells."""
@@ -386,8 +385,8 @@ def run_in_processes(
             if worker is not None:
                 worker.close()
 
-    with ThreadPoolExecutor(workers) as pool:
-        drivers = [pool.submit(drive, cores[i % len(cores)]) for i in range(workers)]
+    with ThreadPoolExecutor(plan.workers) as pool:
+        drivers = [pool.submit(drive, cores[i % len(cores)]) for i in range(plan.workers)]
         try:
             for batches in planned_groups(plan):
                 for b in plan.pending(batches):
@@ -447,16 +446,17 @@ def sweep(
         complete=ray is not None,
         branches=ray is None,
     )
-    workers = 1 if ray is not None else worker_count(plan)
     if ray is not None:
         run_on_ray(plan, ray, chunk_periods=chunk_periods, log=log)
-    elif workers > 1:
-        run_in_processes(plan, workers, progress=progress, chunk_periods=chunk_periods, log=log)
-        log(summary(plan))
-    else:  # each group runs while the next one compiles
-        for batches in planned_groups(plan):
-            for b in plan.pending(batches):
-                run_planned_batch(plan, b, progress=progress, chunk_periods=chunk_periods, log=log)
+    else:
+        if plan.workers > 1:
+            run_in_processes(plan, progress=progress, chunk_periods=chunk_periods, log=log)
+        else:  # each group runs while the next one compiles
+            for batches in planned_groups(plan):
+                for b in plan.pending(batches):
+                    run_planned_batch(
+                        plan, b, progress=progress, chunk_periods=chunk_periods, log=log
+                    )
         log(summary(plan))
     store = plan.store
     return [store.get(c.key) for c in plan.cells]
