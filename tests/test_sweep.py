@@ -91,6 +91,21 @@ def test_batched_cells_equal_single_runs(tmp_path, mode):
         np.testing.assert_allclose(r["train_loss"], single["train_loss"], rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["vmap", "map"])
+def test_batches_of_a_group_share_one_program(mode):
+    """Batches holding different seeds (partitions) of one group: one compiled program,
+    whatever partitions each batch holds."""
+    group = [c.config for c in grid.group_cells(grid.expand_cells(GRID), branches=mode == "map")[0]]
+    by_seed = [[c for c in group if c.seed == s][:2] for s in (0, 1)]
+    blocks = {max(map(len, run_lib.partition_of(c.data, c.seed))) for c in group}
+    assert len(blocks) > 1  # alone, the seeds' partitions pad to different shapes
+    programs = set()
+    for cfgs in by_seed + [by_seed[0][:1] + by_seed[1][:1]]:
+        batch = run_lib.Batch(cfgs, mode, group=group)
+        programs.add(id(batch.compile(batch.init(), 1)[0]))
+    assert len(programs) == 1
+
+
 def test_worker_processes_on_a_cpu_in_map_mode_only(tmp_path):
     plan = runner.plan_sweep(GRID, out=tmp_path, log=lambda *a: None, complete=False)
     assert plan.workers == runner.worker_count(plan.opts, plan.cells) == 1  # 12 tiny cells

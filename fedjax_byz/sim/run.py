@@ -188,25 +188,36 @@ class Batch:
             raise ValueError("a batch must hold configs of one structure")
         self.mode = mode
         cfg0 = self.cfgs[0]
-        data_keys = [(freeze(c.data.__dict__), data_seed(c)) for c in self.cfgs]
-        first: dict[tuple, Config] = {}  # each partition's first config, in order
-        for k, c in zip(data_keys, self.cfgs, strict=True):
-            first.setdefault(k, c)
-        distinct = list(first)
-        parts = [partition_of(first[k].data, k[1]) for k in distinct]
-        m_max = None if len(distinct) == 1 else max(max(len(p) for p in ps) for ps in parts)
-        datas = [client_data(first[k].data, k[1], m_max) for k in distinct]
         self.batched = len(self.cfgs) > 1
-        self.data_axis = None if len(distinct) == 1 or not self.batched else 0
-        # The cells' data: shared; one block per cell (vmap); or, run one after another,
-        # each distinct partition once with every cell's index into them.
+        runs = max(len(self.cfgs), size or 0) if mode == "map" and self.batched else len(self.cfgs)
+        # Every batch of a group runs one compiled program, so the data's shapes follow
+        # the group: each client's block padded to the largest of the group's partitions,
+        # and the partitions stacked whenever the group has several (in "map" mode, one
+        # slot per distinct partition, as many slots as the group has, up to the cells
+        # run; spare slots repeat the last partition).
+
+        def data_key(c: Config) -> tuple:
+            return freeze(c.data.__dict__), data_seed(c)
+
+        first: dict[tuple, Config] = {}  # each partition's first config, in order
+        for c in self.cfgs + group:
+            first.setdefault(data_key(c), c)
+        data_keys = [data_key(c) for c in self.cfgs]
+        distinct = list(dict.fromkeys(data_keys))
+        several = len(first) > 1
+        m_max = None
+        if several:
+            m_max = max(max(len(p) for p in partition_of(c.data, k[1])) for k, c in first.items())
+        datas = [client_data(first[k].data, k[1], m_max) for k in distinct]
+        self.data_axis = 0 if several and self.batched else None
         self.data_index = np.asarray([distinct.index(k) for k in data_keys], np.int32)
         if self.data_axis is None:
             self.data = datas[0]
         elif mode == "vmap":
             self.data = _stack([datas[i] for i in self.data_index])
         else:
-            self.data = (_stack(datas), jnp.asarray(self.data_index))
+            spare = datas[-1:] * (min(len(first), runs) - len(datas))
+            self.data = (_stack(datas + spare), jnp.asarray(self.data_index))
         self.num_classes = datas[0].num_classes
         self.static = StaticConfig.from_config(group, self.num_classes, datas[0].x.shape[2:])
         self.mesh = sharding.make_mesh(len(self.cfgs) if mode == "vmap" else 1, devices)
@@ -226,7 +237,6 @@ class Batch:
         # Thread t runs cells t, t + threads, ...: neighbouring cells (one attack under
         # several rules, say) tend to cost alike, so dealing them out balances the threads.
         # A short share (or a batch run as ``size`` cells) repeats the last cell.
-        runs = max(len(self.cfgs), size or 0) if mode == "map" and self.batched else len(self.cfgs)
         share = -(-runs // self.threads)
         cells = np.arange(share * self.threads).reshape(share, self.threads).T
         self._shares = np.minimum(cells, len(self.cfgs) - 1)  # [threads, share]
