@@ -132,6 +132,20 @@ def test_finished_sweep_reruns_as_noop(tmp_path, monkeypatch, threads):
     assert _metrics(again) == _metrics(first)
 
 
+def test_a_grown_grid_runs_only_its_new_cells(tmp_path, monkeypatch, capsys):
+    """A finished sweep given one more seed runs the new seed's cells alone, in the
+    program of their group, and keeps every finished record as it was."""
+    first = fb.sweep(dict(GRID, seed=[0, 1]), out=tmp_path, progress=False)
+    ran = []
+    run_batch = runner.run_batch
+    monkeypatch.setattr(runner, "run_batch", lambda b, **k: ran.append(b.cfgs) or run_batch(b, **k))
+    again = fb.sweep(GRID, out=tmp_path, progress=False)
+    assert sorted(c.seed for cfgs in ran for c in cfgs) == [2] * 4
+    assert "12 cells in 1 compiled program(s), 2 batch(es)" in capsys.readouterr().out
+    assert again[:8] == first  # the records of seeds 0 and 1 untouched
+    assert [r["config"]["seed"] for r in again[8:]] == [2] * 4
+
+
 def test_memory_budget_splits_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "memory_budget", lambda fraction: 1)
     records = fb.sweep(GRID, out=tmp_path, progress=False)

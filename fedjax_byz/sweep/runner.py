@@ -67,21 +67,28 @@ def program_bytes(compiled) -> int:
 
 
 def plan_batches(
-    group: list[Cell], opts: Mapping[str, Any], budget: int, chunk_periods: int, workers: int = 1
+    cells: list[Cell],
+    opts: Mapping[str, Any],
+    budget: int,
+    chunk_periods: int,
+    workers: int = 1,
+    group: list[Cell] | None = None,
 ) -> list[list[Cell]]:
-    """Splits a group into batches that fit ``budget`` bytes (one trial compile, of the
-    first batch). For ``workers`` processes running at once, into at least that many, the
-    cells dealt out in turn: neighbouring cells (one attack under several rules, say) tend
-    to cost alike, so the workers finish together."""
-    size = len(group) if opts["max_batch"] is None else min(len(group), opts["max_batch"])
-    size = min(size, -(-len(group) // workers))
+    """Splits ``cells`` of ``group`` (default: all of it; the group shapes the program)
+    into batches that fit ``budget`` bytes (one trial compile, of the first batch). For
+    ``workers`` processes running at once, into at least that many, the cells dealt out
+    in turn: neighbouring cells (one attack under several rules, say) tend to cost alike,
+    so the workers finish together."""
+    group = cells if group is None else group
+    size = len(cells) if opts["max_batch"] is None else min(len(cells), opts["max_batch"])
+    size = min(size, -(-len(cells) // workers))
     threads = 1 if workers > 1 else opts["threads"]
 
     def split(size: int) -> list[list[Cell]]:
         if workers == 1:
-            return [group[i : i + size] for i in range(0, len(group), size)]
-        count = max(min(workers, len(group)), -(-len(group) // size))
-        return [group[i::count] for i in range(count)]
+            return [cells[i : i + size] for i in range(0, len(cells), size)]
+        count = max(min(workers, len(cells)), -(-len(cells) // size))
+        return [cells[i::count] for i in range(count)]
 
     while size > 1:
         configs = [c.config for c in split(size)[0]]
@@ -140,6 +147,10 @@ class Plan:
     chunk_periods: int
     saved: dict[str, list[list[Cell]]]  # plan.json's batches by their first cell's key
     workers: int = 1  # processes the batches run in (``worker_count``)
+    # how many cells each batch runs as: a batch one cell short of the largest of its
+    # group left to run (cells dealt to worker processes) repeats a cell, as one cell run
+    # twice costs less than another compilation
+    runs: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def store(self) -> ResultStore:
@@ -175,34 +186,39 @@ def worker_count(opts: Mapping[str, Any], cells: list[Cell]) -> int:
     return default_threads() if work >= WORKER_MIN_CLIENT_ROUNDS else 1
 
 
-def _group_batches(plan: Plan, group: list[Cell], finished: bool) -> list[list[Cell]]:
-    """``group``'s batches: as ``plan.json`` has them, or planned now (compiling the group's
-    program, which the run then reuses); a finished group is not compiled."""
-    saved, b = [], 0
-    while b < len(group) and group[b].key in plan.saved:
-        saved.append(plan.saved[group[b].key])
-        b += len(saved[-1])
-    if [c.key for batch in saved for c in batch] == [c.key for c in group]:
+def _group_batches(plan: Plan, group: list[Cell]) -> list[list[Cell]]:
+    """``group``'s batches: those of ``plan.json`` that hold its cells, and, for its cells
+    that are neither in one of them nor finished (a grid grown by a seed, say), batches
+    planned now (compiling the group's program, which the run then reuses). Finished cells
+    never run again, and a group with nothing left to run is not compiled."""
+    members = {c.key for c in group}
+    saved = [b for b in plan.saved.values() if b[0].key in members]
+    covered = {c.key for b in saved for c in b}
+    store = plan.store
+    rest = [c for c in group if c.key not in covered and c.key not in store]
+    if not rest:
         return saved
-    if finished:
-        return [group]
     budget = memory_budget(plan.opts["memory_fraction"])
-    return plan_batches(group, plan.opts, budget, plan.chunk_periods, plan.workers)
+    return saved + plan_batches(rest, plan.opts, budget, plan.chunk_periods, plan.workers, group)
 
 
 def planned_groups(plan: Plan) -> Iterator[list[int]]:
     """Plans ``plan``'s groups in order, adding their batches to ``plan.batches`` and to
     ``plan.json``, and yields each group's batch indices. A thread plans (and so compiles)
     the next group while the caller runs the current one."""
-    store = plan.store
-    groups = [(g, all(c.key in store for c in g)) for g in plan.groups]
+    groups = plan.groups
     with ThreadPoolExecutor(max_workers=1) as pool:
-        ahead = pool.submit(_group_batches, plan, *groups[0])
+        ahead = pool.submit(_group_batches, plan, groups[0])
         for i in range(len(groups)):
             batches = ahead.result()
             if i + 1 < len(groups):
-                ahead = pool.submit(_group_batches, plan, *groups[i + 1])
+                ahead = pool.submit(_group_batches, plan, groups[i + 1])
             first = len(plan.batches)
+            store = plan.store
+            largest = max(
+                (len(b) for b in batches if any(c.key not in store for c in b)), default=0
+            )
+            plan.runs.extend(largest if largest - len(b) == 1 else len(b) for b in batches)
             plan.batches.extend(batches)
             _save_plan(plan.out, plan.cells, plan.batches)
             yield list(range(first, len(plan.batches)))
@@ -305,17 +321,13 @@ def run_planned_batch(
     keys = hashlib.sha1(" ".join(c.key for c in batch_cells).encode()).hexdigest()[:16]
     t0 = time.perf_counter()
     group = plan.groups[program]
-    members = {c.key for c in group}
-    largest = max(len(cells) for cells in plan.batches if cells[0].key in members)
     batch = Batch(
         [c.config for c in batch_cells],
         plan.opts["mode"],
         plan.opts["devices"],
         group=[c.config for c in group],
         threads=plan.opts["threads"] if threads is None else threads,
-        # one cell short of the group's largest batch (cells dealt to worker processes):
-        # one cell run twice costs less than another compilation
-        size=largest if largest - len(batch_cells) == 1 else None,
+        size=plan.runs[b],
     )
     compiled, _ = batch.compile(batch.init(), _periods(batch, chunk_periods))
     log(f"{label}: {memory_line(batch, compiled, memory_budget(plan.opts['memory_fraction']))}")
