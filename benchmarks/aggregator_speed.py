@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import importlib.metadata
 import os
 import platform
 import signal
@@ -34,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from machine import cpu_name, version
 
 import fedjax_byz as fb
 
@@ -198,27 +198,6 @@ def _byzpy(agg, pre=None):
     return lambda T, G: lambda: agg.aggregate(pre.pre_aggregate(list(T)))
 
 
-def versions() -> dict[str, str]:
-    out = {}
-    for p in ("jax", "jaxlib", "numpy", "torch", "byzfl", "byzpy"):
-        try:
-            out[p] = importlib.metadata.version(p)
-        except importlib.metadata.PackageNotFoundError:
-            out[p] = "not installed"
-    return out
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results/aggregator_speed.md")
@@ -302,7 +281,7 @@ def fmt_ms(t: float | str | None, timeout: float) -> str:
 
 
 def write(path: str, results: list, meta: dict) -> None:
-    v = versions()
+    v = {p: version(p) for p in ("jax", "jaxlib", "numpy", "torch", "byzfl", "byzpy")}
     cores = os.cpu_count()
     (l0, l1) = meta["load"]
     lines = [

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import math
 import statistics
 import time
@@ -64,6 +63,7 @@ from byzpy.pre_aggregators.arc import ARC
 from byzpy.pre_aggregators.bucketing import Bucketing
 from byzpy.pre_aggregators.clipping import Clipping
 from byzpy.pre_aggregators.nnm import NearestNeighborMixing
+from machine import version
 from scipy import stats
 
 import fedjax_byz as fb
@@ -768,13 +768,6 @@ def compare(pair: Pair, kind: str, all_cases: list[Case]) -> dict:
 
 
 # ---------------------------------------------------------------- writing
-
-
-def version(pkg: str) -> str:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def describe_bad(row: dict) -> str:

@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import importlib.metadata
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -32,6 +30,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from machine import cpu_name, version
 
 import fedjax_byz as fb
 from fedjax_byz import ops
@@ -185,13 +184,6 @@ def reference_attacks(f: int):
     return refs
 
 
-def version(pkg: str) -> str:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def measure_ours(sizes, repeats: int, with_refs: bool):
     """Times the yardsticks, every attack and (``with_refs``) the references, per size."""
     base: dict[str, dict] = {}
@@ -303,7 +295,7 @@ def write(args, sizes, base, ours, refs, corr, load, no_faults):
         "",
         "    /work/venv-bench/bin/python benchmarks/attack_speed.py",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores "
+        f"Machine: {cpu_name()}, {os.cpu_count()} CPU cores "
         "shared with other jobs, no accelerator; load average (1, 5, 15 min) "
         f"{loadavg(load[0])} at the start, {loadavg(load[1])} after the main run and "
         f"{loadavg(load[2])} after the run without page faults. "

@@ -28,12 +28,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "scaling.md"
@@ -153,7 +154,7 @@ def report(rounds: int) -> str:
         "# Scaling",
         "",
         f"`nice -n 19 python benchmarks/scaling.py --rounds {rounds}` on "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{cpu_name()}, {os.cpu_count()} cores, "
         f"{datetime.date.today()}; load average before: {_load()} (the machine is shared).",
         "",
         "## 1. One run and a sweep batch on 1 vs 8 (simulated) devices",
