@@ -151,7 +151,7 @@ def byzantine_rows(key: jax.Array, G: jax.Array, byz: jax.Array, row: Row) -> ja
 
     def body(j, out):
         i = order[j]
-        new = row(jax.random.fold_in(key, i), jax.lax.dynamic_index_in_dim(G, i, 0, False))
+        new = row(jax.random.fold_in(key, i), jax.lax.dynamic_index_in_dim(out, i, 0, False))
         return jax.lax.dynamic_update_index_in_dim(out, new.astype(G.dtype), i, 0)
 
     return jax.lax.fori_loop(0, byz.sum(), body, G)

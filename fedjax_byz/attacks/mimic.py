@@ -9,7 +9,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from fedjax_byz import ops
-from fedjax_byz.attacks.base import Attack, stateless
+from fedjax_byz.attacks.base import Attack, rowwise
 
 SQUARINGS = 40  # M ← M²: the top eigenvector dominates once (λ₂/λ₁)^(2^40) underflows.
 
@@ -65,8 +65,9 @@ def mimic(client: ArrayLike | None = None) -> Attack:
         client fixed; the per-round exact choice is this library's stateless version.
     """
 
-    def fn(key, G, ctx):
+    def make_row(G, ctx):
         i = principal_client(G, ctx.honest) if client is None else client
-        return jax.lax.dynamic_index_in_dim(G, i, 0, keepdims=False)
+        copied = jax.lax.dynamic_index_in_dim(G, i, 0, keepdims=False)
+        return lambda key, g: copied
 
-    return stateless(fn)
+    return rowwise(make_row)
