@@ -5,6 +5,7 @@ from fedjax_byz.aggregators import aggregate
 from fedjax_byz.attacks import attack
 from fedjax_byz.registry import ConfigError
 from fedjax_byz.sim import simulate
+from fedjax_byz.sim.sharding import use_cpu_cores
 from fedjax_byz.sweep import load_results, sweep
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "sim",
     "simulate",
     "sweep",
+    "use_cpu_cores",
 ]
 __version__ = "0.1.0"

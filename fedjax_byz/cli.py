@@ -10,6 +10,7 @@ from typing import Any
 
 from fedjax_byz.registry import ConfigError
 from fedjax_byz.sim.config import parse_yaml
+from fedjax_byz.sim.sharding import use_cpu_cores
 from fedjax_byz.sweep.report import Layout
 
 
@@ -272,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     lst = sub.add_parser("list", help="list attacks, aggregators, datasets, models, partitioners")
     lst.set_defaults(fn=cmd_list)
     args = parser.parse_args(argv)
+    use_cpu_cores()  # before any JAX operation: a CPU's cores become devices
     try:
         return args.fn(args)
     except ConfigError as e:

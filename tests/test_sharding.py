@@ -88,8 +88,38 @@ print("RESULT" + json.dumps({"mesh": dict(batch.mesh.shape), "curves": curves}))
 """
 
 
-def _on_8_devices(script: str, *args: str) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+CORES_SCRIPT = r"""
+import json, sys
+import fedjax_byz as fb
+from fedjax_byz.sim.config import from_dict
+from fedjax_byz.sim.run import Batch, batch_mode, run_batch
+
+took = fb.use_cpu_cores(3)
+import jax
+count = jax.device_count()
+late = fb.use_cpu_cores(2)  # JAX has started: nothing changes
+out = {"took": took, "count": count, "late": late, "mode": batch_mode("auto")}
+if count == 3:
+    conv, dense = (from_dict(c) for c in json.loads(sys.argv[1]))
+    out["dense_mesh"] = Batch([dense]).mesh is None
+    out["pair_threads"] = Batch([conv, conv]).threads
+    runs = {}
+    for devices in (None, 1):
+        batch = Batch([conv], devices=devices)
+        records = run_batch(batch, progress=False)
+        curves = [{k: r[k] for k in sys.argv[2].split(",")} for r in records]
+        runs[str(devices or 3)] = {"mesh": batch.mesh and dict(batch.mesh.shape), "curves": curves}
+    out["runs"] = runs
+print("RESULT" + json.dumps(out))
+"""
+
+
+def _in_subprocess(script: str, *args: str, devices: int | None = 8) -> dict:
+    """``script``'s RESULT in a process whose XLA_FLAGS fix ``devices`` CPU devices (not
+    set when ``None``)."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    if devices is None:
+        env.pop("XLA_FLAGS")
     proc = subprocess.run(
         [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, check=False
     )
@@ -109,7 +139,7 @@ def _config(rule: str, **over) -> dict:
 
 def _simulate_both(cases: list) -> dict:
     """``[(name, [config, ...], mode), ...]`` run on 1 and on 8 simulated devices."""
-    return _on_8_devices(SIM_SCRIPT, json.dumps(cases), ",".join(CURVES))
+    return _in_subprocess(SIM_SCRIPT, json.dumps(cases), ",".join(CURVES))
 
 
 def _assert_same_runs(runs: dict, mesh: dict) -> None:
@@ -121,7 +151,7 @@ def _assert_same_runs(runs: dict, mesh: dict) -> None:
 
 
 def test_rules_on_column_sharded_updates_match_every_family():
-    out = _on_8_devices(RULES_SCRIPT, json.dumps(FAMILIES))
+    out = _in_subprocess(RULES_SCRIPT, json.dumps(FAMILIES))
     for name in FAMILIES:
         plain, split = out[name]
         np.testing.assert_allclose(split, plain, rtol=RTOL, atol=ATOL, err_msg=name)
@@ -176,6 +206,22 @@ def test_two_processes_with_jax_distributed_match_one_device():
         split = json.loads(line[len("RESULT") :])
         runs = {"1": {"mesh": None, "curves": one}, "8": split}
         _assert_same_runs(runs, {"batch": 2, "clients": 4})
+
+
+def test_use_cpu_cores_splits_convolutional_runs_over_the_cores():
+    conv = _config("krum", model={"name": "cnn", "channels": [4, 8], "hidden": 16})
+    conv["data"] = dict(TINY["data"], shape=[8, 8, 1])
+    cfgs = json.dumps([conv, _config("krum")])
+    out = _in_subprocess(CORES_SCRIPT, cfgs, ",".join(CURVES), devices=None)
+    assert (out["took"], out["count"], out["late"], out["mode"]) == (True, 3, False, "map")
+    assert out["dense_mesh"]  # a dense model's clients stay on one device
+    assert out["pair_threads"] == max(1, sharding.cpu_cores() // 3)  # cores per 3 devices
+    runs = out["runs"]
+    runs["1"], runs["8"] = runs["1"], runs.pop("3")
+    _assert_same_runs(runs, {"batch": 1, "clients": 3})
+    # XLA_FLAGS fixing the device count wins
+    fixed = _in_subprocess(CORES_SCRIPT, cfgs, ",".join(CURVES), devices=1)
+    assert (fixed["took"], fixed["count"]) == (False, 1)
 
 
 def test_mesh_splits_cells_then_clients():

@@ -78,7 +78,7 @@ def test_attack_and_rule_branches_equal_single_runs(tmp_path, capsys):
 
 
 def test_auto_mode_maps_on_one_cpu_and_vmaps_over_devices():
-    assert run_lib.batch_mode("auto") == "map"  # the test process sees one CPU device
+    assert run_lib.batch_mode("auto") == "map"  # on the CPUs of one process
     assert run_lib.batch_mode("vmap") == "vmap" and run_lib.batch_mode("map") == "map"
 
 

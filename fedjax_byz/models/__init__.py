@@ -15,7 +15,8 @@ from fedjax_byz.registry import ConfigError, Registry
 MODELS = Registry("model")
 _MODULE = ("name", "parent")  # flax's own dataclass fields, not hyperparameters
 # ``dense``: no convolutions, so its clients vectorise well on a CPU too (see
-# ``clients_at_once``).
+# ``clients_at_once``) and its rounds are too short to split over CPU devices (see
+# ``sim.run.Batch``).
 MODELS.register("mlp", zoo.MLP, static=("hidden",), hidden=_MODULE, dense=True)
 MODELS.register("lenet5", zoo.LeNet5, static=("conv_impl",), hidden=_MODULE)
 MODELS.register("cnn", zoo.CNN, static=("channels", "hidden", "conv_impl"), hidden=_MODULE)
@@ -103,9 +104,14 @@ def clients_at_once(name: str, participants: int, backend: str) -> int:
     batch in a round's first local step: 1.3-1.5x faster for the MLPs of
     ``benchmarks/round_speed.py``); convolutional models one after another on a CPU
     (``lax.map``: XLA's CPU convolutions and patch products run slower under ``vmap``)."""
-    if backend != "cpu" or MODELS.entry(name, "model.name").meta.get("dense", False):
+    if backend != "cpu" or is_dense(name):
         return participants
     return 1
+
+
+def is_dense(name: str) -> bool:
+    """Whether model ``name`` has no convolutions (its ``dense`` mark in ``MODELS``)."""
+    return MODELS.entry(name, "model.name").meta.get("dense", False)
 
 
 def names() -> list[str]:

@@ -28,6 +28,7 @@ from jax import lax
 from jax.sharding import Mesh
 
 from fedjax_byz import data as data_lib
+from fedjax_byz import models
 from fedjax_byz.registry import ConfigError
 from fedjax_byz.sim import sharding
 from fedjax_byz.sim.config import Config, DataConfig, check_files, from_dict, grid_axes, validate
@@ -115,22 +116,23 @@ def periods_per_chunk(total: int, target: int) -> int:
     return max(d for d in range(1, min(total, target) + 1) if total % d == 0)
 
 
-def batch_mode(mode: str, devices: int | None = None) -> str:
-    """``"auto"`` resolved: on a single CPU device ``"map"`` (XLA's CPU backend runs a
+def batch_mode(mode: str) -> str:
+    """``"auto"`` resolved: ``"map"`` on the CPUs of one process (XLA's CPU backend runs a
     batch of small programs one after another faster than vectorised: 1.5x on the digits
     MLP grid of ``benchmarks/sweep_speed.py``, as the clients inside a round, see
-    ``client_parallelism``), else ``"vmap"`` (and the batch axis spread over devices)."""
+    ``client_parallelism``; several CPU devices, ``sharding.use_cpu_cores``, split each
+    run's clients instead), else ``"vmap"`` (and the batch axis spread over devices)."""
     if mode != "auto":
         return mode
-    single = (devices or jax.device_count()) == 1
-    return "map" if jax.default_backend() == "cpu" and single else "vmap"
+    local_cpu = jax.default_backend() == "cpu" and jax.process_count() == 1
+    return "map" if local_cpu else "vmap"
 
 
 def default_threads() -> int:
     """Cells a ``"map"`` batch runs at once, one per thread: the CPU cores this process may
     use. XLA's CPU backend runs a small program mostly on one core; two threads ran the
     digits MLP grid of ``benchmarks/sweep_speed.py`` 1.1-1.5x faster than one here."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return sharding.cpu_cores()
 
 
 def _stack(trees: Sequence[Any]) -> Any:
@@ -149,16 +151,17 @@ class Batch:
         attacks and rules may differ: the program takes them as branches); one config
         runs unbatched.
       mode: ``"vmap"`` vectorises the configs, ``"map"`` runs them one after another in
-        the same compiled program, ``"auto"`` (``batch_mode``) picks ``"map"`` on one CPU
-        device and ``"vmap"`` otherwise.
+        the same compiled program, ``"auto"`` (``batch_mode``) picks ``"map"`` on the CPUs
+        of one process and ``"vmap"`` otherwise.
       devices: how many devices to spread the batch over (``None``: every device JAX
-        sees); see ``sharding.make_mesh``.
+        sees, except that in ``"map"`` mode on CPU devices a dense model's clients stay
+        on one); see ``sharding.make_mesh`` and ``sharding.use_cpu_cores``.
       group: configs whose attacks and rules the program takes as branches (default
         ``cfgs``): a sweep passes a batch's whole group, so its batches share a program.
       threads: in ``"map"`` mode, how many cells run at once, each thread running its
         share of the cells one after another in the same compiled program (``None``:
-        ``default_threads()``). The shares are equal: a short one repeats its last cell,
-        and the copy's results are dropped.
+        ``default_threads()`` divided by the devices each cell runs on). The shares are
+        equal: a short one repeats its last cell, and the copy's results are dropped.
       size: in ``"map"`` mode, run as a batch of at least this many cells, the last one
         repeated (its copies' results dropped): batches of a few sizes then share one
         compiled program.
@@ -177,7 +180,7 @@ class Batch:
             raise ValueError(f"batch mode must be one of {BATCH_MODES}, got {mode!r}")
         if threads is not None and not (isinstance(threads, int) and threads >= 1):
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
-        mode = batch_mode(mode, devices)
+        mode = batch_mode(mode)
         self.cfgs = list(cfgs)
         for cfg in self.cfgs:
             validate(cfg)
@@ -220,6 +223,9 @@ class Batch:
             self.data = (_stack(datas + spare), jnp.asarray(self.data_index))
         self.num_classes = datas[0].num_classes
         self.static = StaticConfig.from_config(group, self.num_classes, datas[0].x.shape[2:])
+        if devices is None and mode == "map" and jax.default_backend() == "cpu":
+            # a dense model's round is shorter than an exchange between CPU devices
+            devices = 1 if models.is_dense(cfg0.model.name) else None
         self.mesh = sharding.make_mesh(len(self.cfgs) if mode == "vmap" else 1, devices)
         self.program = _program(self.static, self.mesh)
         hps = [HParams.from_config(c, self.static) for c in self.cfgs]
@@ -232,7 +238,8 @@ class Batch:
         self.counts = np.stack([np.asarray(d.counts) for d in datas])[self.data_index]  # [cells, n]
         self.rounds = cfg0.server.rounds
         self.eval_every = cfg0.server.eval_every
-        threads = default_threads() if threads is None else threads
+        if threads is None:  # the cores left to each thread's devices
+            threads = max(1, default_threads() // (1 if self.mesh is None else self.mesh.size))
         self.threads = min(threads, len(self.cfgs)) if mode == "map" and self.batched else 1
         # Thread t runs cells t, t + threads, ...: neighbouring cells (one attack under
         # several rules, say) tend to cost alike, so dealing them out balances the threads.
@@ -540,7 +547,9 @@ def simulate(
       chunk_periods: evaluation periods per compiled call (between progress updates).
       checkpoint: a file to save the state to after every chunk and resume from.
       devices: how many devices to split the round's clients over (``None``: all that
-        JAX sees; the numbers match one device's up to float reduction order).
+        JAX sees, one for a dense model on CPU devices; the numbers match one device's up
+        to float reduction order). On a CPU, call ``fb.use_cpu_cores()`` first (before
+        any JAX operation) to make each core a device.
 
     Returns:
       A JSON-serialisable dict: ``config``; per round ``train_loss``, ``byz_weight`` (weight

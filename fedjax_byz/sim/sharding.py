@@ -16,6 +16,7 @@ then lists every host's devices and the same mesh spans them.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,31 @@ def initialize_distributed(**kwargs: Any) -> None:
     process count and id; detected automatically under SLURM, Open MPI and on TPU pods).
     Call it before anything touches a device."""
     jax.distributed.initialize(**kwargs)
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def use_cpu_cores(count: int | None = None) -> bool:
+    """Makes JAX's CPU backend ``count`` devices (default: the cores this process may
+    use), one per core, so that a run on a CPU splits every round's clients over them.
+
+    XLA's CPU backend runs a program's small operations on one core: a round of LeNet-5
+    clients one after another (``client_parallelism``) ran 1.5-1.7x faster split over
+    two devices on this project's 2-core CPU (``benchmarks/round_speed.py``). It takes
+    effect only before JAX's first operation and not where ``XLA_FLAGS`` already sets
+    ``--xla_force_host_platform_device_count``; ``fedjax-byz`` calls it at start. Returns
+    whether it took effect.
+    """
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return False
+    try:
+        jax.config.update("jax_num_cpu_devices", cpu_cores() if count is None else count)
+    except RuntimeError:  # JAX has started: its devices are fixed
+        return False
+    return True
 
 
 def make_mesh(batch: int, devices: int | None = None) -> Mesh | None:

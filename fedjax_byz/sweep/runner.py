@@ -178,7 +178,7 @@ def worker_count(opts: Mapping[str, Any], cells: list[Cell]) -> int:
     null``, one per core (``default_threads``) for sweeps of at least
     ``WORKER_MIN_CLIENT_ROUNDS`` client-rounds, else 1. Otherwise 1 (the sweep's own
     process)."""
-    if batch_mode(opts["mode"], opts["devices"]) != "map" or jax.default_backend() != "cpu":
+    if batch_mode(opts["mode"]) != "map" or jax.default_backend() != "cpu":
         return 1
     if opts["threads"] is not None:
         return opts["threads"]
@@ -250,7 +250,7 @@ def plan_sweep(
     cells = expand_cells(raw, opts["vmap"])
     for cell in cells:
         config_lib.check_files(cell.config)
-    mapped = batch_mode(opts["mode"], opts["devices"]) == "map"
+    mapped = batch_mode(opts["mode"]) == "map"
     groups = group_cells(cells, opts["vmap"], branches and mapped)
     name = cells[0].config.name
     out = Path(out or Path("runs") / name)
