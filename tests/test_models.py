@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedjax_byz import ConfigError, models
-from fedjax_byz.models.layers import Conv
+from fedjax_byz.models.layers import Conv, max_pool
 
 
 @pytest.mark.parametrize(
@@ -47,6 +47,17 @@ def test_patch_convolution_equals_xla_convolution(k, stride, padding):
 
     g_p, g_x = jax.grad(loss)(params, conv_p), jax.grad(loss)(params, conv_x)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_p, g_x)
+
+
+def test_pooling_before_relu_gives_the_same_values_and_gradients_with_ties():
+    # rounded values: ties inside windows, exact zeros, all-negative windows
+    x = jnp.round(2 * jax.random.normal(jax.random.key(0), (3, 8, 8, 4)))
+    g = jax.random.normal(jax.random.key(1), (3, 4, 4, 4))
+    before, vjp_before = jax.vjp(lambda x: jax.nn.relu(max_pool(x)), x)
+    after, vjp_after = jax.vjp(lambda x: max_pool(jax.nn.relu(x)), x)
+    np.testing.assert_array_equal(before, after)
+    np.testing.assert_array_equal(vjp_before(g)[0], vjp_after(g)[0])
+    assert float(jnp.mean(x == 0)) > 0.1  # the ties the claim is about
 
 
 def test_unknown_model():

@@ -36,8 +36,8 @@ class LeNet5(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = max_pool(nn.relu(Conv(6, 5, padding="SAME", impl=self.conv_impl)(x)))
-        x = max_pool(nn.relu(Conv(16, 5, padding="VALID", impl=self.conv_impl)(x)))
+        x = nn.relu(max_pool(Conv(6, 5, padding="SAME", impl=self.conv_impl)(x)))
+        x = nn.relu(max_pool(Conv(16, 5, padding="VALID", impl=self.conv_impl)(x)))
         return nn.Dense(self.num_classes)(MLPBlock((120, 84))(_flatten(x)))
 
 
@@ -55,7 +55,7 @@ class CNN(nn.Module):
     @nn.compact
     def __call__(self, x):
         for c in self.channels:
-            x = max_pool(nn.relu(Conv(c, 3, impl=self.conv_impl)(x)))
+            x = nn.relu(max_pool(Conv(c, 3, impl=self.conv_impl)(x)))
         return nn.Dense(self.num_classes)(MLPBlock((self.hidden,))(_flatten(x)))
 
 
@@ -70,8 +70,8 @@ class FEMNISTCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = max_pool(nn.relu(Conv(32, 5, impl=self.conv_impl)(x)))
-        x = max_pool(nn.relu(Conv(64, 5, impl=self.conv_impl)(x)))
+        x = nn.relu(max_pool(Conv(32, 5, impl=self.conv_impl)(x)))
+        x = nn.relu(max_pool(Conv(64, 5, impl=self.conv_impl)(x)))
         return nn.Dense(self.num_classes)(MLPBlock((2048,))(_flatten(x)))
 
 
@@ -92,11 +92,11 @@ class AlexNet(nn.Module):
         def conv(c, stride=1):
             return Conv(c, 3, strides=stride, padding=1, impl=self.conv_impl)
 
-        x = max_pool(nn.relu(conv(64, 2)(x)))
-        x = max_pool(nn.relu(conv(192)(x)))
+        x = nn.relu(max_pool(conv(64, 2)(x)))
+        x = nn.relu(max_pool(conv(192)(x)))
         x = nn.relu(conv(384)(x))
         x = nn.relu(conv(256)(x))
-        x = max_pool(nn.relu(conv(256)(x)))
+        x = nn.relu(max_pool(conv(256)(x)))
         return nn.Dense(self.num_classes)(MLPBlock((self.fc, self.fc))(_flatten(x)))
 
 
