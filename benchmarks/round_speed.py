@@ -76,7 +76,7 @@ def jax_round(model, n, mode, ds, parallelism="auto", devices=None) -> tuple[flo
     split over ``devices`` (``None``: the library's choice, ``sim.simulate``)."""
     train = {"batch_size": BATCH, "lr": 0.05}
     train.update({"local_steps": 1} if mode == "step" else {"local_epochs": 1})
-    rounds = 20 if model == "mlp" else (5 if mode == "step" else 2)
+    rounds = 20 if model == "mlp" or mode == "step" else 2
     cfg = {
         "name": f"{model}-{n}-{mode}",
         "data": {

@@ -69,7 +69,7 @@ def child_devices(rounds: int, seeds: int) -> dict:
 
     from fedjax_byz.sim.run import Batch, run_batch
 
-    batch = Batch(_scale_cfgs(rounds, seeds))
+    batch = Batch(_scale_cfgs(rounds, seeds), "vmap")  # cells over devices, as on GPUs
     records = run_batch(batch, progress=False)
     r = records[0]
     return {

@@ -304,23 +304,31 @@ def make_program(static: StaticConfig, mesh: Mesh | None = None) -> Program:
         return lax.cond(hit, write, lambda c: c, captures)
 
     def evaluate(params, data: ClientData):
+        """Test accuracy and loss, in batches of at most ``EVAL_BATCH`` examples split over
+        the mesh's client devices (one batch or more each)."""
         N = data.x_test.shape[0]
-        nb = -(-N // EVAL_BATCH)
-        pad = nb * EVAL_BATCH - N
+        devices = 1 if mesh is None else mesh.shape[sharding.CLIENTS]
+        size = min(EVAL_BATCH, -(-N // devices))
+        nb = -(-N // size)
+        pad = nb * size - N
         xs = jnp.pad(data.x_test, ((0, pad),) + ((0, 0),) * (data.x_test.ndim - 1))
         ys = jnp.pad(data.y_test, (0, pad))
-        valid = jnp.arange(nb * EVAL_BATCH) < N
-        shape = (nb, EVAL_BATCH)
+        valid = jnp.arange(nb * size) < N
+        shape = (nb, size)
 
-        def batch(args):
-            x, y, v = args
-            logits = model.apply(params, data.normalize(x))
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-            return jnp.sum((logits.argmax(-1) == y) * v), jnp.sum(loss * v)
+        def batches(shared, chunk):
+            params, data = shared
 
-        correct, loss = lax.map(
-            batch, (xs.reshape(shape + xs.shape[1:]), ys.reshape(shape), valid.reshape(shape))
-        )
+            def batch(args):
+                x, y, v = args
+                logits = model.apply(params, data.normalize(x))
+                loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+                return jnp.sum((logits.argmax(-1) == y) * v), jnp.sum(loss * v)
+
+            return lax.map(batch, chunk)
+
+        chunks = (xs.reshape(shape + xs.shape[1:]), ys.reshape(shape), valid.reshape(shape))
+        correct, loss = sharding.over_clients(batches, (params, data), chunks, mesh)
         return correct.sum() / N, loss.sum() / N
 
     def train_clients(shared, per_client):
