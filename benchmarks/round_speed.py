@@ -245,7 +245,7 @@ def main():
     for model, mode, n, dev, ours, comp, ref, ratio, rate, frac in rows:
         lines.append(
             f"| {model} | {mode} | {n} | {dev} | {ours:.4f} | {comp:.1f} | {ref:.4f} | "
-            f"**{ratio:.1f}x** | {rate:.1f} | {100 * frac:.0f}% |"
+            f"**{ratio:.2f}x** | {rate:.1f} | {100 * frac:.0f}% |"
         )
     ratio = {(m, mode, n): r for m, mode, n, _, _, _, _, r, _, _ in rows}
     torch_lenet = {mode: ref for m, mode, n, _, _, _, ref, *_ in rows if m == "lenet5" and n == 50}
@@ -253,9 +253,9 @@ def main():
     lines += [
         "",
         "Targets on this CPU at n = 50: the MLP round at least 10x faster than the PyTorch "
-        f"loop (here {ratio['mlp', 'step', 50]:.1f}x with one local step, "
-        f"{ratio['mlp', 'epoch', 50]:.1f}x with one local epoch); the CNN round at least 1.5x "
-        f"(here {ratio['lenet5', 'step', 50]:.1f}x and {ratio['lenet5', 'epoch', 50]:.1f}x).",
+        f"loop (here {ratio['mlp', 'step', 50]:.2f}x with one local step, "
+        f"{ratio['mlp', 'epoch', 50]:.2f}x with one local epoch); the CNN round at least 1.5x "
+        f"(here {ratio['lenet5', 'step', 50]:.2f}x and {ratio['lenet5', 'epoch', 50]:.2f}x).",
         "",
         "## One device against the cores as devices",
         "",
@@ -268,7 +268,7 @@ def main():
         "|---|---|---|---|---|",
         *(
             f"| {mode} | {single[mode]:.4f} | {lenet[mode]:.4f} | {torch_lenet[mode]:.4f} | "
-            f"**{torch_lenet[mode] / single[mode]:.1f}x** |"
+            f"**{torch_lenet[mode] / single[mode]:.2f}x** |"
             for mode in ("step", "epoch")
         ),
         "",
@@ -303,7 +303,7 @@ def main():
         base, ynn = flagged["default"][mode], flagged["ynn"][mode]
         lines.append(
             f"| {mode} | {base:.4f} | {ynn:.4f} | {torch_lenet[mode]:.4f} | "
-            f"**{torch_lenet[mode] / ynn:.1f}x** |"
+            f"**{torch_lenet[mode] / ynn:.2f}x** |"
         )
     OUT.write_text("\n".join(lines) + "\n")
     print(f"wrote {OUT}")

@@ -383,9 +383,9 @@ def make_program(static: StaticConfig, mesh: Mesh | None = None) -> Program:
             return rule.update(U, state.agg_state, agg_ctx)[0]
 
         atk_ctx = attacks.AttackContext(byz, r, flat_params, server_rule)
-        G, attack_state = attack.apply(k_attack, G, state.attack_state, atk_ctx)
-
-        aggregate, agg_state, aux = rule.update(G, state.agg_state, agg_ctx)
+        with sharding.columns_split(mesh):
+            G, attack_state = attack.apply(k_attack, G, state.attack_state, atk_ctx)
+            aggregate, agg_state, aux = rule.update(G, state.agg_state, agg_ctx)
 
         grads = unravel(aggregate)
         updates, opt_state = server_optimizer(hp).update(grads, state.opt_state, state.params)

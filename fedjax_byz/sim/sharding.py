@@ -15,6 +15,7 @@ then lists every host's devices and the same mesh spans them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable
@@ -112,10 +113,22 @@ def over_clients(fn: Callable, shared: Any, per_client: Any, mesh: Mesh | None) 
 
 
 def spread_columns(updates: jax.Array, mesh: Mesh | None) -> jax.Array:
-    """The update matrix ``[m, d]`` laid out by columns over the ``clients`` devices."""
+    """The update matrix ``[m, d]`` laid out by columns over the ``clients`` devices (on
+    CPU devices only when they divide ``d``, else replicated: see ``ops.column_devices``)."""
     if mesh is None:
         return updates
-    return jax.lax.with_sharding_constraint(updates, NamedSharding(mesh, P(None, CLIENTS)))
+    uneven = updates.shape[1] % mesh.shape[CLIENTS] and jax.default_backend() == "cpu"
+    spec = P() if uneven else P(None, CLIENTS)
+    return jax.lax.with_sharding_constraint(updates, NamedSharding(mesh, spec))
+
+
+def columns_split(mesh: Mesh | None):
+    """Context for the attack and the rule of a round whose update matrix
+    ``spread_columns`` laid out: column passes (``ops.scan_columns``) then run on each
+    device's own columns."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def place(tree: Any, sharding: NamedSharding | None) -> Any:
