@@ -50,7 +50,7 @@ def use_cpu_cores(count: int | None = None) -> bool:
     use), one per core, so that a run on a CPU splits every round's clients over them.
 
     XLA's CPU backend runs a program's small operations on one core: a round of LeNet-5
-    clients one after another (``client_parallelism``) ran 1.5-1.7x faster split over
+    clients one after another (``client_parallelism``) ran 1.8x faster or more split over
     two devices on this project's 2-core CPU (``benchmarks/round_speed.py``). It takes
     effect only before JAX's first operation and not where ``XLA_FLAGS`` already sets
     ``--xla_force_host_platform_device_count``; ``fedjax-byz`` calls it at start. Returns
