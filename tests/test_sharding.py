@@ -228,7 +228,8 @@ def test_two_processes_with_jax_distributed_match_one_device():
 
 
 def test_use_cpu_cores_splits_convolutional_runs_over_the_cores():
-    conv = _config("krum", model={"name": "cnn", "channels": [4, 8], "hidden": 16})
+    # hidden 17: 3 divides d (1,077), so krum's column passes run per device
+    conv = _config("krum", model={"name": "cnn", "channels": [4, 8], "hidden": 17})
     conv["data"] = dict(TINY["data"], shape=[8, 8, 1])
     cfgs = json.dumps([conv, _config("krum")])
     out = _in_subprocess(CORES_SCRIPT, cfgs, ",".join(CURVES), devices=None)
