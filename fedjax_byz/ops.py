@@ -330,18 +330,18 @@ def scan_columns(fn, G: jax.Array, vectors=(), init=(), *, block: int | None = N
     new carry. Blocks are visited in order (a ``fori_loop`` plus one ragged tail), so
     everything ``fn`` creates stays in cache. On accelerators (``column_block``) ``fn`` runs
     once on the whole matrix. Where ``G``'s columns are split over CPU devices
-    (``column_devices``), each device scans its own columns and the carries are summed
-    across them.
+    (``sim.sharding.column_devices``), each device scans its own columns and the carries
+    are summed across them.
 
     Returns:
       ``(outs, carry)``: the per-column results assembled to ``[d]`` each, and the final
       carry.
     """
+    from fedjax_byz.sim.sharding import CLIENTS, column_devices
+
     mesh = column_devices(G.shape[1])
     if mesh is None:
         return _scan_blocks(fn, G, tuple(vectors), init, block)
-    from fedjax_byz.sim.sharding import CLIENTS
-
     zero = jax.tree.map(jnp.zeros_like, init)
 
     def local(G, vectors):
@@ -357,26 +357,6 @@ def scan_columns(fn, G: jax.Array, vectors=(), init=(), *, block: int | None = N
         check_vma=False,
     )(G, tuple(vectors))
     return outs, jax.tree.map(jnp.add, init, carry)
-
-
-def column_devices(d: int):
-    """The mesh whose ``clients`` devices each hold a slice of an update matrix's ``d``
-    columns, where a round on several CPU devices laid the matrix out so
-    (``sim.sharding.spread_columns``, inside ``sim.sharding.columns_split``); else ``None``.
-
-    XLA partitions a loop over column blocks of such a matrix by gathering the whole
-    matrix on every device first (krum 5x slower on 2 CPU devices than on one); a
-    ``shard_map`` keeps each device on its own columns.
-    """
-    from fedjax_byz.sim.sharding import BATCH, CLIENTS
-
-    mesh = jax.sharding.get_abstract_mesh()
-    if jax.default_backend() != "cpu" or mesh.empty or CLIENTS not in mesh.shape:
-        return None
-    k = mesh.shape[CLIENTS]
-    if k == 1 or mesh.shape.get(BATCH, 1) != 1 or d % k:
-        return None
-    return mesh
 
 
 def _scan_blocks(fn, G: jax.Array, vectors: tuple, init, block: int | None):

@@ -223,9 +223,9 @@ class Batch:
             self.data = (_stack(datas + spare), jnp.asarray(self.data_index))
         self.num_classes = datas[0].num_classes
         self.static = StaticConfig.from_config(group, self.num_classes, datas[0].x.shape[2:])
-        if devices is None and mode == "map" and jax.default_backend() == "cpu":
-            # a dense model's round is shorter than an exchange between CPU devices
-            devices = 1 if models.is_dense(cfg0.model.name) else None
+        cpu_map = mode == "map" and jax.default_backend() == "cpu"
+        if devices is None and cpu_map and models.is_dense(cfg0.model.name):
+            devices = 1  # a dense model's round is shorter than an exchange between devices
         self.mesh = sharding.make_mesh(len(self.cfgs) if mode == "vmap" else 1, devices)
         self.program = _program(self.static, self.mesh)
         hps = [HParams.from_config(c, self.static) for c in self.cfgs]
