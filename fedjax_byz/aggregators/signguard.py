@@ -61,8 +61,12 @@ def _signguard(
 
     def fn(G, ctx):
         key_block, key_bw = jax.random.split(ctx.key)
-        K = ops.centred_gram(G) if kind == "dist" else ops.gram(G)
-        norms = ops.row_norms(G) if kind == "dist" else jnp.sqrt(jnp.diagonal(K))
+        if kind == "sim":  # cosines: the Gram matrix, whose diagonal gives the norms
+            K = ops.gram(G)
+            norms = jnp.sqrt(jnp.diagonal(K))
+        else:  # distances from the centred Gram matrix (accurate in float32), or none
+            K = ops.centred_gram(G) if kind == "dist" else None
+            norms = ops.row_norms(G)
         M = jnp.median(norms)
         ratio = norms / M
         s1 = (ratio >= lower) & (ratio <= upper)
