@@ -29,6 +29,7 @@ import platform
 import signal
 import time
 
+import cores
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -269,21 +270,10 @@ def main():
 
 
 def split_call(rule: str, f: int, G: np.ndarray, mesh):
-    """``fb.aggregate`` as inside a round on the cores as devices: the matrix laid out by
-    columns over them (``sharding.spread_columns``, done once, outside the timing) and
-    the rule's column passes on each device's own columns (``sharding.columns_split``)."""
-    placed = sharding.place(G, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-
-    @jax.jit
-    def spread(G):
-        return sharding.spread_columns(G, mesh)
-
-    @jax.jit
-    def run(G):
-        with sharding.columns_split(mesh):
-            return fb.aggregate(rule, G, f=f)
-
-    Gs = jax.block_until_ready(spread(placed))
+    """``fb.aggregate`` as inside a round on the cores as devices (``cores``); the layout
+    is made once, outside the timing."""
+    run = cores.on_columns(lambda G: fb.aggregate(rule, G, f=f), mesh)
+    Gs = cores.spread(G, mesh)
     return lambda: run(Gs)
 
 

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 
+import cores
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +35,7 @@ from machine import cpu_name, version
 
 import fedjax_byz as fb
 from fedjax_byz import ops
+from fedjax_byz.sim import sharding
 
 SIZES = [(25, 500_000), (50, 1_000_000), (100, 100_000)]
 # Figures measured on this machine at (25, 500k), quoted in issue 3 (codes not installable).
@@ -132,9 +134,10 @@ def rule_for(name: str, params: dict) -> str | None:
     return RULE if name.startswith("adaptive-") or name == "fang" else None
 
 
-def in_place(name: str, params: dict, f: int):
+def in_place(name: str, params: dict, f: int, mesh=None):
     """The attack as a simulated round runs it: jitted, with the updates' buffer donated
-    (in the round it is dead once attacked), so Byzantine rows are written in place."""
+    (in the round it is dead once attacked), so Byzantine rows are written in place; with
+    a ``mesh``, on the cores as devices (``cores``)."""
     rule_name = rule_for(name, params)
 
     def run(G, byz, key):
@@ -150,20 +153,16 @@ def in_place(name: str, params: dict, f: int):
         ctx = fb.attacks.AttackContext.create(byz, aggregate=aggregate)
         return atk.apply(key, G, atk.init(G.shape[1]), ctx)[0]
 
-    return jax.jit(run, donate_argnums=0)
+    return cores.on_columns(run, mesh, donate_argnums=0)
 
 
-def timeit_donating(fn, Gn: np.ndarray, args: tuple, repeats: int, budget: float = 2.0):
-    """``timeit`` for ``fn(G, *args)`` that consumes ``G``: each call gets a fresh device
-    copy of ``Gn``, made outside the timed interval."""
-
-    def fresh():
-        return jax.block_until_ready(jnp.array(Gn))
-
+def timeit_donating(fn, fresh, args: tuple, repeats: int, budget: float = 2.0):
+    """``timeit`` for ``fn(G, *args)`` that consumes ``G``: each call gets a fresh matrix
+    from ``fresh()``, made outside the timed interval."""
     jax.block_until_ready(fn(fresh(), *args))
     best, spent = np.inf, 0.0
     for _ in range(repeats):
-        G = fresh()
+        G = jax.block_until_ready(fresh())
         t0 = time.perf_counter()
         jax.block_until_ready(fn(G, *args))
         dt = time.perf_counter() - t0
@@ -225,12 +224,13 @@ def reference_attacks(f: int):
     return refs
 
 
-def measure_ours(sizes, repeats: int, full: bool):
-    """Times the yardsticks, every attack and (``full``) every attack in place and the
-    references, per size."""
+def measure_ours(sizes, repeats: int, full: bool, mesh=None):
+    """Times the yardsticks, every attack and (``full``) every attack in place, in place on
+    the cores as devices (with a ``mesh``) and the references, per size."""
     base: dict[str, dict] = {}
     ours: dict[str, dict] = {}
     placed: dict[str, dict] = {}
+    split: dict[str, dict] = {}
     refs: dict[str, dict] = {}
     corr: dict[str, str] = {}
     for n, d in sizes:
@@ -241,6 +241,11 @@ def measure_ours(sizes, repeats: int, full: bool):
         for label, t in yardsticks(G, Gn, byz, f, repeats).items():
             base.setdefault(label, {})[(n, d)] = t
             print(f"n={n} d={d} f={f}: {label} {t:.4f} s", flush=True)
+        copy, spread = functools.partial(jnp.array, Gn), functools.partial(cores.spread, Gn, mesh)
+        if full and mesh is not None:
+            moments = cores.on_columns(ops.masked_mean_std, mesh)
+            run = functools.partial(moments, spread(), ~byz)
+            split.setdefault(YARDSTICK, {})[(n, d)] = timeit(run, repeats)
         for name, params in our_attacks():
             label = label_of(name, params)
             if params.get("batch") and params["batch"] * n * d * 4 > VMAP_BYTES:
@@ -253,8 +258,12 @@ def measure_ours(sizes, repeats: int, full: bool):
             print(f"  {label:28s} {ours[label][(n, d)]:.4f} s", flush=True)
             if full:
                 fn, args = in_place(name, params, f), (byz, jax.random.key(0))
-                placed.setdefault(label, {})[(n, d)] = timeit_donating(fn, Gn, args, repeats)
+                placed.setdefault(label, {})[(n, d)] = timeit_donating(fn, copy, args, repeats)
                 print(f"  {label:28s} {placed[label][(n, d)]:.4f} s in place", flush=True)
+            if full and mesh is not None and not params.get("batch"):
+                fn = in_place(name, params, f, mesh)
+                split.setdefault(label, {})[(n, d)] = timeit_donating(fn, spread, args, repeats)
+                print(f"  {label:28s} {split[label][(n, d)]:.4f} s on the cores", flush=True)
         if not full:
             continue
         import torch
@@ -264,7 +273,7 @@ def measure_ours(sizes, repeats: int, full: bool):
             corr[label] = ours_name
             refs.setdefault(label, {})[(n, d)] = timeit(lambda ref=ref, X=X: ref(X), repeats)
             print(f"  {label:28s} {refs[label][(n, d)]:.4f} s", flush=True)
-    return base, ours, placed, refs, corr
+    return base, ours, placed, split, refs, corr
 
 
 # glibc serves allocations above its mmap threshold (at most 32 MiB by default) with fresh
@@ -297,19 +306,21 @@ def main():
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     if args.child:
-        base, ours, _, _, _ = measure_ours(sizes, args.repeats, full=False)
+        base, ours, *_ = measure_ours(sizes, args.repeats, full=False)
 
         def dump(table):
             return {k: {f"{n}x{d}": t for (n, d), t in v.items()} for k, v in table.items()}
 
         print(json.dumps({"base": dump(base), "ours": dump(ours)}))
         return
+    fb.use_cpu_cores()  # each core a device, for the "on the cores as devices" section
+    mesh = sharding.make_mesh(1)
     load = [os.getloadavg()]
-    base, ours, placed, refs, corr = measure_ours(sizes, args.repeats, full=True)
+    base, ours, placed, split, refs, corr = measure_ours(sizes, args.repeats, True, mesh)
     load.append(os.getloadavg())
     no_faults = measure_without_page_faults(args)
     load.append(os.getloadavg())
-    write(args, sizes, base, ours, placed, refs, corr, load, no_faults)
+    write(args, sizes, base, ours, placed, split, refs, corr, load, no_faults)
 
 
 def cell(t: dict, s, scale: float | None = None) -> str:
@@ -332,7 +343,7 @@ def loadavg(v) -> str:
     return "/".join(f"{x:.1f}" for x in v)
 
 
-def write(args, sizes, base, ours, placed, refs, corr, load, no_faults):
+def write(args, sizes, base, ours, placed, split, refs, corr, load, no_faults):
     small = sizes[0]
     yard = base[YARDSTICK]
     lines = [
@@ -378,6 +389,7 @@ def write(args, sizes, base, ours, placed, refs, corr, load, no_faults):
         "",
     ]
     table(lines, sizes, placed, yard)
+    write_split(lines, sizes, split)
     lines += [
         "",
         "## Reference implementations, measured in the same run",
@@ -395,7 +407,7 @@ def write(args, sizes, base, ours, placed, refs, corr, load, no_faults):
         lines.append(f"| {label} | `{corr[label]}` | " + " | ".join(cells) + " |")
     if small == SIZES[0]:
         write_quoted(lines, ours, small)
-    write_targets(lines, sizes, yard, ours, placed, refs, small, no_faults)
+    write_targets(lines, sizes, yard, ours, placed, split, refs, small, no_faults)
     write_vmap(lines, sizes, ours)
     nf_base, nf_ours = no_faults
     lines += [
@@ -419,6 +431,26 @@ def write(args, sizes, base, ours, placed, refs, corr, load, no_faults):
     with open(args.out, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
+
+
+def write_split(lines, sizes, split):
+    """The in-place timings on the cores as devices, against the yardstick there."""
+    if not split:
+        return
+    lines += [
+        "",
+        f"## In place on the cores as devices ({jax.device_count()})",
+        "",
+        "As `fedjax-byz` runs a round on a CPU: each core a JAX device (`fb.use_cpu_cores()`), "
+        "the update matrix laid out by columns over them (`sharding.spread_columns`, a fresh "
+        "copy for every call, made outside the timed interval) and each column pass on "
+        "each device's own columns (`sharding.columns_split`); the updates' buffer donated "
+        "as above. The yardstick is timed the same way (first row); in parentheses: the "
+        "ratio to it. The tables above run on one device.",
+        "",
+    ]
+    rows = {k if k == YARDSTICK else f"`{k}`": t for k, t in split.items()}
+    table(lines, sizes, rows, split[YARDSTICK], fmt="{}")
 
 
 def write_quoted(lines, ours, small):
@@ -461,7 +493,7 @@ def within_line(label: str, ours: dict, yard: dict, sizes) -> str:
     )
 
 
-def write_targets(lines, sizes, yard, ours, placed, refs, small, no_faults):
+def write_targets(lines, sizes, yard, ours, placed, split, refs, small, no_faults):
     lines += ["", "## Targets of issue 3", ""]
     for name, secs in (("minmax", 0.88), ("minsum", 7.3)):
         if small != SIZES[0]:
@@ -497,6 +529,19 @@ def write_targets(lines, sizes, yard, ours, placed, refs, small, no_faults):
         + ": `zero`, which only writes constant Byzantine rows).",
         within_line("through `fb.attack` (a fresh output)", ours, yard, sizes),
         within_line("in place, as inside a simulated round", placed, yard, sizes),
+    ]
+    if split:
+        cores_yard = split[YARDSTICK]
+        rows = {k: t for k, t in split.items() if k != YARDSTICK}
+        lines.append(
+            within_line(
+                "in place on the cores as devices (against the yardstick there)",
+                rows,
+                cores_yard,
+                sizes,
+            )
+        )
+    lines += [
         within_line("without page faults on fresh buffers (last section)", nf_ours, nf_yard, sizes),
         "  - why the others cannot get closer: the notes.",
     ]
