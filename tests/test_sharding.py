@@ -37,7 +37,7 @@ ATTACKS = ("minmax", "strike", "mimic", "fang")
 RULES_SCRIPT = r"""
 import json, sys
 import jax, numpy as np
-from fedjax_byz import aggregators, attacks
+from fedjax_byz import aggregators, attacks, ops
 from fedjax_byz.sim import sharding
 
 n, f = 12, 2
@@ -55,12 +55,16 @@ for d in (301, 304):
         return run
 
     fns = {}
-    for name in json.loads(sys.argv[1]):
-        rule = aggregators.get(name)
+    for name, hparams in json.loads(sys.argv[1]):
+        rule = aggregators.get(name, **hparams)
         ctx = aggregators.AggregatorContext.create(f=f, key=jax.random.key(1))
-        fns[name] = lambda G, rule=rule: rule.update(G, rule.init(d), ctx)[0]
+        label = name + "".join(f" {k}={v}" for k, v in hparams.items())
+        fns[label] = lambda G, rule=rule: rule.update(G, rule.init(d), ctx)[0]
     for name in json.loads(sys.argv[2]):
         fns[name] = lambda G, name=name: attacks.attack(name, G, byz)
+    cols = np.random.default_rng(0).permutation(d)[:50]  # from every device, in any order
+    fns["take_columns"] = lambda G: ops.take_columns(G, cols)
+    fns["slice_columns"] = lambda G: ops.slice_columns(G, jax.numpy.asarray(d // 3), d // 2)
     for name, fn in fns.items():
         plain, sharded = jax.jit(fn)(G), jax.jit(split(fn))(G)
         assert len(sharded.sharding.device_set) == 8
@@ -104,7 +108,7 @@ print("RESULT" + json.dumps({"mesh": dict(batch.mesh.shape), "curves": curves}))
 
 
 CORES_SCRIPT = r"""
-import json, sys
+import json, os, sys
 import fedjax_byz as fb
 from fedjax_byz.sim.config import from_dict
 from fedjax_byz.sim.run import Batch, batch_mode, run_batch
@@ -114,6 +118,7 @@ import jax
 count = jax.device_count()
 late = fb.use_cpu_cores(2)  # JAX has started: nothing changes
 out = {"took": took, "count": count, "late": late, "mode": batch_mode("auto")}
+out["blas_threads"] = os.environ.get("OPENBLAS_NUM_THREADS")
 if count == 3:
     conv, dense = (from_dict(c) for c in json.loads(sys.argv[1]))
     out["dense_mesh"] = Batch([dense]).mesh is None
@@ -168,8 +173,11 @@ def _assert_same_runs(runs: dict, mesh: dict) -> None:
 
 
 def test_rules_and_attacks_on_column_sharded_updates_match_one_device():
-    out = _in_subprocess(RULES_SCRIPT, json.dumps(FAMILIES), json.dumps(ATTACKS))
-    assert len(out) == 2 * (len(FAMILIES) + len(ATTACKS))
+    # DnC with b < d samples columns from every device (ops.take_columns), SignGuard a
+    # block of consecutive columns (ops.slice_columns).
+    rules = [(name, {}) for name in FAMILIES] + [("dnc", {"b": 64}), ("signguard", {})]
+    out = _in_subprocess(RULES_SCRIPT, json.dumps(rules), json.dumps(ATTACKS))
+    assert len(out) == 2 * (len(rules) + len(ATTACKS) + 2)
     for name, (plain, split) in out.items():
         np.testing.assert_allclose(split, plain, rtol=RTOL, atol=ATOL, err_msg=name)
 
@@ -236,6 +244,7 @@ def test_use_cpu_cores_splits_convolutional_runs_over_the_cores():
     cfgs = json.dumps([conv, _config("krum")])
     out = _in_subprocess(CORES_SCRIPT, cfgs, ",".join(CURVES), devices=None)
     assert (out["took"], out["count"], out["late"], out["mode"]) == (True, 3, False, "map")
+    assert out["blas_threads"] == os.environ.get("OPENBLAS_NUM_THREADS", "1")
     assert out["dense_mesh"]  # a dense model's clients stay on one device
     assert out["pair_threads"] == max(1, sharding.cpu_cores() // 3)  # cores per 3 devices
     _assert_same_runs(out["runs"], {"batch": 1, "clients": 3})

@@ -21,7 +21,7 @@ def sign_features(G: jax.Array, key: jax.Array, frac: float) -> jax.Array:
     n, d = G.shape
     m = max(1, int(frac * d))
     start = jax.random.randint(key, (), 0, d - m + 1)
-    block = jax.lax.dynamic_slice(G, (0, start), (n, m))
+    block = ops.slice_columns(G, start, m)
     ones = jnp.ones(m, G.dtype)
     feats = jnp.stack([(block > 0) @ ones, (block == 0) @ ones, (block < 0) @ ones], 1) / m
     return feats / (feats.max(axis=0, keepdims=True) + 1e-8)
