@@ -511,10 +511,16 @@ def write_targets(lines, sizes, yard, ours, placed, split, refs, small, no_fault
             break
         speedup = secs / ours[name][small]
         verdict = "met" if speedup >= 20 else "NOT met"
-        lines.append(
+        line = (
             f"- `{name}` ≥ 20× faster than the SignGuard paper's code ({secs} s at n=25, "
-            f"d=500k): {speedup:.0f}× ({verdict})."
+            f"d=500k): {speedup:.0f}× through `fb.attack`"
         )
+        if name in split:
+            in_round = secs / split[name][small]
+            line += f", {in_round:.0f}× in place on the cores as devices"
+            if speedup < 20 <= in_round:
+                verdict = "met as a round runs it, not through `fb.attack` on one device"
+        lines.append(f"{line} ({verdict}).")
     key = "byzfl Optimal_ALittleIsEnough (TrMean, 20 evals)"
     if key in refs:
         speedup = refs[key][small] / ours["adaptive-lie"][small]
