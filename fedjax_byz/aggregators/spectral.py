@@ -65,9 +65,7 @@ def dnc(b: int = 1000, niters: int = 1, c: ArrayLike = 1.0) -> Aggregator:
         keep_n = n - jnp.floor(c * ctx.f).astype(jnp.int32)
         good = jnp.ones(n, bool)
         for t in range(niters):
-            X = G
-            if b < d:
-                X = ops.take_columns(G, sample_coordinates(jax.random.fold_in(ctx.key, t), d, b))
+            X = G if b >= d else G[:, sample_coordinates(jax.random.fold_in(ctx.key, t), d, b)]
             good &= ops.smallest_mask(top_direction_scores(X), keep_n)
         w = good / jnp.maximum(good.sum(), 1).astype(G.dtype)
         return ops.weighted_sum(w, G), w
