@@ -212,10 +212,31 @@ def gram(G: jax.Array, center: jax.Array | None = None) -> jax.Array:
     center = jnp.zeros(d, G.dtype) if center is None else center
 
     def fn(B, vs, K):
-        X = B - vs[0][None, :]
-        return (), K + jnp.matmul(X, X.T, precision=_HI)
+        return (), K + block_gram(B - vs[0][None, :])
 
     return scan_columns(fn, G, (center,), jnp.zeros((n, n), G.dtype))[1]
+
+
+# XLA's CPU dot (Eigen, built for 8-float AVX registers) multiplies rows in panels of 24
+# and runs any remainder on a slower path: here a [25, 2048] block's Gram product ran at
+# 36 GFLOP/s, a [24, 2048] one at 51 (Krum at 25 x 500k: 36-41 -> 32-34 ms).
+_PANEL_ROWS = 24
+
+
+def block_gram(X: jax.Array) -> jax.Array:
+    """``X Xᵀ`` for one column block ``X [n, c]`` (a kernel for ``scan_columns``).
+
+    On CPU, with ``X = [H; T]`` split after the last whole panel of 24 rows, it is
+    assembled from ``H Hᵀ`` and ``T Xᵀ``. ``-> [n, n]``.
+    """
+    n = X.shape[0]
+    h = n - n % _PANEL_ROWS
+    if h in (0, n) or jax.default_backend() != "cpu":
+        return jnp.matmul(X, X.T, precision=_HI)
+    H, T = X[:h], X[h:]
+    TX = jnp.matmul(T, X.T, precision=_HI)  # [n - h, n]
+    HH = jnp.matmul(H, H.T, precision=_HI)  # [h, h]
+    return jnp.concatenate([jnp.concatenate([HH, TX[:, :h].T], axis=1), TX], axis=0)
 
 
 def row_sq_dists(G: jax.Array, center: jax.Array) -> jax.Array:

@@ -639,10 +639,12 @@ def test_closest_mean_past_the_fusion_budget(name, plan, monkeypatch):
     assert_close(fn(jnp.asarray(G), jnp.int32(f)), ref, G)
 
 
-def test_blocked_kernels():
-    """The column-blocked Gram product and row distances (d past two 8192 blocks)."""
+@pytest.mark.parametrize("n", [3, 27, 50])
+def test_blocked_kernels(n):
+    """The column-blocked Gram product (rows past a whole panel of 24 multiplied apart
+    for n = 27, 50) and row distances, d past two column blocks."""
     rng = np.random.default_rng(0)
-    G = rng.standard_normal((3, 2 * 8192 + 5)).astype(np.float32)
+    G = rng.standard_normal((n, 2 * 2048 + 5)).astype(np.float32)
     c = rng.standard_normal(G.shape[1]).astype(np.float32)
     X = G.astype(np.float64) - c
     np.testing.assert_allclose(ops.gram(jnp.asarray(G), jnp.asarray(c)), X @ X.T, rtol=1e-5)

@@ -70,7 +70,7 @@ def _krum_attack(threshold: ArrayLike) -> Attack:
             s = jnp.sign(vs[0] if vs else mu)
             K, gs, gg, ss = carry
             return (s,), (
-                K + jnp.matmul(X, X.T, precision=lax.Precision.HIGHEST),
+                K + ops.block_gram(X),
                 gs + jnp.matmul(B, s, precision=lax.Precision.HIGHEST),
                 gg + jnp.einsum("nc,nc->n", B, B, precision=lax.Precision.HIGHEST),
                 ss + jnp.vdot(s, s),

@@ -34,7 +34,7 @@ def principal_client(G: jax.Array, honest: jax.Array) -> jax.Array:
 
     def fn(B, vs, K):
         _, _, X = ops.masked_moments(B, honest)
-        return (), K + jnp.matmul(X, X.T, precision=lax.Precision.HIGHEST)
+        return (), K + ops.block_gram(X)
 
     n = G.shape[0]
     _, K = ops.scan_columns(fn, G, init=jnp.zeros((n, n), G.dtype))

@@ -84,7 +84,7 @@ def centred_pass(
         u = direction(mu, sigma, *vs)
         K, xu, uu = carry
         if gram:
-            K = K + jnp.matmul(X, X.T, precision=lax.Precision.HIGHEST)
+            K = K + ops.block_gram(X)
         else:
             K = K + jnp.einsum("nc,nc->n", X, X, precision=lax.Precision.HIGHEST)
         xu = xu + jnp.matmul(X, u, precision=lax.Precision.HIGHEST)
