@@ -653,6 +653,19 @@ def test_blocked_kernels(n):
     )
 
 
+@pytest.mark.parametrize(
+    ("start", "size"), [(0, 5000), (1234, 2100), (4999, 1), (700, 4300), (2048, 2048)]
+)
+def test_window_sum(start, size):
+    """Sums over a window of columns with a traced start, in ragged column blocks."""
+    G = np.random.default_rng(start).standard_normal((7, 5000)).astype(np.float32)
+    fn = jax.jit(lambda G, s: ops.window_sum(lambda B, w: (B @ w, (B > 0) @ w), G, s, size))
+    total, positive = fn(jnp.asarray(G), jnp.int32(start))
+    window = G[:, start : start + size].astype(np.float64)
+    np.testing.assert_allclose(total, window.sum(1), rtol=1e-5, atol=1e-3)
+    np.testing.assert_array_equal(positive, (window > 0).sum(1))
+
+
 def test_masked_median():
     x = np.random.default_rng(0).standard_normal((9, 5)).astype(np.float32)
     mask = np.array([1, 0, 1, 1, 0, 1, 1, 1, 0], bool)

@@ -62,7 +62,8 @@ for d in (301, 304):
         fns[label] = lambda G, rule=rule: rule.update(G, rule.init(d), ctx)[0]
     for name in json.loads(sys.argv[2]):
         fns[name] = lambda G, name=name: attacks.attack(name, G, byz)
-    fns["slice_columns"] = lambda G: ops.slice_columns(G, jax.numpy.asarray(d // 3), d // 2)
+    start = jax.numpy.asarray(d // 3)
+    fns["window_sum"] = lambda G: ops.window_sum(lambda B, w: B @ w, G, start, d // 2)
     for name, fn in fns.items():
         plain, sharded = jax.jit(fn)(G), jax.jit(split(fn))(G)
         assert len(sharded.sharding.device_set) == 8
@@ -171,8 +172,8 @@ def _assert_same_runs(runs: dict, mesh: dict) -> None:
 
 
 def test_rules_and_attacks_on_column_sharded_updates_match_one_device():
-    # DnC with b < d samples columns from every device, SignGuard a block of consecutive
-    # columns (ops.slice_columns).
+    # DnC with b < d samples columns from every device, SignGuard counts signs on a block of
+    # consecutive columns over several devices (ops.window_sum).
     rules = [(name, {}) for name in FAMILIES] + [("dnc", {"b": 64}), ("signguard", {})]
     out = _in_subprocess(RULES_SCRIPT, json.dumps(rules), json.dumps(ATTACKS))
     assert len(out) == 2 * (len(rules) + len(ATTACKS) + 1)

@@ -21,9 +21,13 @@ def sign_features(G: jax.Array, key: jax.Array, frac: float) -> jax.Array:
     n, d = G.shape
     m = max(1, int(frac * d))
     start = jax.random.randint(key, (), 0, d - m + 1)
-    block = ops.slice_columns(G, start, m)
-    ones = jnp.ones(m, G.dtype)
-    feats = jnp.stack([(block > 0) @ ones, (block == 0) @ ones, (block < 0) @ ones], 1) / m
+
+    def counts(B, w):  # positive and negative entries of each row in the window
+        hi = jax.lax.Precision.HIGHEST
+        return tuple(jnp.matmul(jnp.where(s, 1.0, 0.0), w, precision=hi) for s in (B > 0, B < 0))
+
+    pos, neg = ops.window_sum(counts, G, start, m)
+    feats = jnp.stack([pos, m - pos - neg, neg], 1) / m
     return feats / (feats.max(axis=0, keepdims=True) + 1e-8)
 
 
