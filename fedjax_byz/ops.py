@@ -385,7 +385,7 @@ def window_sum(fn, G: jax.Array, start: jax.Array, size: int):
 
     ``fn(B, w)`` sees a block ``B [n, c]`` of columns and ``w: [c]``, 1 on the block's
     columns inside the window and 0 elsewhere, and returns the block's share of the sum
-    (e.g. ``X @ w``); the shares are added. Blocks of ``column_block`` columns, as in
+    (e.g. ``B @ w``); the shares are added. Blocks of ``column_block`` columns, as in
     ``scan_columns``: the window sliced as one array is a fresh ``[n, size]`` buffer
     (SignGuard's sign counts on 10% of 50 x 1M: 37 ms sliced, 3.8 ms blocked here). Where
     ``G``'s columns are split over CPU devices (``sim.sharding.column_devices``), each
