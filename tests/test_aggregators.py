@@ -666,6 +666,17 @@ def test_window_sum(start, size):
     np.testing.assert_array_equal(positive, (window > 0).sum(1))
 
 
+def test_window_sum_vmapped_over_starts():
+    """Under ``vmap`` each start has its own number of blocks (a batched trip count), as
+    SignGuard's features are over a batch of keys."""
+    G = np.random.default_rng(1).standard_normal((5, 5000)).astype(np.float32)
+    starts = np.array([0, 1500, 2047, 2900])
+    fn = jax.jit(jax.vmap(lambda s: ops.window_sum(lambda B, w: B @ w, jnp.asarray(G), s, 2100)))
+    got = fn(jnp.asarray(starts, jnp.int32))
+    want = [G[:, s : s + 2100].astype(np.float64).sum(1) for s in starts]
+    np.testing.assert_allclose(got, np.stack(want), rtol=1e-5, atol=1e-3)
+
+
 def test_masked_median():
     x = np.random.default_rng(0).standard_normal((9, 5)).astype(np.float32)
     mask = np.array([1, 0, 1, 1, 0, 1, 1, 1, 0], bool)
