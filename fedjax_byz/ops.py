@@ -351,13 +351,14 @@ def scan_columns(fn, G: jax.Array, vectors=(), init=(), *, block: int | None = N
     over blocks (``carry + this block's share``, from ``init``; e.g. a Gram matrix being
     accumulated); it returns a tuple ``outs`` of per-column results (each ``[c]``) and the
     new carry. Blocks are visited in order (a ``fori_loop`` plus one ragged tail), so
-    everything ``fn`` creates stays in cache. The loop also slices the vectors for the
-    tail: sliced after the loop, XLA fused the producer of a vector (a median's sorting
-    network) into ``fn``'s elementwise work on the tail and ran it once per row (AKSEL's
-    distances to the median at 100 x 100k: 22 ms against 14). On accelerators
-    (``column_block``) ``fn`` runs once on the whole matrix. Where ``G``'s columns are
-    split over CPU devices (``sim.sharding.column_devices``), each device scans its own
-    columns and the carries are summed across them.
+    everything ``fn`` creates stays in cache. The loop also slices the tail, for use
+    after it: sliced outside, XLA fused the producers of ``G`` and of the vectors into
+    ``fn``'s elementwise work on the tail, a median's sorting network then ran once per
+    row (AKSEL's distances to the median at 100 x 100k: 22 ms against 13) and the
+    bucketing's row gathers were materialised apart (its Gram matrix: 30 against 13 ms).
+    On accelerators (``column_block``) ``fn`` runs once on the whole matrix. Where ``G``'s
+    columns are split over CPU devices (``sim.sharding.column_devices``), each device
+    scans its own columns and the carries are summed across them.
 
     Returns:
       ``(outs, carry)``: the per-column results assembled to ``[d]`` each, and the final
@@ -440,8 +441,9 @@ def _scan_blocks(fn, G: jax.Array, vectors: tuple, init, block: int | None):
     if nb <= 1 and c == d:
         return fn(G, vectors, init)
 
-    def run(start, size, vs, outs, carry):
-        B = jax.lax.dynamic_slice(G, (0, start), (n, size))
+    tail = d - nb * c
+
+    def run(B, vs, start, outs, carry):
         o, carry = fn(B, vs, carry)
         outs = tuple(
             jax.lax.dynamic_update_slice(a, b, (start,)) for a, b in zip(outs, o, strict=True)
@@ -451,19 +453,27 @@ def _scan_blocks(fn, G: jax.Array, vectors: tuple, init, block: int | None):
     def sliced(start, size):
         return tuple(jax.lax.dynamic_slice(v, (start,), (size,)) for v in vectors)
 
-    tail = d - nb * c
-
-    def body(b, st):  # also slices the vectors' tail, at the last iteration: see the docstring
-        outs, carry = run(b * c, c, sliced(b * c, c), *st[:2])
-        return outs, carry, sliced(jnp.minimum((b + 1) * c, d - tail), tail)
+    def body(b, st):  # also slices the tail, for after the loop: see the docstring
+        outs, carry, last = st
+        B = jax.lax.dynamic_slice(G, (0, b * c), (n, c))
+        outs, carry = run(B, sliced(b * c, c), b * c, outs, carry)
+        if tail:
+            B_tail = jax.lax.cond(
+                b == nb - 1,
+                lambda: jax.lax.dynamic_slice(G, (0, nb * c), (n, tail)),
+                lambda: last[0],
+            )
+            last = (B_tail, sliced(jnp.minimum((b + 1) * c, d - tail), tail))
+        return outs, carry, last
 
     block_spec = jax.ShapeDtypeStruct((n, c), G.dtype)
     vec_specs = tuple(jax.ShapeDtypeStruct((c,), v.dtype) for v in vectors)
     out_specs, _ = jax.eval_shape(fn, block_spec, vec_specs, init)
     outs = tuple(jnp.zeros((d,), s.dtype) for s in out_specs)
-    outs, carry, vs = jax.lax.fori_loop(0, nb, body, (outs, init, sliced(0, tail)))
+    last = (jnp.zeros((n, tail), G.dtype), sliced(0, tail))
+    outs, carry, last = jax.lax.fori_loop(0, nb, body, (outs, init, last))
     if tail:
-        outs, carry = run(nb * c, tail, vs, outs, carry)
+        outs, carry = run(*last, nb * c, outs, carry)
     return outs, carry
 
 

@@ -49,7 +49,7 @@ def bucketing(s: int = 2) -> PreAggregator:
         out = 0.0
         for t in range(s):  # s row gathers: one read of G, 5x faster than a matmul here
             w = jnp.asarray((slots[:, t] < n) / size, G.dtype)
-            out = out + jnp.take(G, idx[:, t], axis=0) * w[:, None]
+            out = out + jnp.take(G, idx[:, t], axis=0, mode="clip") * w[:, None]
         bucket = jnp.zeros(n, jnp.int32).at[perm].set(jnp.arange(n, dtype=jnp.int32) // s)
         mixing = (bucket[None, :] == jnp.arange(m)[:, None]) / jnp.asarray(size, G.dtype)[:, None]
         return out, mixing
