@@ -4,7 +4,7 @@
 kernel, ``bin_seeding=True``, ``cluster_all=False``) and ``estimate_bandwidth``, which
 the SignGuard code uses; ``average_linkage_two`` is agglomerative clustering with average
 linkage on a precomputed distance matrix, stopped at two clusters, as Blades' Clipped
-Clustering uses. All work on a few features of ``n`` rows, with fixed iteration counts.
+Clustering uses. All work on a few features of ``n`` rows, in loops of bounded length.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ def mean_shift(X: jax.Array, bandwidth: jax.Array, max_iter: int = 300) -> jax.A
 
     Seeds are the distinct grid cells ``round(x_i / h)·h`` (the points themselves when
     every cell holds one point); each seed moves to the mean of the points within ``h``
-    until it moves by at most ``10⁻³h`` (``max_iter`` steps at most). Converged centres
+    until it moves by at most ``10⁻³h`` (``max_iter`` steps at most; the loop ends when
+    every seed has, not after ``max_iter`` steps: SignGuard at 100 x 100k took 47 ms with
+    300 steps always, 8 ms so). Converged centres
     are ranked by how many points they held, then suppressed when within ``h`` of a
     better one. A point takes the label of its nearest centre (in rank order), or -1
     when that centre is farther than ``h``.
@@ -66,16 +68,20 @@ def mean_shift(X: jax.Array, bandwidth: jax.Array, max_iter: int = 300) -> jax.A
     seeds = jnp.where(first.all(), X, binned * h)
 
     def shift(seed):
-        def body(_, carry):
-            mean, count, done = carry
+        def body(carry):
+            step, mean, _, _ = carry
             within = _dists(mean[None], X)[0] <= h
             cnt = within.sum(dtype=jnp.int32)
             new = jnp.where(cnt > 0, (within.astype(X.dtype) @ X) / jnp.maximum(cnt, 1), mean)
-            stop = done | (cnt == 0) | (jnp.linalg.norm(new - mean) <= 1e-3 * h)
-            return jnp.where(done, mean, new), jnp.where(done, count, cnt), stop
+            stop = (cnt == 0) | (jnp.linalg.norm(new - mean) <= 1e-3 * h)
+            return step + 1, new, cnt, stop
 
-        init = (seed, jnp.zeros((), jnp.int32), jnp.zeros((), bool))
-        mean, count, _ = jax.lax.fori_loop(0, max_iter, body, init)
+        def going(carry):
+            step, _, _, done = carry
+            return (step < max_iter) & ~done
+
+        init = (0, seed, jnp.zeros((), jnp.int32), jnp.zeros((), bool))
+        _, mean, count, _ = jax.lax.while_loop(going, body, init)
         return mean, count
 
     centres, counts = jax.vmap(shift)(seeds)
