@@ -24,6 +24,12 @@ def weighted_sum(w: ArrayLike, G: jax.Array) -> jax.Array:
     return jnp.matmul(jnp.asarray(w, G.dtype), G, precision=_HI)
 
 
+def row_sums(X: jax.Array) -> jax.Array:
+    """``Σ_j X_ij`` for every row as one matrix-vector product ``X @ 1``, which XLA's CPU
+    backend runs faster than the row reduction. ``[n, c] -> [n]``."""
+    return jnp.matmul(X, jnp.ones(X.shape[1], X.dtype), precision=_HI)
+
+
 def masked_mean(G: jax.Array, mask: jax.Array) -> jax.Array:
     """Coordinate-wise mean of the rows where ``mask`` is True. ``-> [d]``."""
     w = mask.astype(G.dtype)
@@ -245,14 +251,13 @@ def row_sq_dists(G: jax.Array, center: jax.Array) -> jax.Array:
     Accumulated over column blocks (``scan_columns``): on CPU the loop boundary makes XLA
     compute ``c`` once. Written as one reduction, a fused producer of ``c`` (the sorting
     network of a median) was fused into the row reduction and recomputed once per row,
-    10x slower here at (25, 500k). Each block's row sums are a matrix-vector product,
-    which XLA's CPU backend runs faster than the row reduction (25 x 500k: 5.4 against
-    8.0 ms, 10 x 2M: 9.5 against 12.2 ms here).
+    10x slower here at (25, 500k). Each block's squares are summed by ``row_sums`` (25 x
+    500k: 5.4 against 8.0 ms with the row reduction, 10 x 2M: 9.5 against 12.2 ms here).
     """
 
     def fn(B, vs, r):
         X = B - vs[0][None, :]
-        return (), r + jnp.matmul(X * X, jnp.ones(X.shape[1], X.dtype), precision=_HI)
+        return (), r + row_sums(X * X)
 
     return scan_columns(fn, G, (center,), jnp.zeros(G.shape[0], G.dtype))[1]
 
@@ -463,6 +468,8 @@ def _scan_blocks(fn, G: jax.Array, vectors: tuple, init, block: int | None):
                 lambda: jax.lax.dynamic_slice(G, (0, nb * c), (n, tail)),
                 lambda: last[0],
             )
+            # the vectors' tail is sliced at every step (a few floats): under a cond, a
+            # vector that XLA sinks into the loop (a broadcast) was rebuilt at every step
             last = (B_tail, sliced(jnp.minimum((b + 1) * c, d - tail), tail))
         return outs, carry, last
 

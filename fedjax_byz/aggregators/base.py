@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from fedjax_byz import ops
+
 State = Any
 _HI = jax.lax.Precision.HIGHEST
 Aux = dict[str, jax.Array]
@@ -204,7 +206,7 @@ def guard_nonfinite(
     def rejected(G):  # bool[n]
         if squares:
             return overflowing_rows(G)
-        return ~jnp.isfinite(jnp.matmul(G, jnp.ones(G.shape[1], G.dtype), precision=_HI))
+        return ~jnp.isfinite(ops.row_sums(G))
 
     def checked(G, state, ctx):
         bad = rejected(G)
