@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,9 @@ from fedjax_byz.aggregators import (
     AggregatorContext,
     check,
     clustering,
+    compose,
     coordinate,
+    distance,
     get,
     pre,
     spectral,
@@ -257,6 +261,38 @@ def test_composites_route_keywords_and_weights():
     assert_close(out, oracle.cclip(Y, f, tau=1.0)[0], G)
     out, _ = run("arc+trmean", G, f)
     assert_close(out, oracle.trmean(oracle.arc(G, f), f)[0], G)
+
+
+@pytest.mark.parametrize(
+    "name,n,d,f",
+    [(r, 12, 9, 3) for r in ("krum", "multikrum", "geomed")]
+    + [(r, *SMALL[1]) for r in ("mda", "smea")],
+)
+def test_nnm_before_gram_rules_matches_oracle(name, n, d, f):
+    """NNM in front of a Gram-space rule runs on Gram matrices (``base.compose``): the
+    rule's oracle on the mixed rows, and weights that rebuild the aggregate."""
+    G = updates(n, d, f)
+    out, aux = run(f"nnm+{name}", G, f)
+    assert_close(out, getattr(oracle, name)(oracle.nnm(G, f), f)[0], G)
+    w = np.asarray(aux["weights"], np.float64)
+    np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(w @ G, np.asarray(out), rtol=1e-5, atol=1e-5 * np.abs(G).max())
+
+
+def test_nnm_before_gram_rule_does_not_form_mixed_rows():
+    """No ``[n, d]`` product (the mixed rows ``W G``) in the fused composite's program;
+    the unfused composition, checked the same way, has one."""
+    n, d, f = 12, 9, 3
+    G = jnp.asarray(updates(n, d, f))
+    ctx = AggregatorContext.create(f)
+    mixed_rows = re.compile(rf"f32\[{n},{d}\] = dot_general")
+    unfused = pre.nnm()._replace(gram_mixing=None)
+    for nnm, formed in ((pre.nnm(), False), (unfused, True)):
+        rule = compose(nnm, distance.geomed())
+        jaxpr = str(jax.make_jaxpr(rule.update)(G, rule.init(d), ctx))
+        assert bool(mixed_rows.search(jaxpr)) == formed
+        out = jax.jit(rule.update)(G, rule.init(d), ctx)[0]
+        assert_close(out, oracle.geomed(oracle.nnm(np.asarray(G), f), f)[0], np.asarray(G))
 
 
 # ---------------------------------------------------------------- properties

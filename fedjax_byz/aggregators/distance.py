@@ -17,7 +17,7 @@ from jax.typing import ArrayLike
 
 from fedjax_byz import ops
 from fedjax_byz.aggregators import coordinate
-from fedjax_byz.aggregators.base import Aggregator, stateless
+from fedjax_byz.aggregators.base import Aggregator, gram_rule, stateless
 from fedjax_byz.registry import ConfigError
 
 
@@ -53,12 +53,11 @@ def krum() -> Aggregator:
     ``aux["weights"]`` is one-hot. Needs ``n − f − 2 >= 1``.
     """
 
-    def fn(G, ctx):
-        scores = krum_scores(ops.pairwise_sq_dists(G), ctx.f)
-        best = jnp.argmin(scores)
-        return G[best], jax.nn.one_hot(best, G.shape[0], dtype=G.dtype)
+    def weights(K, ctx):
+        scores = krum_scores(ops.sq_dists_from_gram(K), ctx.f)
+        return jax.nn.one_hot(jnp.argmin(scores), K.shape[0], dtype=K.dtype)
 
-    return stateless(fn)
+    return gram_rule(weights, combine=lambda w, G: G[jnp.argmax(w)])
 
 
 def multikrum() -> Aggregator:
@@ -68,13 +67,12 @@ def multikrum() -> Aggregator:
     computed once on all rows: ``(1/m) Σ_{i ∈ M} g_i``. Ties go to the lowest index.
     """
 
-    def fn(G, ctx):
-        n = G.shape[0]
-        scores = krum_scores(ops.pairwise_sq_dists(G), ctx.f)
-        w = ops.smallest_mask(scores, n - ctx.f) / jnp.asarray(n - ctx.f, G.dtype)
-        return ops.weighted_sum(w, G), w
+    def weights(K, ctx):
+        n = K.shape[0]
+        scores = krum_scores(ops.sq_dists_from_gram(K), ctx.f)
+        return ops.smallest_mask(scores, n - ctx.f) / jnp.asarray(n - ctx.f, K.dtype)
 
-    return stateless(fn)
+    return gram_rule(weights)
 
 
 def bulyan() -> Aggregator:
@@ -135,18 +133,15 @@ def geomed(iters: int = 8, nu: ArrayLike = 1e-6) -> Aggregator:
       nu: smoothing ``ν > 0`` (traced).
     """
 
-    def fn(G, ctx):
-        n = G.shape[0]
-        K = ops.centred_gram(G)
-
+    def weights(K, ctx):
         def step(_, alpha):
             beta = 1.0 / jnp.maximum(nu, jnp.sqrt(sq_dists_to_combination(K, alpha)))
             return beta / beta.sum()
 
-        alpha = jax.lax.fori_loop(0, iters, step, jnp.full(n, 1.0 / n, G.dtype))
-        return ops.weighted_sum(alpha, G), alpha
+        n = K.shape[0]
+        return jax.lax.fori_loop(0, iters, step, jnp.full(n, 1.0 / n, K.dtype))
 
-    return stateless(fn)
+    return gram_rule(weights)
 
 
 def cclip(tau: ArrayLike = 10.0, iters: int = 1) -> Aggregator:

@@ -65,17 +65,21 @@ def nnm() -> PreAggregator:
     ``y_i = (1/(n−f)) Σ_{j ∈ N_i} g_j`` with ``N_i`` the ``n − f`` rows nearest to
     ``g_i``, itself included (ties to the lowest index). One Gram product and one
     ``[n, n] @ [n, d]`` product; ByzFL ``NNM`` gathers an ``[n, n−f, d]`` tensor instead.
-    Needs ``f < n/2``.
+    In front of a Gram-space rule (``base.gram_rule``: Krum, geomed, ...) the mixed rows
+    are not formed (``base.compose``). Needs ``f < n/2``.
     """
 
-    def fn(G, ctx):
-        n = G.shape[0]
-        D = ops.pairwise_sq_dists(G)
-        mixing = jax.vmap(lambda row: ops.smallest_mask(row, n - ctx.f))(D)
-        mixing = mixing / jnp.asarray(n - ctx.f, G.dtype)
-        return jnp.matmul(mixing, G, precision=jax.lax.Precision.HIGHEST), mixing
+    def mixing(K, ctx):  # [n, n] centred Gram -> [n, n] averaging matrix
+        n = K.shape[0]
+        D = ops.sq_dists_from_gram(K)
+        near = jax.vmap(lambda row: ops.smallest_mask(row, n - ctx.f))(D)
+        return near / jnp.asarray(n - ctx.f, K.dtype)
 
-    return _stateless(fn)
+    def update(G, state, ctx):
+        W = mixing(ops.centred_gram(G), ctx)
+        return jnp.matmul(W, G, precision=jax.lax.Precision.HIGHEST), state, W
+
+    return PreAggregator(lambda d: (), update, gram_mixing=mixing)
 
 
 def _scale_rows(G: jax.Array, scale: jax.Array):

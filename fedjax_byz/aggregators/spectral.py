@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from fedjax_byz import ops
-from fedjax_byz.aggregators.base import Aggregator, stateless
+from fedjax_byz.aggregators.base import Aggregator, gram_rule, stateless
 
 
 def sample_coordinates(key: jax.Array, d: int, b: int) -> jax.Array:
@@ -92,9 +92,8 @@ def caf(max_iter: int = 1000) -> Aggregator:
       max_iter: cap on the filtering steps (static).
     """
 
-    def fn(G, ctx):
-        n = G.shape[0]
-        K = ops.centred_gram(G)
+    def weights(K, ctx):
+        n = K.shape[0]
 
         def cov_top(c):
             C = c.sum()
@@ -122,7 +121,6 @@ def caf(max_iter: int = 1000) -> Aggregator:
             return c, best_c, best_lam, t + 1
 
         init = (jnp.ones(n), jnp.full(n, 1.0 / n), jnp.asarray(jnp.inf), jnp.asarray(0))
-        _, w, _, _ = jax.lax.while_loop(cond, body, init)
-        return ops.weighted_sum(w, G), w
+        return jax.lax.while_loop(cond, body, init)[1]
 
-    return stateless(fn)
+    return gram_rule(weights)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_byz import ops
-from fedjax_byz.aggregators.base import Aggregator, stateless
+from fedjax_byz.aggregators.base import Aggregator, gram_rule
 
 MAX_N = {"mda": 20, "smea": 14}
 
@@ -55,14 +55,13 @@ def mda() -> Aggregator:
     ``f < n/2`` and ``n <= 20``.
     """
 
-    def fn(G, ctx):
-        n = G.shape[0]
+    def weights(K, ctx):
+        n = K.shape[0]
         _, members = _masks(n)
-        keep = _best_subset(subset_diameters(ops.pairwise_sq_dists(G)), members, n - ctx.f)
-        w = keep / jnp.asarray(n - ctx.f, G.dtype)
-        return ops.weighted_sum(w, G), w
+        keep = _best_subset(subset_diameters(ops.sq_dists_from_gram(K)), members, n - ctx.f)
+        return keep / jnp.asarray(n - ctx.f, K.dtype)
 
-    return stateless(fn)
+    return gram_rule(weights)
 
 
 def smea() -> Aggregator:
@@ -76,17 +75,14 @@ def smea() -> Aggregator:
     power-iteration step from a random vector). Needs ``f < n/2`` and ``n <= 14``.
     """
 
-    def fn(G, ctx):
-        n = G.shape[0]
-        K = ops.centred_gram(G)
-        K = K.astype(jnp.promote_types(K.dtype, jnp.float32))  # eigvalsh takes no bfloat16
+    def weights(K, ctx):
+        n, dtype = K.shape[0], K.dtype
+        K = K.astype(jnp.promote_types(dtype, jnp.float32))  # eigvalsh takes no bfloat16
         _, members = _masks(n)
-        m = members.astype(G.dtype)
+        m = members.astype(K.dtype)
         size = jnp.maximum(m.sum(axis=1), 1.0)
         P = jax.vmap(jnp.diag)(m) - m[:, :, None] * m[:, None, :] / size[:, None, None]
         lam = jnp.linalg.eigvalsh(P @ K @ P)[:, -1] / size
-        keep = _best_subset(lam, members, n - ctx.f)
-        w = keep / jnp.asarray(n - ctx.f, G.dtype)
-        return ops.weighted_sum(w, G), w
+        return _best_subset(lam, members, n - ctx.f) / jnp.asarray(n - ctx.f, dtype)
 
-    return stateless(fn)
+    return gram_rule(weights)
