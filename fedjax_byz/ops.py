@@ -259,7 +259,7 @@ def row_sq_dists(G: jax.Array, center: jax.Array) -> jax.Array:
         X = B - vs[0][None, :]
         return (), r + row_sums(X * X)
 
-    return scan_columns(fn, G, (center,), jnp.zeros(G.shape[0], G.dtype))[1]
+    return scan_columns(fn, G, (center,), jnp.zeros(G.shape[0], G.dtype), wide=True)[1]
 
 
 def sq_dists_from_gram(K: jax.Array) -> jax.Array:
@@ -333,22 +333,30 @@ def to_matrix(updates):
 # Column-blocked passes. XLA's CPU backend allocates every [n, d] temporary afresh on each
 # call, and first-touching those pages costs more than the arithmetic: computing μ and σ as
 # ``w @ G`` and ``w @ (G − μ)²`` took 23 ms at n=25, d=500k here, the same work done block
-# by block in cache 6 ms. Passes that build centred rows, squares or Gram matrices
-# therefore run over blocks of 2048 columns on CPU (fewer past n = 256, so that a block
-# stays within 2 MiB); Gram products in such blocks ran at XLA's best dot speed here
-# (n = 25, 50, 100; 512 to 8192 columns tried).
+# by block in cache 6 ms. Passes run over blocks of 2048 columns on CPU (fewer past
+# n = 256, so that a block stays within 2 MiB): Gram products and matrix-vector products
+# on a block ran at XLA's best speed there (n = 25, 50, 100; 512 to 8192 columns tried).
+# ``wide`` blocks of about 2^20 elements serve passes of elementwise work and row sums
+# (moments, row distances): each loop step costs ~13 µs here, and XLA runs an elementwise
+# fusion that large on both cores (μ and σ at 25 x 500k: 8.7 ms in blocks of 2048 columns,
+# 5.5 in blocks of 32768; row distances 5.8 and 4.2; likewise at n = 50, 100, 200 with
+# 16384, 8192, 4096 columns), while passes with a product by a vector or a Gram product
+# per block ran up to 2x slower in them.
 _BLOCK_COLS = 2048
 _BLOCK_ELEMS = 2**19
+_WIDE_ELEMS = 2**20
 
 
-def column_block(n: int, d: int) -> int:
+def column_block(n: int, d: int, *, wide: bool = False) -> int:
     """Columns per block of ``scan_columns`` for an ``[n, d]`` matrix (``d`` off CPU)."""
     if jax.default_backend() != "cpu":
         return d
+    if wide:
+        return min(d, max(256, 1 << (_WIDE_ELEMS // n).bit_length() - 1))
     return min(d, _BLOCK_COLS, max(256, 1 << (_BLOCK_ELEMS // n).bit_length() - 1))
 
 
-def scan_columns(fn, G: jax.Array, vectors=(), init=(), *, block: int | None = None):
+def scan_columns(fn, G: jax.Array, vectors=(), init=(), *, wide: bool = False):
     """One pass over the columns of ``G`` in blocks, folding ``fn`` over them.
 
     ``fn(B, vs, carry) -> (outs, carry)`` sees a block ``B [n, c]`` of columns, the matching
@@ -361,7 +369,8 @@ def scan_columns(fn, G: jax.Array, vectors=(), init=(), *, block: int | None = N
     ``fn``'s elementwise work on the tail, a median's sorting network then ran once per
     row (AKSEL's distances to the median at 100 x 100k: 22 ms against 13) and the
     bucketing's row gathers were materialised apart (its Gram matrix: 30 against 13 ms).
-    On accelerators (``column_block``) ``fn`` runs once on the whole matrix. Where ``G``'s
+    Blocks are sized by ``column_block`` (``wide`` for elementwise work and row sums);
+    on accelerators ``fn`` runs once on the whole matrix. Where ``G``'s
     columns are split over CPU devices (``sim.sharding.column_devices``), each device
     scans its own columns and the carries are summed across them.
 
@@ -373,11 +382,11 @@ def scan_columns(fn, G: jax.Array, vectors=(), init=(), *, block: int | None = N
 
     mesh = column_devices(G.shape[1])
     if mesh is None:
-        return _scan_blocks(fn, G, tuple(vectors), init, block)
+        return _scan_blocks(fn, G, tuple(vectors), init, wide)
     zero = jax.tree.map(jnp.zeros_like, init)
 
     def local(G, vectors):
-        outs, carry = _scan_blocks(fn, G, vectors, zero, block)
+        outs, carry = _scan_blocks(fn, G, vectors, zero, wide)
         return outs, jax.lax.psum(carry, CLIENTS)
 
     P = jax.sharding.PartitionSpec
@@ -438,10 +447,10 @@ def _window_blocks(fn, G: jax.Array, start: jax.Array, size: int):
     return jax.lax.fori_loop(0, (hi - lo + c - 1) // c, body, zero)
 
 
-def _scan_blocks(fn, G: jax.Array, vectors: tuple, init, block: int | None):
+def _scan_blocks(fn, G: jax.Array, vectors: tuple, init, wide: bool):
     """``scan_columns`` on the columns at hand."""
     n, d = G.shape
-    c = column_block(n, d) if block is None else min(block, d)
+    c = column_block(n, d, wide=wide)
     nb = d // c
     if nb <= 1 and c == d:
         return fn(G, vectors, init)
@@ -511,4 +520,4 @@ def masked_mean_std(G: jax.Array, mask: jax.Array, ddof: int = 1) -> tuple[jax.A
         mu, sigma, _ = masked_moments(B, mask, ddof)
         return (mu, sigma), carry
 
-    return scan_columns(fn, G)[0]
+    return scan_columns(fn, G, wide=True)[0]

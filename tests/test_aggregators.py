@@ -709,9 +709,9 @@ def test_closest_mean_past_the_fusion_budget(name, plan, monkeypatch):
 @pytest.mark.parametrize("n", [3, 27, 50])
 def test_blocked_kernels(n):
     """The column-blocked Gram product (rows past a whole panel of 24 multiplied apart
-    for n = 27, 50) and row distances, d past two column blocks."""
+    for n = 27, 50) and row distances (in wide blocks), d past two blocks of either size."""
     rng = np.random.default_rng(0)
-    G = rng.standard_normal((n, 2 * 2048 + 5)).astype(np.float32)
+    G = rng.standard_normal((n, 2 * ops.column_block(n, 10**9, wide=True) + 5)).astype(np.float32)
     c = rng.standard_normal(G.shape[1]).astype(np.float32)
     X = G.astype(np.float64) - c
     np.testing.assert_allclose(ops.gram(jnp.asarray(G), jnp.asarray(c)), X @ X.T, rtol=1e-5)

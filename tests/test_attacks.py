@@ -161,10 +161,13 @@ def test_strike_selects_the_skewed_cluster():
 
 
 def test_column_blocked_passes_match_oracles():
-    # d spans several column blocks of ops.scan_columns plus a ragged tail (the small
-    # cases above fit in one block), on updates with a large common component.
-    n, d = 20, 5000
-    assert d // ops.column_block(n, d) >= 2 and d % ops.column_block(n, d)
+    # d spans several column blocks of ops.scan_columns plus a ragged tail, narrow and
+    # wide (the small cases above fit in one block), on updates with a large common
+    # component.
+    n, d = 20, 70000
+    for wide in (False, True):
+        c = ops.column_block(n, d, wide=wide)
+        assert d // c >= 2 and d % c
     G = skewed(7, n, d, "offset")
     byz = byz_mask(7, n, 4)
     G64 = G.astype(np.float64)
