@@ -279,6 +279,22 @@ def test_nnm_before_gram_rules_matches_oracle(name, n, d, f):
     np.testing.assert_allclose(w @ G, np.asarray(out), rtol=1e-5, atol=1e-5 * np.abs(G).max())
 
 
+def test_bucketing_then_nnm_then_krum():
+    """A pre-aggregator before the fused NNM stage: its output feeds NNM's Gram matrix,
+    the weights map back through both mixings, and the state keeps its structure."""
+    n, d, f = 12, 9, 2
+    G = updates(n, d, f)
+    out, aux = run("bucketing+nnm+krum", G, f)
+    perm = np.asarray(jax.random.permutation(jax.random.fold_in(KEY, 0), n))
+    Y = oracle.nnm(oracle.bucketing(G, perm, 2), f)
+    assert_close(out, oracle.krum(Y, f)[0], G)
+    w = np.asarray(aux["weights"], np.float64)
+    np.testing.assert_allclose(w @ G, np.asarray(out), rtol=1e-5, atol=1e-5 * np.abs(G).max())
+    rule = get("bucketing+nnm+krum")
+    state = rule.update(jnp.asarray(G), rule.init(d), AggregatorContext.create(f, KEY))[1]
+    chex.assert_trees_all_equal_structs(state, rule.init(d))
+
+
 def test_nnm_before_gram_rule_does_not_form_mixed_rows():
     """No ``[n, d]`` product (the mixed rows ``W G``) in the fused composite's program;
     the unfused composition, checked the same way, has one."""
