@@ -15,12 +15,12 @@ from fedjax_byz import ops
 from fedjax_byz.aggregators.base import PreAggregator
 
 
-def _stateless(fn, out_rows=lambda n: n) -> PreAggregator:
+def _stateless(fn, out_rows=lambda n: n, gram_mixing=None) -> PreAggregator:
     def update(G, state, ctx):
         out, mixing = fn(G, ctx)
         return out, state, mixing
 
-    return PreAggregator(lambda d: (), update, out_rows)
+    return PreAggregator(lambda d: (), update, out_rows, gram_mixing)
 
 
 def bucketing(s: int = 2) -> PreAggregator:
@@ -75,11 +75,11 @@ def nnm() -> PreAggregator:
         near = jax.vmap(lambda row: ops.smallest_mask(row, n - ctx.f))(D)
         return near / jnp.asarray(n - ctx.f, K.dtype)
 
-    def update(G, state, ctx):
+    def fn(G, ctx):
         W = mixing(ops.centred_gram(G), ctx)
-        return jnp.matmul(W, G, precision=jax.lax.Precision.HIGHEST), state, W
+        return jnp.matmul(W, G, precision=jax.lax.Precision.HIGHEST), W
 
-    return PreAggregator(lambda d: (), update, gram_mixing=mixing)
+    return _stateless(fn, gram_mixing=mixing)
 
 
 def _scale_rows(G: jax.Array, scale: jax.Array):
