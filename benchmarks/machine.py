@@ -8,6 +8,16 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+import resource
+
+import jax
+
+# glibc (2.35 and later) started with this tunable backs the blocks it maps with
+# transparent huge pages (``madvise``): 2 MiB pages, faulted in 512 times fewer. It maps
+# every block above its mmap threshold (at most 32 MiB; an environment value above that
+# is ignored) and every block above 64 MiB that a thread other than the main one asks
+# for (XLA's CPU runtime allocates from such threads), afresh at each call.
+HUGE_PAGES_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
 def cpu_name() -> str:
@@ -28,3 +38,21 @@ def version(pkg: str) -> str:
         return importlib.metadata.version(pkg)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def huge_pages() -> str:
+    """The C library and the kernel's transparent-huge-page mode, as a phrase."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as fh:
+            mode = fh.read().split("[", 1)[1].split("]", 1)[0]
+    except (OSError, IndexError):
+        mode = "unknown"
+    return f"{' '.join(platform.libc_ver())}, transparent huge pages `{mode}`"
+
+
+def page_faults(fn) -> int:
+    """Minor page faults of one call of ``fn()``, after a warm-up call."""
+    jax.block_until_ready(fn())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    jax.block_until_ready(fn())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
