@@ -224,8 +224,11 @@ def gram(G: jax.Array, center: jax.Array | None = None) -> jax.Array:
 
 
 # XLA's CPU dot (Eigen, built for 8-float AVX registers) multiplies rows in panels of 24
-# and runs any remainder on a slower path: here a [25, 2048] block's Gram product ran at
-# 36 GFLOP/s, a [24, 2048] one at 51 (Krum at 25 x 500k: 36-41 -> 32-34 ms).
+# and runs any remainder on a slower path, and a dot of a few rows is slower still; XLA's
+# own matrix-vector kernel runs on both cores. Measured here per 2048-column block of
+# the Gram product: a [25, c] block at 36 GFLOP/s as one dot, 51 as a [24, c] dot plus
+# one row; n = 50 as 48 + 2 rows in two dots 133 ms, in one dot 126, as 48 rows plus two
+# row products 110 (d = 1M); n = 10 in one dot 28 ms, as ten row products 14 (d = 2M).
 _PANEL_ROWS = 24
 
 
@@ -233,15 +236,17 @@ def block_gram(X: jax.Array) -> jax.Array:
     """``X Xᵀ`` for one column block ``X [n, c]`` (a kernel for ``scan_columns``).
 
     On CPU, with ``X = [H; T]`` split after the last whole panel of 24 rows, it is
-    assembled from ``H Hᵀ`` and ``T Xᵀ``. ``-> [n, n]``.
+    assembled from ``H Hᵀ`` (one dot) and ``t Xᵀ`` for each row ``t`` of ``T`` (a
+    matrix-vector product each). ``-> [n, n]``.
     """
     n = X.shape[0]
     h = n - n % _PANEL_ROWS
-    if h in (0, n) or jax.default_backend() != "cpu":
+    if h == n or jax.default_backend() != "cpu":
         return jnp.matmul(X, X.T, precision=_HI)
-    H, T = X[:h], X[h:]
-    TX = jnp.matmul(T, X.T, precision=_HI)  # [n - h, n]
-    HH = jnp.matmul(H, H.T, precision=_HI)  # [h, h]
+    TX = jnp.stack([jnp.matmul(t, X.T, precision=_HI) for t in X[h:]])  # [n - h, n]
+    if h == 0:
+        return TX
+    HH = jnp.matmul(X[:h], X[:h].T, precision=_HI)  # [h, h]
     return jnp.concatenate([jnp.concatenate([HH, TX[:, :h].T], axis=1), TX], axis=0)
 
 

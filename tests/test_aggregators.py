@@ -722,10 +722,11 @@ def test_closest_mean_past_the_fusion_budget(name, plan, monkeypatch):
     assert_close(fn(jnp.asarray(G), jnp.int32(f)), ref, G)
 
 
-@pytest.mark.parametrize("n", [3, 27, 50])
+@pytest.mark.parametrize("n", [3, 24, 27, 50])
 def test_blocked_kernels(n):
-    """The column-blocked Gram product (rows past a whole panel of 24 multiplied apart
-    for n = 27, 50) and row distances (in wide blocks), d past two blocks of either size."""
+    """The column-blocked Gram product (one dot for n = 24; rows past the last whole
+    panel of 24 multiplied one by one for n = 3, 27, 50) and row distances (in wide
+    blocks), d past two blocks of either size."""
     rng = np.random.default_rng(0)
     G = rng.standard_normal((n, 2 * ops.column_block(n, 10**9, wide=True) + 5)).astype(np.float32)
     c = rng.standard_normal(G.shape[1]).astype(np.float32)
