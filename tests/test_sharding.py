@@ -173,8 +173,8 @@ def _assert_same_runs(runs: dict, mesh: dict) -> None:
 
 def test_rules_and_attacks_on_column_sharded_updates_match_one_device():
     # DnC with b < d samples columns from every device, SignGuard counts signs on a block of
-    # consecutive columns over several devices (ops.window_sum), bucketing writes its
-    # bucket means [m, d] by columns on every device.
+    # consecutive columns over several devices (ops.window_sum), bucketing gathers rows
+    # whose columns lie on every device.
     rules = [(name, {}) for name in FAMILIES] + [("dnc", {"b": 64}), ("signguard", {})]
     rules.append(("bucketing+trmean", {}))
     out = _in_subprocess(RULES_SCRIPT, json.dumps(rules), json.dumps(ATTACKS))
