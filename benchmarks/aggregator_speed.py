@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from machine import HUGE_PAGES_ENV, cpu_name, huge_pages, page_faults, version
+from machine import FRESH_BLOCKS, HUGE_PAGES_ENV, cpu_name, page_faults, version
 
 import fedjax_byz as fb
 from fedjax_byz.sim import sharding
@@ -230,15 +230,13 @@ def main():
         size["floor"] = best_time(floor, 20, 5.0, True)[1]
         size["gram"] = best_time(lambda G=G: G @ G.T, 10, 5.0, True)[1]
         for rule in rules:
-            fr = min(f, (n - 3) // 4) if rule == "bulyan" else f
+            fr, call = rule_call(rule, n, Gj)
             row = {"rule": rule, "f": fr, "refs": []}
             size["rows"].append(row)
-            try:
-                fb.aggregators.check(rule, n, fr)
-            except fb.ConfigError as e:
-                row["refused"] = str(e)
+            if isinstance(call, str):
+                row["refused"] = call
                 continue
-            row["call"] = lambda rule=rule, fr=fr, Gj=Gj: fb.aggregate(rule, Gj, f=fr)
+            row["call"] = call
             row["compile"], row["ours"] = best_time(row["call"], 5, 3.0, True)
             row["faults"] = page_faults(row["call"])
             if mesh is not None:
@@ -278,22 +276,28 @@ def main():
     write(args.out, results, meta, huge)
 
 
+def rule_call(rule: str, n: int, Gj: jax.Array):
+    """``(f, call)``: the f a rule is timed with (n/5; Bulyan: the largest it admits) and
+    ``fb.aggregate`` on ``Gj`` with it, or the refusal message in place of the call."""
+    f = min(n // 5, (n - 3) // 4) if rule == "bulyan" else n // 5
+    try:
+        fb.aggregators.check(rule, n, f)
+    except fb.ConfigError as e:
+        return f, str(e)
+    return f, lambda: fb.aggregate(rule, Gj, f=f)
+
+
 def measure_ours_only(sizes, rules) -> dict:
     """``{"NxD": {"floor": s, rule: [s, page faults per call]}}``: the floor and every
     rule through ``fb.aggregate``, each the better of two rounds, as the main run."""
     out = {}
     for n, d in sizes:
-        G, f = updates(n, d, n // 5), n // 5
+        G = updates(n, d, n // 5)
         Gj, floor = jnp.asarray(G), functools.partial(np.add.reduce, G, 0)
-        times, calls = {"floor": best_time(floor, 20, 5.0, True)[1]}, {}
-        for rule in rules:
-            fr = min(f, (n - 3) // 4) if rule == "bulyan" else f
-            try:
-                fb.aggregators.check(rule, n, fr)
-            except fb.ConfigError:
-                continue
-            calls[rule] = lambda rule=rule, fr=fr, Gj=Gj: fb.aggregate(rule, Gj, f=fr)
-            times[rule] = [best_time(calls[rule], 5, 3.0, True)[1], page_faults(calls[rule])]
+        times = {"floor": best_time(floor, 20, 5.0, True)[1]}
+        calls = {r: c for r in rules if not isinstance(c := rule_call(r, n, Gj)[1], str)}
+        for rule, call in calls.items():
+            times[rule] = [best_time(call, 5, 3.0, True)[1], page_faults(call)]
         for rule, call in calls.items():
             times[rule][0] = min(times[rule][0], best_time(call, 5, 3.0, True)[1])
         times["floor"] = min(times["floor"], best_time(floor, 20, 5.0, True)[1])
@@ -384,10 +388,7 @@ def huge_pages_section(results: list, huge: dict) -> list[str]:
         "## With 2 MiB pages",
         "",
         "Every `fb.aggregate` call allocates its large temporaries afresh (a composite's "
-        "mixed or clipped rows, a rule's [n, d] intermediates), and glibc maps such blocks "
-        "afresh (above its mmap threshold, at most 32 MiB, and above 64 MiB on any thread "
-        "but the main one, which is where XLA allocates): the kernel faults their pages in "
-        f"and zeroes them at every call, 4 KiB at a time ({huge_pages()} here). Inside a "
+        f"mixed or clipped rows, a rule's [n, d] intermediates); {FRESH_BLOCKS} Inside a "
         "simulation a compiled chunk of rounds allocates them once. Below, the rules whose "
         "call faults in 1,000 pages or more, timed again in a child process started with "
         + ", ".join(f"`{k}={v}`" for k, v in HUGE_PAGES_ENV.items())

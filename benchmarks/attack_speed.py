@@ -31,7 +31,7 @@ import cores
 import jax
 import jax.numpy as jnp
 import numpy as np
-from machine import HUGE_PAGES_ENV, cpu_name, huge_pages, page_faults, version
+from machine import FRESH_BLOCKS, HUGE_PAGES_ENV, cpu_name, page_faults, version
 
 import fedjax_byz as fb
 from fedjax_byz import ops
@@ -50,7 +50,6 @@ YARDSTICK = "μ_H and σ_H once (`ops.masked_mean_std`, the yardstick)"
 ON_CORES = "the yardstick on the cores as devices"
 NORMALS = "f·d normal draws, row by row as the attacks draw them"
 GRAM = "Gram matrix G Gᵀ once (`ops.gram`)"
-FAULTS = "minor page faults per call of `zero`"
 RULE = "trmean"  # the server rule aggregation-aware attacks calibrate against
 VMAP_BYTES = 2**31  # the one-vmap adaptive variant holds evals x n x d floats at once
 
@@ -299,12 +298,11 @@ def measure_with_huge_pages(args) -> tuple[dict, dict, dict]:
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     res = json.loads(out.splitlines()[-1])
 
-    def parse(table):
-        return {
-            k: {tuple(map(int, s.split("x"))): t for s, t in v.items()} for k, v in table.items()
-        }
+    def parse(by_size):
+        return {tuple(map(int, s.split("x"))): t for s, t in by_size.items()}
 
-    return parse(res["base"]), parse(res["ours"]), parse({FAULTS: res["faults"]})[FAULTS]
+    base, ours = ({k: parse(v) for k, v in res[t].items()} for t in ("base", "ours"))
+    return base, ours, parse(res["faults"])
 
 
 def main():
@@ -318,11 +316,14 @@ def main():
     if args.child:
         base, ours, *_, faults = measure_ours(sizes, args.repeats, full=False)
 
-        def dump(table):
-            return {k: {f"{n}x{d}": t for (n, d), t in v.items()} for k, v in table.items()}
+        def dump(by_size):
+            return {f"{n}x{d}": t for (n, d), t in by_size.items()}
 
-        tables = {"base": dump(base), "ours": dump(ours), "faults": dump({FAULTS: faults})[FAULTS]}
-        print(json.dumps(tables))
+        tables = {
+            t: {k: dump(v) for k, v in table.items()}
+            for t, table in [("base", base), ("ours", ours)]
+        }
+        print(json.dumps({**tables, "faults": dump(faults)}))
         return
     fb.use_cpu_cores()  # each core a device, for the "on the cores as devices" section
     mesh = sharding.make_mesh(1)
@@ -428,10 +429,7 @@ def write(args, sizes, base, ours, placed, split, refs, corr, load, pages):
         "## The same with 2 MiB pages",
         "",
         "Every call of a jitted function on XLA's CPU backend allocates its output and its "
-        "large temporaries afresh, and glibc maps large blocks afresh (above its mmap "
-        "threshold, at most 32 MiB, and above 64 MiB on any thread but the main one, which "
-        "is where XLA allocates): the kernel faults their pages in and zeroes them at every "
-        f"call, 4 KiB at a time ({huge_pages()} here). Below, the yardstick, the floors and "
+        f"large temporaries afresh; {FRESH_BLOCKS} Below, the yardstick, the floors and "
         "the attacks measured in a child process started with "
         + ", ".join(f"`{k}={v}`" for k, v in HUGE_PAGES_ENV.items())
         + ", which makes glibc ask for 2 MiB pages: minor page faults per call of `zero` "

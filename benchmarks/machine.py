@@ -50,6 +50,15 @@ def huge_pages() -> str:
     return f"{' '.join(platform.libc_ver())}, transparent huge pages `{mode}`"
 
 
+# How the results files explain the page faults of fresh buffers (one sentence).
+FRESH_BLOCKS = (
+    "glibc maps such blocks afresh (above its mmap threshold, at most 32 MiB, and above "
+    "64 MiB on any thread but the main one, which is where XLA allocates): the kernel "
+    f"faults their pages in and zeroes them at every call, 4 KiB at a time ({huge_pages()} "
+    "here)."
+)
+
+
 def page_faults(fn) -> int:
     """Minor page faults of one call of ``fn()``, after a warm-up call."""
     jax.block_until_ready(fn())
