@@ -172,6 +172,16 @@ def test_dnc_matches_oracle(n, f, niters, c):
         assert_weights(aux, ref_kept)
 
 
+@pytest.mark.parametrize("n,b", [(7, 40), (25, 7), (50, 300)])
+def test_top_direction_scores_match_svd(n, b):
+    X = updates(n, b, n // 5)
+    Xc = X - X.mean(0)
+    v = np.linalg.svd(Xc.astype(np.float64), full_matrices=False)[2][0]
+    ref = np.square(Xc @ v)
+    out = np.asarray(jax.jit(spectral.top_direction_scores)(jnp.asarray(X)))
+    np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-4 * ref.max())
+
+
 def test_sample_coordinates_are_distinct_and_uniform():
     draws = jax.vmap(lambda k: spectral.sample_coordinates(k, 10, 4))(jax.random.split(KEY, 4000))
     draws = np.asarray(draws)
