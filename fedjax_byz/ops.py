@@ -69,20 +69,35 @@ def sorting_network(n: int) -> tuple[tuple[int, int], ...]:
 
 
 # Past _NETWORK_MAX_N rows the network's compile time grows too large and ``jnp.sort`` is
-# used instead; a full sort (``sort_rows``, n outputs) uses it past _SORT_NETWORK_MAX_N.
+# used instead.
 _NETWORK_MAX_N = 128
-_SORT_NETWORK_MAX_N = 32
+
+# A comparator written as compare-and-select (one compare, two selects) ran 1.7-2x faster
+# here than as ``minimum``/``maximum``, which are one operation each but propagate NaN at
+# a cost of several instructions in XLA's CPU code (median at (100, 100k): 5.5 against
+# 10 ms; trimmed mean 6.8 against 13.4). XLA's CPU backend compiles a fused loop of a few
+# thousand operations or more into unvectorised sub-functions, 30-40x slower (see
+# ``aggregators.coordinate._FUSED_BUDGET``; a trimmed mean at n = 100 whose fused loop had
+# 4,317 HLO operations took 60 ms, one of 3,914 ran fast), so ``sorted_rows`` writes as many
+# comparators as compare-and-select as keep its estimate of the loop within
+# _SELECT_BUDGET, and the others as min/max.
+_SELECT_BUDGET = 3900
 
 
 def sorted_rows(
-    G: jax.Array, valid: jax.Array | None = None, below: jax.Array | None = None
+    G: jax.Array,
+    valid: jax.Array | None = None,
+    below: jax.Array | None = None,
+    *,
+    consumer_ops: int = 0,
 ) -> list[jax.Array]:
     """The order statistics of every coordinate: ``S_0 <= ... <= S_{n-1}``, each ``[1, d]``.
 
-    For ``n <= 128`` this is a sorting network of elementwise ``min``/``max`` over the
-    rows, which XLA fuses into one pass over ``G`` (and prunes to a selection network
-    when only some order statistics are used); ``jnp.sort`` along the client axis is
-    several times slower than numpy on CPU. Exact: it only moves values.
+    For ``n <= 128`` this is a sorting network over the rows, which XLA fuses into one
+    pass over ``G`` (and prunes to a selection network when only some order statistics
+    are used); ``jnp.sort`` along the client axis is several times slower than numpy on
+    CPU. Exact: it only moves values (a NaN is moved, not spread; the server drops
+    non-finite rows before a rule sees them).
 
     Rows are kept ``[1, d]`` (``G[i:i+1]``) rather than ``[d]``: on XLA's CPU backend a
     reshape between the network and a consumer that reads an order statistic more than
@@ -96,6 +111,8 @@ def sorted_rows(
       below: optional ``bool[n]``: ... or to ``−inf`` where ``below`` is True (they sort
         first; pushing as many rows each way keeps the median of the valid values at
         the static ranks ``(n − 1) // 2`` and ``n // 2``).
+      consumer_ops: estimated operations of what consumes ``S`` in the same fused loop
+        (see ``_SELECT_BUDGET``; ``rank_sum_ops``).
     """
     n = G.shape[0]
     fill = None
@@ -107,23 +124,44 @@ def sorted_rows(
     rows = [G[i : i + 1] for i in range(n)]
     if fill is not None:
         rows = [jnp.where(valid[i], r, fill[i]) for i, r in enumerate(rows)]
-    for a, b in sorting_network(n):
-        rows[a], rows[b] = jnp.minimum(rows[a], rows[b]), jnp.maximum(rows[a], rows[b])
+    pairs = sorting_network(n)
+    loop = 2 * len(pairs) + (2 if fill is None else 5) * n + consumer_ops
+    selects = _SELECT_BUDGET - loop  # each compare-and-select adds one operation
+    for t, (a, b) in enumerate(pairs):
+        x, y = rows[a], rows[b]
+        if t < selects:
+            lower = x < y
+            rows[a], rows[b] = jnp.where(lower, x, y), jnp.where(lower, y, x)
+        else:
+            rows[a], rows[b] = jnp.minimum(x, y), jnp.maximum(x, y)
     return rows
 
 
-def rank_sum(S: list[jax.Array], w: ArrayLike) -> jax.Array:
+def rank_sum_ops(n: int, w: ArrayLike, finite: bool = False) -> int:
+    """``rank_sum``'s estimated operations in the fused loop (``sorted_rows``'s
+    ``consumer_ops``)."""
+    if isinstance(w, np.ndarray):
+        return 2 * int(np.count_nonzero(w))
+    return 4 * n if finite else 8 * n
+
+
+def rank_sum(S: list[jax.Array], w: ArrayLike, finite: bool = False) -> jax.Array:
     """``Σ_r w_r S_r`` over order statistics ``S`` (from ``sorted_rows``). ``-> [d]``.
 
     A concrete (numpy) ``w`` skips its zero terms at trace time, so XLA keeps only the
     comparators those ranks need; a traced ``w`` selects with ``where`` so that
-    ``w_r = 0`` never meets an infinite ``S_r``.
+    ``w_r = 0`` never meets an infinite ``S_r``, unless ``finite`` says ``S`` has none
+    (finite rows, none pushed out by ``valid``): then plain products, which leave room
+    in the fused loop for faster comparators (trimmed mean at (100, 100k): 7.5 against
+    10.6 ms here).
     """
     if isinstance(w, np.ndarray):
         terms = [float(wr) * s for wr, s in zip(w, S, strict=True) if wr != 0]
     else:
         w = jnp.asarray(w, S[0].dtype)
-        terms = [jnp.where(w[r] != 0, w[r] * s, 0.0) for r, s in enumerate(S)]
+        terms = [
+            w[r] * s if finite else jnp.where(w[r] != 0, w[r] * s, 0.0) for r, s in enumerate(S)
+        ]
     out = terms[0]
     for t in terms[1:]:
         out = out + t
@@ -177,21 +215,6 @@ def sum_less(x: tuple[jax.Array, jax.Array], y: tuple[jax.Array, jax.Array]) -> 
     return (x[0] < y[0]) | ((x[0] == y[0]) & (x[1] < y[1]))
 
 
-def sort_rows(G: jax.Array) -> jax.Array:
-    """Sorts every coordinate over the client axis. ``[n, d] -> [n, d]`` ascending.
-
-    A full sort has ``n`` outputs, which XLA's CPU backend emits as ``n`` loops that
-    each recompute their part of the network: for ``n <= 32`` the network is still
-    5x faster than ``jnp.sort`` (140 ms against 700 ms at (25, 500k)), past that its
-    compile time explodes (100 s at ``n = 100``) and ``jnp.sort`` is used. Rules that
-    need a weighted sum of order statistics use ``sorted_rows`` with ``rank_sum``
-    instead, one fused pass.
-    """
-    if G.shape[0] > _SORT_NETWORK_MAX_N:
-        return jnp.sort(G, axis=0)
-    return jnp.concatenate(sorted_rows(G))
-
-
 def median_weights(k: ArrayLike, n: int) -> jax.Array:
     """Rank weights of the median of the ``k`` smallest of ``n`` values (``k`` traced)."""
     r = jnp.arange(n)
@@ -204,7 +227,8 @@ def masked_median(G: jax.Array, mask: jax.Array) -> jax.Array:
     Unmasked rows are pushed to +inf, so the ``k = Σ mask`` smallest values per
     coordinate are the masked ones; ``k`` may be traced.
     """
-    return rank_sum(sorted_rows(G, mask), median_weights(mask.sum(), G.shape[0]))
+    w = median_weights(mask.sum(), G.shape[0])
+    return rank_sum(sorted_rows(G, mask, consumer_ops=rank_sum_ops(G.shape[0], w)), w)
 
 
 def gram(G: jax.Array, center: jax.Array | None = None) -> jax.Array:

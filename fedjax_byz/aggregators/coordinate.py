@@ -40,7 +40,8 @@ def median() -> Aggregator:
         w = np.zeros(n)
         w[(n - 1) // 2] += 0.5
         w[n // 2] += 0.5
-        return ops.rank_sum(ops.sorted_rows(G), w), no_weights(n)
+        S = ops.sorted_rows(G, consumer_ops=ops.rank_sum_ops(n, w))
+        return ops.rank_sum(S, w), no_weights(n)
 
     return stateless(fn)
 
@@ -65,7 +66,9 @@ def trmean() -> Aggregator:
 
     def fn(G, ctx):
         n = G.shape[0]
-        return ops.rank_sum(ops.sorted_rows(G), trmean_weights(n, ctx.f)), no_weights(n)
+        w = trmean_weights(n, ctx.f)  # the server's rows are finite
+        S = ops.sorted_rows(G, consumer_ops=ops.rank_sum_ops(n, w, finite=True))
+        return ops.rank_sum(S, w, finite=True), no_weights(n)
 
     return stateless(fn)
 
@@ -80,14 +83,18 @@ _FUSED_BUDGET = 4500
 _MASKED_BUDGET = 4000
 
 
+def _window_ops(n: int, kmin: int, starts: int, step: int) -> int:
+    """Estimated operations of ``closest_mean`` past the sorting network: the window
+    starts' shifts and exact comparisons, and the window sum."""
+    return sum(ops.shift_sizes(n, kmin, starts, step)) + 12 * starts + 4 * n
+
+
 def _plan(n: int, kmin: int, starts: int, step: int, masked: bool) -> str:
     """How ``closest_mean`` runs: ``"fused"`` (one pass with per-row masks),
     ``"materialized"`` (the masked matrix written once, then one pass) or ``"sort"``
     (``jnp.sort`` once), from the estimated jaxpr operations of the fused loop: the
-    sorting network, the row reads and masks, the window starts' shifts and exact
-    comparisons, and the window sum."""
-    loop = 2 * len(ops.sorting_network(n)) + 6 * n
-    loop += sum(ops.shift_sizes(n, kmin, starts, step)) + 12 * starts
+    sorting network as min/max, the row reads and masks, and ``_window_ops``."""
+    loop = 2 * len(ops.sorting_network(n)) + 2 * n + _window_ops(n, kmin, starts, step)
     if loop + (6 * n if masked else 0) <= (_MASKED_BUDGET if masked else _FUSED_BUDGET):
         return "fused"
     return "materialized" if loop <= _FUSED_BUDGET else "sort"
@@ -149,8 +156,9 @@ def closest_mean(
         return (out / k.astype(out.dtype))[0]
 
     plan = _plan(n, kmin, starts, step, valid is not None)
+    window_ops = _window_ops(n, kmin, starts, step)
     if plan == "fused":
-        S = ops.sorted_rows(G, valid, below)
+        S = ops.sorted_rows(G, valid, below, consumer_ops=window_ops)
         return window(S, count(S))
     if valid is not None:
         G = jnp.where(valid[:, None], G, jnp.where(below, -jnp.inf, jnp.inf)[:, None])
@@ -158,7 +166,7 @@ def closest_mean(
         S = jnp.sort(G, axis=0)
         S = [S[i : i + 1] for i in range(n)]
     else:
-        S = ops.sorted_rows(G)
+        S = ops.sorted_rows(G, consumer_ops=window_ops)
     return window(S, count(S))
 
 
@@ -199,7 +207,8 @@ def rbtm() -> Aggregator:
         n = G.shape[0]
         order = jax.random.permutation(ctx.key, n)
         delivered = jnp.zeros(n, bool).at[order].set(jnp.arange(n) < n - ctx.f)
-        S = ops.sorted_rows(G, delivered)
-        return ops.rank_sum(S, trmean_weights(n, ctx.f, n - ctx.f)), no_weights(n)
+        w = trmean_weights(n, ctx.f, n - ctx.f)
+        S = ops.sorted_rows(G, delivered, consumer_ops=ops.rank_sum_ops(n, w))
+        return ops.rank_sum(S, w), no_weights(n)
 
     return stateless(fn)
