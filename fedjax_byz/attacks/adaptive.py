@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from fedjax_byz import ops, registry
-from fedjax_byz.attacks.base import Attack, Family, replace_byzantine
+from fedjax_byz.attacks.base import Attack, Family, replace_byzantine, write_byzantine
 from fedjax_byz.attacks.byzmean import byzmean_family
 from fedjax_byz.attacks.search import shejwalkar_family
 from fedjax_byz.attacks.statistical import ipm_family, lie_family
@@ -82,7 +82,7 @@ def adaptive(
 
         grid = jnp.linspace(lo, hi, evals, dtype=jnp.float32)
         scores = jax.lax.map(damage, grid, batch_size=_chunk(batch, evals))
-        return replace_byzantine(G, ctx.byz, craft(grid[jnp.argmax(scores)])), state
+        return write_byzantine(G, ctx.byz, craft(grid[jnp.argmax(scores)])), state
 
     return Attack(lambda d: (), apply)
 
