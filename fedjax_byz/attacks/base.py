@@ -120,7 +120,7 @@ def write_byzantine(G: jax.Array, byz: jax.Array, malicious: jax.Array) -> jax.A
     On CPU a shared ``[d]`` row is written into the Byzantine rows one after another
     (``byzantine_rows``' loop), so inside a round, where ``G``'s buffer is dead once
     attacked, XLA writes the ``f`` rows into it and leaves the others alone; the select
-    rewrote every row there (ALIE at 50 x 1M in place: 30 against 41-51 ms here).
+    rewrote every row there (ALIE at 50 x 1M in place: 28 against 40 ms, A/B here).
     Elsewhere the select: a sweep ``vmap``s over Byzantine masks on accelerators, and a
     loop over a batched count runs to the largest one, each step a select over the batch.
     """
