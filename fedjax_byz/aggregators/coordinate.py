@@ -40,8 +40,7 @@ def median() -> Aggregator:
         w = np.zeros(n)
         w[(n - 1) // 2] += 0.5
         w[n // 2] += 0.5
-        S = ops.sorted_rows(G, consumer_ops=ops.rank_sum_ops(n, w))
-        return ops.rank_sum(S, w), no_weights(n)
+        return ops.sorted_sum(G, w), no_weights(n)
 
     return stateless(fn)
 
@@ -67,8 +66,7 @@ def trmean() -> Aggregator:
     def fn(G, ctx):
         n = G.shape[0]
         w = trmean_weights(n, ctx.f)  # the server's rows are finite
-        S = ops.sorted_rows(G, consumer_ops=ops.rank_sum_ops(n, w, finite=True))
-        return ops.rank_sum(S, w, finite=True), no_weights(n)
+        return ops.sorted_sum(G, w, finite=True), no_weights(n)
 
     return stateless(fn)
 
@@ -89,12 +87,13 @@ def _window_ops(n: int, kmin: int, starts: int, step: int) -> int:
     return sum(ops.shift_sizes(n, kmin, starts, step)) + 12 * starts + 4 * n
 
 
-def _plan(n: int, kmin: int, starts: int, step: int, masked: bool) -> str:
+def _plan(n: int, window_ops: int, masked: bool) -> str:
     """How ``closest_mean`` runs: ``"fused"`` (one pass with per-row masks),
     ``"materialized"`` (the masked matrix written once, then one pass) or ``"sort"``
     (``jnp.sort`` once), from the estimated jaxpr operations of the fused loop: the
-    sorting network as min/max, the row reads and masks, and ``_window_ops``."""
-    loop = 2 * len(ops.sorting_network(n)) + 2 * n + _window_ops(n, kmin, starts, step)
+    sorting network as min/max, the row reads and masks, and ``window_ops``
+    (``_window_ops``)."""
+    loop = 2 * len(ops.sorting_network(n)) + 2 * n + window_ops
     if loop + (6 * n if masked else 0) <= (_MASKED_BUDGET if masked else _FUSED_BUDGET):
         return "fused"
     return "materialized" if loop <= _FUSED_BUDGET else "sort"
@@ -155,8 +154,8 @@ def closest_mean(
             out = out + jnp.where((r >= c) & (r < c + k), v, 0.0)
         return (out / k.astype(out.dtype))[0]
 
-    plan = _plan(n, kmin, starts, step, valid is not None)
     window_ops = _window_ops(n, kmin, starts, step)
+    plan = _plan(n, window_ops, valid is not None)
     if plan == "fused":
         S = ops.sorted_rows(G, valid, below, consumer_ops=window_ops)
         return window(S, count(S))
@@ -207,8 +206,6 @@ def rbtm() -> Aggregator:
         n = G.shape[0]
         order = jax.random.permutation(ctx.key, n)
         delivered = jnp.zeros(n, bool).at[order].set(jnp.arange(n) < n - ctx.f)
-        w = trmean_weights(n, ctx.f, n - ctx.f)
-        S = ops.sorted_rows(G, delivered, consumer_ops=ops.rank_sum_ops(n, w))
-        return ops.rank_sum(S, w), no_weights(n)
+        return ops.sorted_sum(G, trmean_weights(n, ctx.f, n - ctx.f), delivered), no_weights(n)
 
     return stateless(fn)
