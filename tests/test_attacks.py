@@ -83,7 +83,9 @@ ORACLE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "params", "oracle"), ORACLE_CASES, ids=lambda x: str(x))
+@pytest.mark.parametrize(
+    ("name", "params", "oracle"), ORACLE_CASES, ids=[f"{n}-{p}" for n, p, _ in ORACLE_CASES]
+)
 def test_closed_form_attacks_match_oracle(name, params, oracle):
     for G, byz in CASES:
         out = run(name, G, byz, **params)

@@ -24,8 +24,8 @@ from fedjax_byz.models.layers import Conv, max_pool
 )
 def test_models_map_images_to_logits(name, shape, params):
     model = models.get(name, 7, shape, **params)
-    p = model.init(jax.random.key(0))
-    logits = model.apply(p, jnp.ones((3, *shape)))
+    p = jax.jit(model.init)(jax.random.key(0))  # jitted: op by op, resnet18 took 28 s
+    logits = jax.jit(model.apply)(p, jnp.ones((3, *shape)))
     assert logits.shape == (3, 7)
     assert np.all(np.isfinite(logits))
 

@@ -59,17 +59,17 @@ def test_expansion_grouping_and_batch_counts(tmp_path, capsys):
 
 def test_attack_and_rule_branches_equal_single_runs(tmp_path, capsys):
     """One program for an attack × rule grid (stateful rule, label flipping, a composite
-    rule, several seeds and partitions), its cells dealt to 5 worker processes: every cell
+    rule, several seeds and partitions), its cells dealt to 2 worker processes: every cell
     exactly as its own single run."""
     cfg = dict(
         TINY,
         seed=[0, 1],
         attack={"grid": [{"name": "labelflip"}, {"name": "lie", "z": 1.0}, {"name": "none"}]},
         aggregator={"grid": [{"name": "cclip", "tau": 0.5}, {"name": "bucketing+krum"}]},
-        sweep={"threads": 5},
+        sweep={"threads": 2},
     )
     records = fb.sweep(cfg, out=tmp_path, progress=False)
-    assert "12 cells in 1 compiled program(s), 5 batch(es)" in capsys.readouterr().out
+    assert "12 cells in 1 compiled program(s), 2 batch(es)" in capsys.readouterr().out
     assert len({r["program"] for r in records}) == 1 and len(records) == 12
     for r in records:
         single = fb.simulate(r["config"], progress=False)
