@@ -325,6 +325,48 @@ def smallest_mask(scores: jax.Array, k: ArrayLike) -> jax.Array:
     return ranks(scores) < k
 
 
+def eigh(A: jax.Array, vectors: bool = True):
+    """``jnp.linalg.eigh(A)`` (or ``eigvalsh`` without ``vectors``) for symmetric
+    ``A [..., m, m]``, one matrix per LAPACK call on CPU.
+
+    jaxlib 0.10's CPU LAPACK kernels split a large enough batch of matrices over XLA's
+    pool of CPU threads and block until it is done; inside a loop or a ``cond`` (a round,
+    the server's guard) on two or more CPU devices, every pool thread can be such a
+    blocked call and the program deadlocks (reproduced here: SMEA's 1,024 eigenvalue
+    problems at n = 10 on the 2 cores as devices, and 32 per device at m = 50 in a
+    loop). So on CPU the matrices are decomposed one after another (``lax.map``), also
+    under ``vmap`` (a sweep over cells batches the rule's calls): the ``custom_vmap``
+    rule maps instead of batching. Accelerators take the whole batch in one call.
+    """
+    if jax.default_backend() != "cpu":
+        return jnp.linalg.eigh(A) if vectors else jnp.linalg.eigvalsh(A)
+    one = _eigh_one if vectors else _eigvalsh_one
+    batch = A.shape[:-2]
+    if not batch:
+        return one(A)
+    out = jax.lax.map(one, A.reshape(-1, *A.shape[-2:]))
+    return jax.tree.map(lambda x: x.reshape(*batch, *x.shape[1:]), out)
+
+
+def _one_at_a_time(decompose):
+    """``decompose`` of one matrix; under ``vmap``, a ``lax.map`` over the batch."""
+    fn = jax.custom_batching.custom_vmap(decompose)
+
+    @fn.def_vmap
+    def rule(axis_size, in_batched, A):
+        if not in_batched[0]:
+            out = fn(A)
+            return out, jax.tree.map(lambda _: False, out)
+        out = jax.lax.map(fn, A)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return fn
+
+
+_eigh_one = _one_at_a_time(lambda A: jnp.linalg.eigh(A))
+_eigvalsh_one = _one_at_a_time(lambda A: jnp.linalg.eigvalsh(A))
+
+
 def row_norms(G: jax.Array) -> jax.Array:
     """Euclidean norm of every row. ``[n, d] -> [n]``."""
     return jnp.sqrt(jnp.einsum("nd,nd->n", G, G, precision=_HI))

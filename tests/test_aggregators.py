@@ -182,6 +182,29 @@ def test_top_direction_scores_match_svd(n, b):
     np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-4 * ref.max())
 
 
+def test_eigh_decomposes_one_matrix_per_lapack_call():
+    # batched (SMEA's subsets) and under vmap (a sweep over cells): one matrix per call on
+    # CPU, so that no call can block the thread pool (ops.eigh); numbers as jnp.linalg's
+    B = jax.random.normal(KEY, (3, 4, 6, 6))
+    A = B @ jnp.swapaxes(B, -1, -2)
+
+    def both(a):  # [4, 6, 6]
+        lam, U = ops.eigh(a)
+        return lam, U, ops.eigh(a, vectors=False)
+
+    fn = jax.jit(jax.vmap(both))
+    lam, U, vals = fn(A)
+    ref = np.linalg.eigvalsh(np.asarray(A, np.float64))
+    np.testing.assert_allclose(lam, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(vals, ref, rtol=1e-4, atol=1e-4)
+    rebuilt = np.einsum("...ij,...j,...kj->...ik", U, lam, U)
+    np.testing.assert_allclose(rebuilt, A, rtol=1e-4, atol=1e-4)
+    calls = re.findall(
+        r"custom_call @lapack_\w+.*?num_batch_dims = \"(\d+)\"", fn.lower(A).as_text()
+    )
+    assert len(calls) == 2 and set(calls) == {"0"}
+
+
 def test_sample_coordinates_are_distinct_and_uniform():
     draws = jax.vmap(lambda k: spectral.sample_coordinates(k, 10, 4))(jax.random.split(KEY, 4000))
     draws = np.asarray(draws)

@@ -145,7 +145,12 @@ def _in_subprocess(script: str, *args: str, devices: int | None = 8) -> dict:
     if devices is None:
         env.pop("XLA_FLAGS")
     proc = subprocess.run(
-        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, check=False
+        [sys.executable, "-c", script, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,  # a deadlock fails the test
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
@@ -186,6 +191,28 @@ def test_rules_and_attacks_on_column_sharded_updates_match_one_device():
     assert len(out) == len(rules) + len(ATTACKS) + 1 + len(FALLBACK)
     for name, (plain, split) in out.items():
         np.testing.assert_allclose(split, plain, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+LAPACK_SCRIPT = r"""
+import sys
+import jax, numpy as np
+import fedjax_byz as fb
+from fedjax_byz.sim import sharding
+
+mesh = sharding.make_mesh(batch=1)
+G = np.random.default_rng(0).standard_normal((10, 100_000)).astype(np.float32)
+with sharding.columns_split(mesh):
+    run = jax.jit(lambda G: fb.aggregate("smea", G, f=2))
+    out = run(sharding.spread_columns(jax.numpy.asarray(G), mesh))
+np.testing.assert_allclose(out, fb.aggregate("smea", G, f=2), rtol=1e-5, atol=1e-6)
+print("RESULT{}")
+"""
+
+
+def test_batched_lapack_calls_on_two_devices_do_not_deadlock():
+    # SMEA's 1,024 eigenvalue problems under the guard's cond, on 2 devices sharing a
+    # 2-thread pool: jaxlib's batched LAPACK kernels blocked every pool thread (ops.eigh)
+    _in_subprocess(LAPACK_SCRIPT, devices=2)
 
 
 def test_sharded_sweep_batch_matches_one_device():

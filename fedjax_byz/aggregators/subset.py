@@ -82,7 +82,7 @@ def smea() -> Aggregator:
         m = members.astype(K.dtype)
         size = jnp.maximum(m.sum(axis=1), 1.0)
         P = jax.vmap(jnp.diag)(m) - m[:, :, None] * m[:, None, :] / size[:, None, None]
-        lam = jnp.linalg.eigvalsh(P @ K @ P)[:, -1] / size
+        lam = ops.eigh(P @ K @ P, vectors=False)[:, -1] / size
         return _best_subset(lam, members, n - ctx.f) / jnp.asarray(n - ctx.f, dtype)
 
     return gram_rule(weights)
