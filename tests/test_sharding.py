@@ -194,7 +194,6 @@ def test_rules_and_attacks_on_column_sharded_updates_match_one_device():
 
 
 LAPACK_SCRIPT = r"""
-import sys
 import jax, numpy as np
 import fedjax_byz as fb
 from fedjax_byz.sim import sharding
@@ -209,10 +208,11 @@ print("RESULT{}")
 """
 
 
-def test_batched_lapack_calls_on_two_devices_do_not_deadlock():
-    # SMEA's 1,024 eigenvalue problems under the guard's cond, on 2 devices sharing a
-    # 2-thread pool: jaxlib's batched LAPACK kernels blocked every pool thread (ops.eigh)
-    _in_subprocess(LAPACK_SCRIPT, devices=2)
+def test_batched_lapack_calls_on_the_cores_as_devices_do_not_deadlock():
+    # SMEA's 1,024 eigenvalue problems under the guard's cond, one device per thread of
+    # XLA's pool (one per core): jaxlib's batched LAPACK kernels had blocked every pool
+    # thread (ops.eigh; it hung on the 2 cores here)
+    _in_subprocess(LAPACK_SCRIPT, devices=min(max(2, sharding.cpu_cores()), 16))
 
 
 def test_sharded_sweep_batch_matches_one_device():
