@@ -340,12 +340,10 @@ def eigh(A: jax.Array, vectors: bool = True):
     """
     if jax.default_backend() != "cpu":
         return jnp.linalg.eigh(A) if vectors else jnp.linalg.eigvalsh(A)
-    one = _eigh_one if vectors else _eigvalsh_one
-    batch = A.shape[:-2]
-    if not batch:
-        return one(A)
-    out = jax.lax.map(one, A.reshape(-1, *A.shape[-2:]))
-    return jax.tree.map(lambda x: x.reshape(*batch, *x.shape[1:]), out)
+    fn = _eigh_one if vectors else _eigvalsh_one
+    for _ in A.shape[:-2]:  # each batch axis a vmap, which the rule turns into a map
+        fn = jax.vmap(fn)
+    return fn(A)
 
 
 def _one_at_a_time(decompose):
@@ -353,10 +351,7 @@ def _one_at_a_time(decompose):
     fn = jax.custom_batching.custom_vmap(decompose)
 
     @fn.def_vmap
-    def rule(axis_size, in_batched, A):
-        if not in_batched[0]:
-            out = fn(A)
-            return out, jax.tree.map(lambda _: False, out)
+    def rule(axis_size, in_batched, A):  # A, the only argument, is batched
         out = jax.lax.map(fn, A)
         return out, jax.tree.map(lambda _: True, out)
 
