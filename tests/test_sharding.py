@@ -217,7 +217,7 @@ def test_batched_lapack_calls_on_the_cores_as_devices_do_not_deadlock():
 
 def test_sharded_sweep_batch_matches_one_device():
     # 2 cells x 3 sampled clients of 6: the cell axis takes 2 devices, the clients 4 (one
-    # slot padded); training under shard_map, DnC's SVD on column-sharded updates.
+    # slot padded); training under shard_map, DnC's eigh on column-sharded updates.
     server = dict(TINY["server"], clients_per_round=3)
     cells = [_config("dnc", seed=s, server=server) for s in (0, 1)]
     out = _simulate_both([("sweep", cells, "vmap")])
