@@ -296,6 +296,31 @@ def test_composites_route_keywords_and_weights():
     assert_close(out, oracle.trmean(oracle.arc(G, f), f)[0], G)
 
 
+@pytest.mark.parametrize("rule", ["median", "trmean", "meamed", "rbtm"])
+def test_coordinate_rules_behind_pre_aggregators_match_oracle(rule):
+    """A coordinate-wise rule behind a pre-aggregator runs on the mapped rows one column
+    block at a time (``base.compose``): two whole blocks and a ragged tail here."""
+    n, f = 13, 2
+    d = 2 * ops.column_block(n, 10**6) + 5
+    G = updates(n, d, f)
+    perm = np.asarray(jax.random.permutation(jax.random.fold_in(KEY, 0), n))
+    mapped = {
+        "bucketing": oracle.bucketing(G, perm, 2),
+        "nnm": oracle.nnm(G, f),
+        "arc": oracle.arc(G, f),
+        "clip": oracle.clip(G, 2.0),
+    }
+    for name, Y in mapped.items():
+        out, aux = run(f"{name}+{rule}", G, f)
+        if rule == "rbtm":
+            m = len(Y)
+            ref = oracle.rbtm(Y, f, np.asarray(jax.random.permutation(KEY, m))[: m - f])[0]
+        else:
+            ref = getattr(oracle, rule)(Y, f)[0]
+        assert_close(out, ref, G)
+        assert np.isnan(aux["weights"]).all() and aux["weights"].shape == (n,)
+
+
 @pytest.mark.parametrize(
     "name,n,d,f",
     [(r, 12, 9, 3) for r in ("krum", "multikrum", "geomed")]

@@ -87,7 +87,7 @@ RULES.register("krum", distance.krum, max_f=lambda n: n - 3, needs="n >= f + 3")
 RULES.register("multikrum", distance.multikrum, max_f=lambda n: n - 3, needs="n >= f + 3")
 RULES.register("bulyan", distance.bulyan, max_f=lambda n: (n - 3) // 4, needs="n >= 4f + 3")
 RULES.register("geomed", distance.geomed, static=("iters",), aliases=("rfa",))
-RULES.register("cclip", distance.cclip, static=("iters",))
+RULES.register("cclip", distance.cclip, static=("iters",), propagates_nonfinite=True)
 RULES.register("aksel", distance.aksel, static=("mode",))
 RULES.register("monna", distance.monna, **_HALF)
 RULES.register("cge", distance.cge, **_HALF)
@@ -160,8 +160,9 @@ def get(name: str, **params: Any) -> Aggregator:
     The rule is wrapped in ``guard_nonfinite``: non-finite client rows, and for rules that
     square rows (registered without ``squares=False``) finite rows whose squared norm
     overflows (``base.overflowing_rows``), are rejected (zeroed and reported in
-    ``aux["nonfinite"]``) before any stage sees them (for the mean, whose output is
-    non-finite whenever a row is, only when its output is).
+    ``aux["nonfinite"]``) before any stage sees them (for the mean and CClip, whose
+    output is non-finite whenever a row is, only when their output is: one pass over the
+    matrix fewer in clean rounds).
     """
     entries = stages(name)
     built = [e.factory(**p) for e, p in zip(entries, route_params(entries, params), strict=True)]

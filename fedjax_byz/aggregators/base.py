@@ -52,11 +52,16 @@ class Aggregator(NamedTuple):
         ``Σ_i w_i g_i`` with ``w`` a function of the rows' centred Gram matrix alone:
         ``(K[n, n], ctx) -> w[n]``. ``compose`` then runs it behind a pre-aggregator that
         mixes rows (``PreAggregator.gram_mixing``) without forming the mixed rows.
+      columns: set by ``coordinate_rule`` for a stateless rule whose aggregate works on
+        each coordinate separately: ``(B[m, c], ctx) -> [c]``, the aggregate of any block
+        of columns. ``compose`` then runs it block by block behind a pre-aggregator with
+        a ``row_map``, without forming the pre-aggregated rows.
     """
 
     init: Callable[[int], State]
     update: Callable[[jax.Array, State, AggregatorContext], tuple[jax.Array, State, Aux]]
     gram_weights: Callable[[jax.Array, AggregatorContext], jax.Array] | None = None
+    columns: Callable[[jax.Array, AggregatorContext], jax.Array] | None = None
 
 
 class PreAggregator(NamedTuple):
@@ -73,12 +78,23 @@ class PreAggregator(NamedTuple):
       gram_mixing: for a stateless pre-aggregator whose output is exactly ``W G``, ``W``
         a function of the rows' centred Gram matrix alone (NNM): ``(K[n, n], ctx) ->
         W[m, n]``, rows summing to 1.
+      row_map: for a stateless pre-aggregator that treats every column alike (its output
+        is ``M G`` for an ``M [m, n]`` that depends on the whole matrix: bucketing, NNM,
+        the clippings): ``(G[n, d], ctx) -> (apply, mixing)``, ``apply`` mapping any
+        block of columns ``B[n, c] -> [m, c]``, so that the output is ``apply(G)``.
     """
 
     init: Callable[[int], State]
     update: Callable[[jax.Array, State, AggregatorContext], tuple[jax.Array, State, jax.Array]]
     out_rows: Callable[[int], int] = lambda n: n
     gram_mixing: Callable[[jax.Array, AggregatorContext], jax.Array] | None = None
+    row_map: (
+        Callable[
+            [jax.Array, AggregatorContext],
+            tuple[Callable[[jax.Array], jax.Array], jax.Array],
+        ]
+        | None
+    ) = None
 
 
 def stateless(
@@ -112,6 +128,17 @@ def gram_rule(
     return Aggregator(lambda d: (), update, weights)
 
 
+def coordinate_rule(columns: Callable[[jax.Array, AggregatorContext], jax.Array]) -> Aggregator:
+    """A stateless rule that works on each coordinate separately: ``columns(G, ctx)``,
+    ``[n, d] -> [d]``, is also its aggregate of any block of columns. It keeps values,
+    not rows, so its ``aux["weights"]`` is NaN (``no_weights``)."""
+
+    def update(G, state, ctx):
+        return columns(G, ctx), state, {"weights": no_weights(G.shape[0])}
+
+    return Aggregator(lambda d: (), update, columns=columns)
+
+
 def mixed_gram(K: jax.Array, W: jax.Array) -> jax.Array:
     """The centred Gram matrix of the mixed rows ``W G`` from that of ``G``.
 
@@ -138,9 +165,14 @@ def compose(*stages: PreAggregator | Aggregator) -> Aggregator:
     never forms the mixed rows ``W G``: one Gram product of the rows ``G`` gives ``W``,
     the mixed rows' Gram matrix (``mixed_gram``) gives the rule's weights ``w``, and the
     aggregate is ``(wW) G``, one pass (NNM+geomed at 100 x 100k: 89 -> 31 ms here).
+    Likewise a coordinate-wise rule (``coordinate_rule``: median, trimmed mean, ...)
+    behind a pre-aggregator with a ``row_map`` runs on the mapped rows one block of
+    columns at a time (``ops.scan_columns``), while the block is in cache: the ``[m, d]``
+    pre-aggregated matrix is never written (NNM+median at 25 x 500k: 37 -> 29 ms here).
     """
     *pres, rule = stages
     fused = bool(pres) and pres[-1].gram_mixing is not None and rule.gram_weights is not None
+    blocked = bool(pres) and pres[-1].row_map is not None and rule.columns is not None
 
     def init(d):
         return tuple(s.init(d) for s in stages)
@@ -149,9 +181,11 @@ def compose(*stages: PreAggregator | Aggregator) -> Aggregator:
         def stage_ctx(i):
             return ctx.replace(key=jax.random.fold_in(ctx.key, i))
 
-        mixing = jnp.eye(G.shape[0], dtype=G.dtype)
+        n = G.shape[0]
+        mixing = jnp.eye(n, dtype=G.dtype)
         new_state = []
-        for i, (pre, s) in enumerate(zip(pres[: len(pres) - fused], state, strict=False)):
+        last = len(pres) - (fused or blocked)
+        for i, (pre, s) in enumerate(zip(pres[:last], state, strict=False)):
             G, s, M = pre.update(G, s, stage_ctx(i))
             mixing = M @ mixing
             new_state.append(s)
@@ -160,6 +194,14 @@ def compose(*stages: PreAggregator | Aggregator) -> Aggregator:
             W = pres[-1].gram_mixing(K, stage_ctx(len(pres) - 1))  # [m, n]
             w = rule.gram_weights(mixed_gram(K, W), ctx) @ W  # [n]
             return ops.weighted_sum(w, G), (*new_state, *state[-2:]), {"weights": w @ mixing}
+        if blocked:  # likewise stateless
+            apply, _ = pres[-1].row_map(G, stage_ctx(len(pres) - 1))
+
+            def block(B, vs, carry):
+                return (rule.columns(apply(B), ctx),), carry
+
+            out = ops.scan_columns(block, G)[0][0]
+            return out, (*new_state, *state[-2:]), {"weights": no_weights(n)}
         out, s, aux = rule.update(G, state[-1], ctx)
         aux = dict(aux, weights=aux["weights"] @ mixing)
         return out, (*new_state, s), aux

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_byz import ops
-from fedjax_byz.aggregators.base import Aggregator, no_weights, stateless
+from fedjax_byz.aggregators.base import Aggregator, coordinate_rule, stateless
 
 
 def mean() -> Aggregator:
@@ -40,9 +40,9 @@ def median() -> Aggregator:
         w = np.zeros(n)
         w[(n - 1) // 2] += 0.5
         w[n // 2] += 0.5
-        return ops.sorted_sum(G, w), no_weights(n)
+        return ops.sorted_sum(G, w)
 
-    return stateless(fn)
+    return coordinate_rule(fn)
 
 
 def trmean_weights(n: int, f, q=None) -> jax.Array:
@@ -66,9 +66,9 @@ def trmean() -> Aggregator:
     def fn(G, ctx):
         n = G.shape[0]
         w = trmean_weights(n, ctx.f)  # the server's rows are finite
-        return ops.sorted_sum(G, w, finite=True), no_weights(n)
+        return ops.sorted_sum(G, w, finite=True)
 
-    return stateless(fn)
+    return coordinate_rule(fn)
 
 
 # XLA's CPU backend compiles a fused loop of more than roughly 4,500 operations into
@@ -182,10 +182,9 @@ def meamed() -> Aggregator:
     def fn(G, ctx):
         n = G.shape[0]
         fmax = (n - 1) // 2
-        out = closest_mean(G, n - ctx.f, kmin=n - fmax, starts=fmax)
-        return out, no_weights(n)
+        return closest_mean(G, n - ctx.f, kmin=n - fmax, starts=fmax)
 
-    return stateless(fn)
+    return coordinate_rule(fn)
 
 
 def rbtm() -> Aggregator:
@@ -206,6 +205,6 @@ def rbtm() -> Aggregator:
         n = G.shape[0]
         order = jax.random.permutation(ctx.key, n)
         delivered = jnp.zeros(n, bool).at[order].set(jnp.arange(n) < n - ctx.f)
-        return ops.sorted_sum(G, trmean_weights(n, ctx.f, n - ctx.f), delivered), no_weights(n)
+        return ops.sorted_sum(G, trmean_weights(n, ctx.f, n - ctx.f), delivered)
 
-    return stateless(fn)
+    return coordinate_rule(fn)

@@ -158,6 +158,10 @@ def cclip(tau: ArrayLike = 10.0, iters: int = 1) -> Aggregator:
     follow from the Gram matrix of ``G − v_prev``; with ``L = 1`` only the row norms of
     ``G − v_prev`` are needed (one pass, no Gram product).
 
+    A row holding a NaN or an infinity, or too large to square (``‖g_i − v‖² = inf``),
+    gets a NaN coefficient and makes ``v`` NaN, so ``fb.aggregate`` checks the rows
+    (``base.guard_nonfinite``) only when the output is not finite.
+
     Args:
       tau: clipping radius ``τ`` (traced).
       iters: number of clipping steps ``L`` (static).
@@ -173,6 +177,7 @@ def cclip(tau: ArrayLike = 10.0, iters: int = 1) -> Aggregator:
         def step(c, sq_dists):
             dist = jnp.sqrt(sq_dists)
             s = jnp.minimum(1.0, tau / jnp.maximum(dist, jnp.finfo(G.dtype).tiny))
+            s = jnp.where(dist < jnp.inf, s, jnp.nan)  # see the docstring
             return c + (s - c * s.sum()) / n
 
         c = jnp.zeros(n, G.dtype)

@@ -15,12 +15,14 @@ from fedjax_byz import ops
 from fedjax_byz.aggregators.base import PreAggregator
 
 
-def _stateless(fn, out_rows=lambda n: n, gram_mixing=None) -> PreAggregator:
-    def update(G, state, ctx):
-        out, mixing = fn(G, ctx)
-        return out, state, mixing
+def _stateless(row_map, out_rows=lambda n: n, gram_mixing=None) -> PreAggregator:
+    """A stateless pre-aggregator from its ``row_map`` (``PreAggregator``)."""
 
-    return PreAggregator(lambda d: (), update, out_rows, gram_mixing)
+    def update(G, state, ctx):
+        apply, mixing = row_map(G, ctx)
+        return apply(G), state, mixing
+
+    return PreAggregator(lambda d: (), update, out_rows, gram_mixing, row_map)
 
 
 def bucketing(s: int = 2) -> PreAggregator:
@@ -39,22 +41,26 @@ def bucketing(s: int = 2) -> PreAggregator:
     def out_rows(n):
         return math.ceil(n / s)
 
-    def fn(G, ctx):
+    def row_map(G, ctx):
         n = G.shape[0]
         m = out_rows(n)
         perm = jax.random.permutation(ctx.key, n)
         slots = np.arange(m * s).reshape(m, s)  # slot k of the permutation, by bucket
         size = (slots < n).sum(axis=1)
         idx = jnp.concatenate([perm, jnp.zeros(m * s - n, perm.dtype)])[slots]
-        out = 0.0
-        for t in range(s):  # s row gathers: one read of G, 5x faster than a matmul here
-            w = jnp.asarray((slots[:, t] < n) / size, G.dtype)
-            out = out + jnp.take(G, idx[:, t], axis=0, mode="clip") * w[:, None]
+
+        def apply(B):  # s row gathers: one read of B, 5x faster than a matmul here
+            out = 0.0
+            for t in range(s):
+                w = jnp.asarray((slots[:, t] < n) / size, B.dtype)
+                out = out + jnp.take(B, idx[:, t], axis=0, mode="clip") * w[:, None]
+            return out
+
         bucket = jnp.zeros(n, jnp.int32).at[perm].set(jnp.arange(n, dtype=jnp.int32) // s)
         mixing = (bucket[None, :] == jnp.arange(m)[:, None]) / jnp.asarray(size, G.dtype)[:, None]
-        return out, mixing
+        return apply, mixing
 
-    return _stateless(fn, out_rows)
+    return _stateless(row_map, out_rows)
 
 
 def nnm() -> PreAggregator:
@@ -75,15 +81,16 @@ def nnm() -> PreAggregator:
         near = jax.vmap(lambda row: ops.smallest_mask(row, n - ctx.f))(D)
         return near / jnp.asarray(n - ctx.f, K.dtype)
 
-    def fn(G, ctx):
+    def row_map(G, ctx):
         W = mixing(ops.centred_gram(G), ctx)
-        return jnp.matmul(W, G, precision=jax.lax.Precision.HIGHEST), W
+        return (lambda B: jnp.matmul(W, B, precision=jax.lax.Precision.HIGHEST)), W
 
-    return _stateless(fn, gram_mixing=mixing)
+    return _stateless(row_map, gram_mixing=mixing)
 
 
-def _scale_rows(G: jax.Array, scale: jax.Array):
-    return G * scale[:, None], jnp.eye(G.shape[0], dtype=G.dtype)
+def _scale_rows(scale: jax.Array):
+    """The ``row_map`` of a rescaling of the rows (identity attribution)."""
+    return (lambda B: B * scale[:, None]), jnp.eye(scale.shape[0], dtype=scale.dtype)
 
 
 def arc() -> PreAggregator:
@@ -96,16 +103,16 @@ def arc() -> PreAggregator:
     unchanged. Rows are rescaled, not mixed (identity attribution).
     """
 
-    def fn(G, ctx):
+    def row_map(G, ctx):
         n = G.shape[0]
         norms = ops.row_norms(G)
         k = (2 * ctx.f * (n - ctx.f)) // n  # integers: under jit, XLA turns / n into * (1/n)
         clip_to = jnp.sort(norms)[jnp.clip(n - 1 - k, 0, n - 1)]
         big = ops.ranks(-norms) < k
         scale = jnp.where(big, clip_to / jnp.maximum(norms, jnp.finfo(G.dtype).tiny), 1.0)
-        return _scale_rows(G, scale)
+        return _scale_rows(scale)
 
-    return _stateless(fn)
+    return _stateless(row_map)
 
 
 def clip(c: ArrayLike = 2.0) -> PreAggregator:
@@ -116,8 +123,8 @@ def clip(c: ArrayLike = 2.0) -> PreAggregator:
       c: clipping radius (traced).
     """
 
-    def fn(G, ctx):
+    def row_map(G, ctx):
         norms = ops.row_norms(G)
-        return _scale_rows(G, jnp.minimum(1.0, c / jnp.maximum(norms, jnp.finfo(G.dtype).tiny)))
+        return _scale_rows(jnp.minimum(1.0, c / jnp.maximum(norms, jnp.finfo(G.dtype).tiny)))
 
-    return _stateless(fn)
+    return _stateless(row_map)
