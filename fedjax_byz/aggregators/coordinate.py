@@ -35,12 +35,12 @@ def median() -> Aggregator:
     for even ``n`` (numpy's and ByzFL's convention). Needs ``f < n/2``.
     """
 
-    def fn(G, ctx):
+    def fn(G, ctx, fused_ops=0):
         n = G.shape[0]
         w = np.zeros(n)
         w[(n - 1) // 2] += 0.5
         w[n // 2] += 0.5
-        return ops.sorted_sum(G, w)
+        return ops.sorted_sum(G, w, fused_ops=fused_ops)
 
     return coordinate_rule(fn)
 
@@ -63,10 +63,10 @@ def trmean() -> Aggregator:
     ``f < n/2``.
     """
 
-    def fn(G, ctx):
+    def fn(G, ctx, fused_ops=0):
         n = G.shape[0]
         w = trmean_weights(n, ctx.f)  # the server's rows are finite
-        return ops.sorted_sum(G, w, finite=True)
+        return ops.sorted_sum(G, w, finite=True, fused_ops=fused_ops)
 
     return coordinate_rule(fn)
 
@@ -108,6 +108,7 @@ def closest_mean(
     step: int = 1,
     valid: jax.Array | None = None,
     below: jax.Array | None = None,
+    fused_ops: int = 0,
 ) -> jax.Array:
     """Per coordinate, the mean of the ``k`` values closest to the median of the column,
     ties in distance going to the smaller value. ``-> [d]``.
@@ -136,6 +137,8 @@ def closest_mean(
       step: static; ``k − kmin`` is always a multiple of it.
       valid: optional ``bool[n]``, the rows that count (see ``ops.sorted_rows``).
       below: optional ``bool[n]``, rows outside ``valid`` pushed to ``−inf``.
+      fused_ops: estimated operations of a producer of ``G``'s rows fused into the pass
+        (``ops.sorted_sum``).
     """
     n = G.shape[0]
     k = jnp.maximum(k, kmin)
@@ -154,7 +157,7 @@ def closest_mean(
             out = out + jnp.where((r >= c) & (r < c + k), v, 0.0)
         return (out / k.astype(out.dtype))[0]
 
-    window_ops = _window_ops(n, kmin, starts, step)
+    window_ops = _window_ops(n, kmin, starts, step) + fused_ops
     plan = _plan(n, window_ops, valid is not None)
     if plan == "fused":
         S = ops.sorted_rows(G, valid, below, consumer_ops=window_ops)
@@ -179,10 +182,10 @@ def meamed() -> Aggregator:
     smaller value (ByzFL ``Meamed`` leaves them to ``argpartition``). Needs ``f < n/2``.
     """
 
-    def fn(G, ctx):
+    def fn(G, ctx, fused_ops=0):
         n = G.shape[0]
         fmax = (n - 1) // 2
-        return closest_mean(G, n - ctx.f, kmin=n - fmax, starts=fmax)
+        return closest_mean(G, n - ctx.f, kmin=n - fmax, starts=fmax, fused_ops=fused_ops)
 
     return coordinate_rule(fn)
 
@@ -201,10 +204,11 @@ def rbtm() -> Aggregator:
     optimal resilience proved in the paper.
     """
 
-    def fn(G, ctx):
+    def fn(G, ctx, fused_ops=0):
         n = G.shape[0]
         order = jax.random.permutation(ctx.key, n)
         delivered = jnp.zeros(n, bool).at[order].set(jnp.arange(n) < n - ctx.f)
-        return ops.sorted_sum(G, trmean_weights(n, ctx.f, n - ctx.f), delivered)
+        w = trmean_weights(n, ctx.f, n - ctx.f)
+        return ops.sorted_sum(G, w, delivered, fused_ops=fused_ops)
 
     return coordinate_rule(fn)
