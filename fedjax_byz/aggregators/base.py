@@ -62,7 +62,7 @@ class Aggregator(NamedTuple):
     init: Callable[[int], State]
     update: Callable[[jax.Array, State, AggregatorContext], tuple[jax.Array, State, Aux]]
     gram_weights: Callable[[jax.Array, AggregatorContext], jax.Array] | None = None
-    columns: Callable[[jax.Array, AggregatorContext], jax.Array] | None = None
+    columns: Callable[..., jax.Array] | None = None
 
 
 class PreAggregator(NamedTuple):
@@ -95,11 +95,7 @@ class PreAggregator(NamedTuple):
     out_rows: Callable[[int], int] = lambda n: n
     gram_mixing: Callable[[jax.Array, AggregatorContext], jax.Array] | None = None
     row_map: (
-        Callable[
-            [jax.Array, AggregatorContext],
-            tuple[Callable[[jax.Array], jax.Array], jax.Array],
-        ]
-        | None
+        Callable[[jax.Array, AggregatorContext], tuple[Callable[..., jax.Array], jax.Array]] | None
     ) = None
     row_ops: Callable[[int], int] | None = None
 
@@ -135,7 +131,7 @@ def gram_rule(
     return Aggregator(lambda d: (), update, weights)
 
 
-def coordinate_rule(columns: Callable[[jax.Array, AggregatorContext], jax.Array]) -> Aggregator:
+def coordinate_rule(columns: Callable[..., jax.Array]) -> Aggregator:
     """A stateless rule that works on each coordinate separately: ``columns(G, ctx)``,
     ``[n, d] -> [d]``, is also its aggregate of any block of columns (``Aggregator``).
     It keeps values, not rows, so its ``aux["weights"]`` is NaN (``no_weights``)."""
@@ -189,7 +185,7 @@ def compose(*stages: PreAggregator | Aggregator) -> Aggregator:
     """
     *pres, rule = stages
     fused = bool(pres) and pres[-1].gram_mixing is not None and rule.gram_weights is not None
-    blocked = bool(pres) and pres[-1].row_map is not None and rule.columns is not None
+    columnwise = bool(pres) and pres[-1].row_map is not None and rule.columns is not None
 
     def init(d):
         return tuple(s.init(d) for s in stages)
@@ -201,7 +197,7 @@ def compose(*stages: PreAggregator | Aggregator) -> Aggregator:
         n = G.shape[0]
         mixing = jnp.eye(n, dtype=G.dtype)
         new_state = []
-        last = len(pres) - (fused or blocked)
+        last = len(pres) - (fused or columnwise)
         for i, (pre, s) in enumerate(zip(pres[:last], state, strict=False)):
             G, s, M = pre.update(G, s, stage_ctx(i))
             mixing = M @ mixing
@@ -211,7 +207,7 @@ def compose(*stages: PreAggregator | Aggregator) -> Aggregator:
             W = pres[-1].gram_mixing(K, stage_ctx(len(pres) - 1))  # [m, n]
             w = rule.gram_weights(mixed_gram(K, W), ctx) @ W  # [n]
             return ops.weighted_sum(w, G), (*new_state, *state[-2:]), {"weights": w @ mixing}
-        if blocked:  # likewise stateless
+        if columnwise:  # likewise stateless
             pre = pres[-1]
             apply, _ = pre.row_map(G, stage_ctx(len(pres) - 1))
             row_ops = None if pre.row_ops is None else pre.row_ops(G.shape[0])
