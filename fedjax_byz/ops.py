@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from fedjax_byz import native
+
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -239,10 +241,15 @@ def masked_median(G: jax.Array, mask: jax.Array) -> jax.Array:
 def gram(G: jax.Array, center: jax.Array | None = None) -> jax.Array:
     """Inner products ``(G − c)(G − c)ᵀ`` (``c = 0`` by default). ``[n, d] -> [n, n]``.
 
-    Accumulated over column blocks (``scan_columns``): each block is centred and
-    multiplied while it is in cache; XLA's CPU dot for one long contraction was 5x
-    slower than this here. Other backends use one matmul.
+    On CPU, for float32, by the native kernel (``fedjax_byz.native``: register tiles on
+    every core, 2.5x faster than XLA's dot here), on each device's own columns where
+    they are split over CPU devices. Otherwise accumulated over column blocks
+    (``scan_columns``): each block is centred and multiplied while it is in cache; XLA's
+    CPU dot for one long contraction was 5x slower than that here. Other backends use
+    one matmul.
     """
+    if native.available(G.dtype):
+        return _native_gram(G, center=center)
     n, d = G.shape
     center = jnp.zeros(d, G.dtype) if center is None else center
 
@@ -250,6 +257,41 @@ def gram(G: jax.Array, center: jax.Array | None = None) -> jax.Array:
         return (), K + block_gram(B - vs[0][None, :])
 
     return scan_columns(fn, G, (center,), jnp.zeros((n, n), G.dtype))[1]
+
+
+def centred_gram(G: jax.Array, weights: ArrayLike | None = None) -> jax.Array:
+    """``(G − ḡ)(G − ḡ)ᵀ``, the Gram matrix of the rows centred on their mean ``ḡ``, or on
+    their weighted mean ``ḡ = Σ_i w_i g_i`` given ``weights [n]``. ``[n, d] -> [n, n]``.
+
+    Distances and any combination ``Σ_i α_i g_i`` with ``Σ α_i = 1`` are unchanged by the
+    centring, which keeps float32 Gram entries small when rows share a large component.
+    The native kernel computes ``ḡ`` block by block as it goes (no pass of its own).
+    """
+    n = G.shape[0]
+    weights = jnp.full(n, 1.0 / n, G.dtype) if weights is None else jnp.asarray(weights, G.dtype)
+    if native.available(G.dtype):
+        return _native_gram(G, weights=weights)
+    return gram(G, weighted_sum(weights, G))
+
+
+def _native_gram(G, *, center=None, weights=None) -> jax.Array:
+    """``native.gram`` on all cores, or on each CPU device's own columns with a share."""
+    from fedjax_byz.sim.sharding import CLIENTS, column_devices, cpu_cores  # sim imports ops
+
+    mesh = column_devices(G.shape[1])
+    if mesh is None:
+        return native.gram(G, center, weights, threads=cpu_cores())
+    devices = mesh.shape[CLIENTS]
+    P = jax.sharding.PartitionSpec
+
+    def local(G, center, weights):
+        K = native.gram(G, center, weights, threads=max(1, cpu_cores() // devices))
+        return jax.lax.psum(K, CLIENTS)
+
+    spec = P(None, CLIENTS), None if center is None else P(CLIENTS), P()
+    return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=P(), check_vma=False)(
+        G, center, weights
+    )
 
 
 # XLA's CPU dot (Eigen, built for 8-float AVX registers) multiplies rows in panels of 24
@@ -310,15 +352,6 @@ def pairwise_sq_dists(G: jax.Array) -> jax.Array:
     Gram formulation accurate when updates share a large common component.
     """
     return sq_dists_from_gram(centred_gram(G))
-
-
-def centred_gram(G: jax.Array) -> jax.Array:
-    """``(G − ḡ)(G − ḡ)ᵀ``, the Gram matrix of the rows centred on their mean ``ḡ``.
-
-    Distances and any combination ``Σ_i α_i g_i`` with ``Σ α_i = 1`` are unchanged by the
-    centring, which keeps float32 Gram entries small when rows share a large component.
-    """
-    return gram(G, weighted_sum(jnp.full(G.shape[0], 1.0 / G.shape[0]), G))
 
 
 def ranks(scores: jax.Array) -> jax.Array:

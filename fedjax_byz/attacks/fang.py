@@ -63,24 +63,22 @@ def _krum_attack(threshold: ArrayLike) -> Attack:
         honest, byz, f = ctx.honest, ctx.byz, ctx.f
         g_hat = unattacked_aggregate(G, ctx)
 
-        # One pass: the Gram matrix of the rows centred on μ_H (for the pairwise
-        # distances), and ‖g_i‖², ⟨g_i, s⟩, ‖s‖² for the quadratic ‖−λs − g_i‖² in λ.
+        # One pass for ‖g_i‖², ⟨g_i, s⟩, ‖s‖² (the quadratic ‖−λs − g_i‖² in λ) and μ_H,
+        # then the Gram matrix of the rows centred on μ_H (the pairwise distances).
         def block(B, vs, carry):
-            mu, _, X = ops.masked_moments(B, honest)
+            mu = ops.masked_mean(B, honest)
             s = jnp.sign(vs[0] if vs else mu)
-            K, gs, gg, ss = carry
-            return (s,), (
-                K + ops.block_gram(X),
+            gs, gg, ss = carry
+            return (s, mu), (
                 gs + jnp.matmul(B, s, precision=lax.Precision.HIGHEST),
                 gg + jnp.einsum("nc,nc->n", B, B, precision=lax.Precision.HIGHEST),
                 ss + jnp.vdot(s, s),
             )
 
         zn = jnp.zeros(n, G.dtype)
-        init = (jnp.zeros((n, n), G.dtype), zn, zn, jnp.zeros((), G.dtype))
         vectors = () if g_hat is None else (g_hat,)
-        (s,), (K, gs, gg, ss) = ops.scan_columns(block, G, vectors, init)
-        D = ops.sq_dists_from_gram(K)
+        (s, mu), (gs, gg, ss) = ops.scan_columns(block, G, vectors, (zn, zn, zn[0]))
+        D = ops.sq_dists_from_gram(ops.gram(G, mu))
         # λ's upper bound (Fang et al., Sec. 4.2): Σ over the n − f − 2 nearest honest rows
         # (Krum's score over the |H| = n − f honest rows with f = 0, on plain distances).
         near = krum_scores(jnp.sqrt(D), 0, valid=honest)

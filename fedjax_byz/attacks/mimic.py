@@ -20,8 +20,8 @@ def principal_client(G: jax.Array, honest: jax.Array) -> jax.Array:
     With ``X`` the honest rows centred on μ_H (other rows zeroed) and ``v`` the top
     eigenvector of the ``[n, n]`` Gram matrix ``K = X Xᵀ`` (eigenvalue λ), the top
     principal direction is ``z = Xᵀv/√λ`` and the projections are ``⟨x_i, z⟩ = √λ·v_i``, so
-    the client is ``argmax_i v_i²``. ``K`` is accumulated with μ_H in one column-blocked
-    pass (no ``d × d`` or ``n × d`` SVD). ``v vᵀ`` is then the limit of repeated squaring,
+    the client is ``argmax_i v_i²``. ``K`` is ``ops.centred_gram`` of the rows centred on μ_H
+    (no ``d × d`` or ``n × d`` SVD). ``v vᵀ`` is then the limit of repeated squaring,
     ``M ← M²/tr(M²)`` from ``M = K/tr(K)``: after 40 squarings the other eigenvalues'
     weight ``(λ_k/λ)^(2^40)`` is below float32 resolution unless λ's lead is too (when the
     top direction is not determined by the data anyway), and ``v_i² = M_ii``. Forty
@@ -32,13 +32,8 @@ def principal_client(G: jax.Array, honest: jax.Array) -> jax.Array:
     either side is chosen. ``-> int32``.
     """
 
-    def fn(B, vs, K):
-        _, _, X = ops.masked_moments(B, honest)
-        return (), K + ops.block_gram(X)
-
-    n = G.shape[0]
-    _, K = ops.scan_columns(fn, G, init=jnp.zeros((n, n), G.dtype))
-    K = jnp.where(honest[:, None] & honest[None, :], K, 0.0)
+    w = honest / jnp.maximum(honest.sum(), 1)
+    K = jnp.where(honest[:, None] & honest[None, :], ops.centred_gram(G, w), 0.0)
 
     def unit_trace(M):
         return M / jnp.maximum(jnp.trace(M), jnp.finfo(M.dtype).tiny)

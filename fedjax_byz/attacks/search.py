@@ -7,9 +7,10 @@ constraint. Squared distances to the rows are quadratics in γ,
     ‖m₀ + γ p − g_i‖² = a γ² + b_i γ + c_i,   a = ‖p‖², b_i = −2⟨x_i, p⟩, c_i = ‖x_i‖²,
     x_i = g_i − m₀,
 
-so their coefficients, the pairwise distances (one Gram matrix of the centred rows) and μ, σ
-are computed together in one column-blocked pass over the matrix (``centred_pass``); every
-step of the search then costs O(n) and never touches the ``[n, d]`` matrix.
+so their coefficients and μ, σ are computed together in one column-blocked pass over the
+matrix, and the pairwise distances from one Gram matrix of the centred rows
+(``centred_pass``); every step of the search then costs O(n) and never touches the
+``[n, d]`` matrix.
 """
 
 from __future__ import annotations
@@ -68,34 +69,34 @@ def centred_pass(
     unit: bool = False,
     gram: bool = True,
 ) -> CentredPass:
-    """Everything a search needs, in one column-blocked pass over ``G`` (``ops.scan_columns``).
+    """Everything a search needs: one column-blocked pass over ``G`` (``ops.scan_columns``),
+    then, if asked for, the Gram matrix (``ops.gram``).
 
     With ``μ_R``, ``σ_R`` the mean and standard deviation (ddof=1) of the rows ``rows``,
     ``x_i = g_i − μ_R`` and the coordinate-wise direction ``u = direction(μ_R, σ_R,
     *vectors)`` (``p = u/‖u‖`` when ``unit``, else ``p = u``), each block of columns adds
-    its share of ``⟨x_i, u⟩``, ``‖u‖²`` and either the Gram matrix ``X Xᵀ`` (``gram``) or
-    just its diagonal ``‖x_i‖²``. Centring on ``μ_R`` keeps these float32 sums accurate
-    when the updates share a large common component. Off CPU the block is the matrix.
+    its share of ``⟨x_i, u⟩``, ``‖u‖²`` and ``‖x_i‖²``; with ``gram``, ``X Xᵀ`` follows
+    from ``ops.gram(G, μ_R)`` (on CPU the native kernel, 2.5x faster than a Gram product
+    accumulated in the same pass here). Centring on ``μ_R`` keeps these float32 sums
+    accurate when the updates share a large common component. Off CPU the block is the
+    matrix.
     """
     n = G.shape[0]
 
     def fn(B, vs, carry):
         mu, sigma, X = ops.masked_moments(B, rows)
         u = direction(mu, sigma, *vs)
-        K, xu, uu = carry
-        if gram:
-            K = K + ops.block_gram(X)
-        else:
-            K = K + jnp.einsum("nc,nc->n", X, X, precision=lax.Precision.HIGHEST)
+        xx, xu, uu = carry
+        xx = xx + jnp.einsum("nc,nc->n", X, X, precision=lax.Precision.HIGHEST)
         xu = xu + jnp.matmul(X, u, precision=lax.Precision.HIGHEST)
-        return (mu, sigma), (K, xu, uu + jnp.vdot(u, u))
+        return (mu, sigma), (xx, xu, uu + jnp.vdot(u, u))
 
-    zero = jnp.zeros((), G.dtype)
-    init = (jnp.zeros((n, n) if gram else (n,), G.dtype), jnp.zeros(n, G.dtype), zero)
-    (mu, sigma), (K, xu, uu) = ops.scan_columns(fn, G, vectors, init)
+    zn = jnp.zeros(n, G.dtype)
+    (mu, sigma), (xx, xu, uu) = ops.scan_columns(fn, G, vectors, (zn, zn, zn[0]))
     scale = lax.rsqrt(jnp.maximum(uu, jnp.finfo(G.dtype).tiny)) if unit else 1.0
-    q = Quadratic(scale * scale * uu, -2.0 * scale * xu, jnp.diagonal(K) if gram else K)
-    return CentredPass(mu, scale * direction(mu, sigma, *vectors), q, K if gram else None)
+    q = Quadratic(scale * scale * uu, -2.0 * scale * xu, xx)
+    K = ops.gram(G, mu) if gram else None
+    return CentredPass(mu, scale * direction(mu, sigma, *vectors), q, K)
 
 
 def diameter_sq(K: jax.Array, rows: jax.Array) -> jax.Array:

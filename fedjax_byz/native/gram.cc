@@ -1,0 +1,173 @@
+// The Gram product K = (X − 1cᵀ)(X − 1cᵀ)ᵀ of a row-major f32 matrix X [n, d] on CPU, as an
+// XLA FFI handler (see __init__.py for why it exists and how it is built). The centre c is
+// given, or is the weighted mean wᵀX of the rows, computed block by block while the block
+// is in cache, or is zero.
+//
+// Columns are cut into chunks of fixed size; each chunk's share of K is summed by
+// register tiles of kR x kS dot products (8-float vectors, float32 within a cache-sized
+// block of columns, float64 across blocks), threads take chunks from a shared counter,
+// and the chunks' shares are added in chunk order in float64, so the result does not
+// depend on the number of threads. Only tiles on or above the diagonal are computed.
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v8 __attribute__((vector_size(32)));
+
+constexpr int kR = 4, kS = 3;          // register tile: 12 accumulators
+constexpr int64_t kChunk = 16384;      // columns per chunk (a multiple of 8)
+constexpr int64_t kBlockFloats = 131072;  // n x block floats per cache block (512 KiB)
+constexpr int64_t kPartsBytes = int64_t{64} << 20;  // cap on the chunks' float64 shares
+
+inline v8 load(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline double hsum(v8 v) {
+  float s = 0.f;
+  for (int k = 0; k < 8; ++k) s += v[k];
+  return s;
+}
+
+// out[i + r, j + s] += Σ_{c < len} (x[i + r, c] − m[c])(x[j + s, c] − m[c]), len a
+// multiple of 8; x and m start at the block's first column, m is null unless Centred.
+template <int R, int S, bool Centred>
+void Tile(const float* x, int64_t d, const float* m, int64_t i, int64_t j, int64_t len,
+          double* out, int64_t n) {
+  v8 acc[R][S] = {};
+  for (int64_t c = 0; c < len; c += 8) {
+    v8 mc = Centred ? load(m + c) : v8{};
+    v8 a[R], b[S];
+    for (int r = 0; r < R; ++r) a[r] = load(x + (i + r) * d + c) - mc;
+    for (int s = 0; s < S; ++s) b[s] = load(x + (j + s) * d + c) - mc;
+    for (int r = 0; r < R; ++r)
+      for (int s = 0; s < S; ++s) acc[r][s] += a[r] * b[s];
+  }
+  for (int r = 0; r < R; ++r)
+    for (int s = 0; s < S; ++s) out[(i + r) * n + j + s] += hsum(acc[r][s]);
+}
+
+using TileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t,
+                        double*, int64_t);
+
+template <bool Centred, int R, int... S>
+constexpr std::array<TileFn, kS> TileRow(std::integer_sequence<int, S...>) {
+  return {Tile<R, S + 1, Centred>...};
+}
+
+template <bool Centred, int... R>
+constexpr std::array<std::array<TileFn, kS>, kR> TileTable(std::integer_sequence<int, R...>) {
+  return {TileRow<Centred, R + 1>(std::make_integer_sequence<int, kS>{})...};
+}
+
+template <bool Centred>
+TileFn PickTile(int r, int s) {  // r ∈ [1, kR], s ∈ [1, kS]
+  static constexpr auto table = TileTable<Centred>(std::make_integer_sequence<int, kR>{});
+  return table[r - 1][s - 1];
+}
+
+// The upper triangle (and some of the lower) of the share of columns [lo, hi) into out,
+// centred on m (absolute columns) or, given row weights w, on each block's Σ_i w_i x_i.
+template <bool Centred>
+void Share(const float* x, int64_t n, int64_t d, const float* m, const float* w, int64_t lo,
+           int64_t hi, double* out) {
+  const int64_t block = std::max<int64_t>(64, kBlockFloats / n / 8 * 8);
+  std::vector<float> mean(w != nullptr ? block : 0);
+  for (int64_t c0 = lo; c0 < hi; c0 += block) {
+    const int64_t len = std::min(block, hi - c0), vec = len / 8 * 8;
+    const float* x0 = x + c0;
+    const float* m0 = m != nullptr ? m + c0 : nullptr;
+    if (w != nullptr) {  // the block's weighted mean of the rows
+      std::fill(mean.begin(), mean.end(), 0.f);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t c = 0; c < len; ++c) mean[c] += w[i] * x0[i * d + c];
+      m0 = mean.data();
+    }
+    for (int64_t i = 0; i < n; i += kR) {
+      const int r = static_cast<int>(std::min<int64_t>(kR, n - i));
+      for (int64_t j = i; j < n; j += kS) {
+        const int s = static_cast<int>(std::min<int64_t>(kS, n - j));
+        PickTile<Centred>(r, s)(x0, d, m0, i, j, vec, out, n);
+      }
+    }
+    for (int64_t i = 0; i < n; ++i)  // the last columns, fewer than 8
+      for (int64_t j = i; j < n; ++j) {
+        double t = 0;
+        for (int64_t c = vec; c < len; ++c) {
+          const float mc = Centred ? m0[c] : 0.f;
+          t += double(x0[i * d + c] - mc) * double(x0[j * d + c] - mc);
+        }
+        out[i * n + j] += t;
+      }
+  }
+}
+
+void Gram(const float* x, int64_t n, int64_t d, const float* m, const float* w,
+          int64_t threads, float* k) {
+  int64_t chunks = std::max<int64_t>(1, (d + kChunk - 1) / kChunk);
+  chunks = std::min(chunks, std::max<int64_t>(1, kPartsBytes / (8 * n * n)));
+  const int64_t width = ((d + chunks - 1) / chunks + 7) / 8 * 8;
+  chunks = std::max<int64_t>(1, (d + width - 1) / width);
+  std::vector<double> parts(static_cast<size_t>(chunks * n * n), 0.0);
+  std::atomic<int64_t> next{0};
+  auto work = [&] {
+    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
+      const int64_t lo = c * width, hi = std::min(d, lo + width);
+      double* out = parts.data() + c * n * n;
+      if (m != nullptr || w != nullptr) {
+        Share<true>(x, n, d, m, w, lo, hi, out);
+      } else {
+        Share<false>(x, n, d, m, w, lo, hi, out);
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < std::min(threads, chunks); ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = i; j < n; ++j) {
+      double s = 0;
+      for (int64_t c = 0; c < chunks; ++c) s += parts[c * n * n + i * n + j];
+      k[i * n + j] = k[j * n + i] = static_cast<float>(s);
+    }
+}
+
+ffi::Error GramImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> center,
+                    ffi::Buffer<ffi::F32> weights, ffi::ResultBuffer<ffi::F32> k,
+                    int64_t threads) {
+  const auto dims = x.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("gram: X must be [n, d]");
+  const int64_t n = dims[0], d = dims[1];
+  const size_t nc = center.element_count(), nw = weights.element_count();
+  if ((nc != 0 && nc != static_cast<size_t>(d)) || (nw != 0 && nw != static_cast<size_t>(n)) ||
+      (nc != 0 && nw != 0))
+    return ffi::Error::InvalidArgument("gram: a centre [d], or row weights [n], or neither");
+  Gram(x.typed_data(), n, d, nc ? center.typed_data() : nullptr,
+       nw ? weights.typed_data() : nullptr, std::max<int64_t>(1, threads), k->typed_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxByzGram, GramImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads"));

@@ -1,0 +1,91 @@
+"""The native Gram kernel (``fedjax_byz.native``) against float64 numpy, and its fallback."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_byz import native, ops
+
+pytestmark = pytest.mark.skipif(
+    not native.available(jnp.float32), reason="no C++ compiler for the native kernel"
+)
+
+# Shapes across the kernel's cases: rows that fill no, one or several 4 x 3 register
+# tiles, columns below one 8-float vector, with a tail, and over several chunks of 16384.
+SHAPES = [(1, 1), (1, 9), (5, 7), (13, 1001), (26, 40_003), (7, 16_384 * 3 + 8)]
+
+
+def exact_gram(G, center=None):
+    X = np.asarray(G, np.float64) - (0.0 if center is None else np.asarray(center, np.float64))
+    return X @ X.T
+
+
+def skewed(n, d, seed=0):
+    """Rows sharing a large common component, as updates do: where centring matters."""
+    rng = np.random.default_rng(seed + n + d)
+    return (5.0 + rng.standard_t(3, (n, d))).astype(np.float32)
+
+
+@pytest.mark.parametrize("n, d", SHAPES)
+@pytest.mark.parametrize("centre", ["none", "given", "weighted mean"])
+def test_gram_matches_float64(n, d, centre):
+    G = skewed(n, d)
+    w = np.random.default_rng(n).dirichlet(np.ones(n)).astype(np.float32)
+    c = {"none": None, "given": G[-1], "weighted mean": w @ G.astype(np.float64)}[centre]
+    args = {"none": {}, "given": {"center": G[-1]}, "weighted mean": {"weights": w}}[centre]
+    K = np.asarray(jax.jit(lambda G, a: native.gram(G, **a, threads=2))(G, args))
+    want = exact_gram(G, c)
+    scale = np.sqrt(np.outer(np.diag(want), np.diag(want))).max() or 1.0
+    np.testing.assert_allclose(K, want, rtol=0, atol=2e-6 * scale)
+    np.testing.assert_array_equal(K, K.T)
+
+
+def test_gram_does_not_depend_on_the_thread_count():
+    G = skewed(11, 16_384 * 5 + 3)
+
+    def run(threads, **centre):
+        return np.asarray(jax.jit(lambda G: native.gram(G, **centre, threads=threads))(G))
+
+    K = [run(t, center=G[0]) for t in (1, 2, 7)]
+    np.testing.assert_array_equal(run(1, weights=G[:, 0]), run(3, weights=G[:, 0]))
+    np.testing.assert_array_equal(K[0], K[1])
+    np.testing.assert_array_equal(K[0], K[2])
+
+
+def test_gram_under_vmap():
+    Gs = np.stack([skewed(6, 300, seed=s) for s in range(3)])
+    K = jax.jit(jax.vmap(lambda G: native.gram(G, weights=jnp.full(6, 1 / 6), threads=2)))(Gs)
+    for G, k in zip(Gs, K, strict=True):
+        np.testing.assert_allclose(k, exact_gram(G, G.mean(0)), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("fn", ["gram", "centred_gram"])
+def test_ops_gram_is_native_and_agrees_with_the_xla_product(monkeypatch, fn):
+    G = jnp.asarray(skewed(9, 5000))
+    w = jnp.linspace(0.0, 2.0 / 9, 9)
+    c = w @ G
+    call = {"gram": lambda G: ops.gram(G, c), "centred_gram": lambda G: ops.centred_gram(G, w)}
+
+    def hlo():  # traced afresh: jit caches traces per function
+        return jax.jit(lambda G: call[fn](G)).lower(G).as_text()
+
+    assert native._TARGET in hlo()
+    with_kernel = np.asarray(call[fn](G))
+    monkeypatch.setattr(native, "available", lambda dtype: False)
+    assert native._TARGET not in hlo()
+    without = np.asarray(call[fn](G))
+    want = exact_gram(G, np.asarray(c, np.float64))
+    np.testing.assert_allclose(with_kernel, want, rtol=1e-6, atol=1e-3)
+    np.testing.assert_allclose(without, want, rtol=1e-5, atol=1e-2)
+
+
+def test_build_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("FEDJAX_BYZ_CACHE", str(tmp_path))
+    path = native._build()
+    assert path.parent == tmp_path / "native" and path.suffix == ".so"
+    stamp = path.stat().st_mtime_ns
+    assert native._build() == path and path.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
