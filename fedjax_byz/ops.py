@@ -249,7 +249,7 @@ def gram(G: jax.Array, center: jax.Array | None = None) -> jax.Array:
     one matmul.
     """
     if native.available(G.dtype):
-        return _native_gram(G, center=center)
+        return _native_gram(G, center=center)[0]
     n, d = G.shape
     center = jnp.zeros(d, G.dtype) if center is None else center
 
@@ -259,23 +259,41 @@ def gram(G: jax.Array, center: jax.Array | None = None) -> jax.Array:
     return scan_columns(fn, G, (center,), jnp.zeros((n, n), G.dtype))[1]
 
 
-def centred_gram(G: jax.Array, weights: ArrayLike | None = None) -> jax.Array:
+def centred_gram(G: jax.Array, weights: ArrayLike | None = None, *, sq_norms: bool = False):
     """``(G − ḡ)(G − ḡ)ᵀ``, the Gram matrix of the rows centred on their mean ``ḡ``, or on
-    their weighted mean ``ḡ = Σ_i w_i g_i`` given ``weights [n]``. ``[n, d] -> [n, n]``.
+    their weighted mean ``ḡ = Σ_i w_i g_i`` given ``weights [n]``. ``[n, d] -> [n, n]``;
+    with ``sq_norms``, also the rows' uncentred squared norms ``‖g_i‖²`` (``[n]``, in the
+    accumulation dtype of ``row_sq_norms``).
 
     Distances and any combination ``Σ_i α_i g_i`` with ``Σ α_i = 1`` are unchanged by the
     centring, which keeps float32 Gram entries small when rows share a large component.
-    The native kernel computes ``ḡ`` block by block as it goes (no pass of its own).
+    The native kernel computes ``ḡ`` and the norms block by block as it goes (no pass of
+    their own).
     """
     n = G.shape[0]
     weights = jnp.full(n, 1.0 / n, G.dtype) if weights is None else jnp.asarray(weights, G.dtype)
     if native.available(G.dtype):
-        return _native_gram(G, weights=weights)
-    return gram(G, weighted_sum(weights, G))
+        K, sq = _native_gram(G, weights=weights)
+    else:
+        K = gram(G, weighted_sum(weights, G))
+        sq = row_sq_norms(G) if sq_norms else None
+    return (K, sq) if sq_norms else K
+
+
+def row_sq_norms(G: jax.Array) -> jax.Array:
+    """``‖g_i‖²`` for every row, accumulated in at least float32. ``[n, d] -> [n]``.
+
+    One pass: a row-batched dot product, which ran at the speed of the ``G @ 1`` row sums
+    here and 2-4x faster than a column-blocked ``scan_columns`` pass (25 x 500k: 2.2 ms
+    against 9.8 ms; 10 x 2M: 4.2 against 8.5 ms).
+    """
+    acc = jnp.promote_types(G.dtype, jnp.float32)
+    return jnp.einsum("nd,nd->n", G, G, precision=_HI, preferred_element_type=acc)
 
 
 def _native_gram(G, *, center=None, weights=None) -> jax.Array:
-    """``native.gram`` on all cores, or on each CPU device's own columns with a share."""
+    """``native.gram`` on all cores, or on each CPU device's own columns with a share.
+    ``-> (K [n, n], ‖g_i‖² [n])``."""
     from fedjax_byz.sim.sharding import CLIENTS, column_devices, cpu_cores  # sim imports ops
 
     mesh = column_devices(G.shape[1])
@@ -285,11 +303,11 @@ def _native_gram(G, *, center=None, weights=None) -> jax.Array:
     P = jax.sharding.PartitionSpec
 
     def local(G, center, weights):
-        K = native.gram(G, center, weights, threads=max(1, cpu_cores() // devices))
-        return jax.lax.psum(K, CLIENTS)
+        Ksq = native.gram(G, center, weights, threads=max(1, cpu_cores() // devices))
+        return jax.lax.psum(Ksq, CLIENTS)
 
     spec = P(None, CLIENTS), None if center is None else P(CLIENTS), P()
-    return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=P(), check_vma=False)(
+    return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=(P(), P()), check_vma=False)(
         G, center, weights
     )
 

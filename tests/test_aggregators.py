@@ -570,6 +570,30 @@ def test_overflow_bound_and_huge_rounds():
         chex.assert_trees_all_close(out / scale, run(name, H, 2)[0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["krum", "multikrum", "geomed", "caf"])
+def test_gram_rules_reject_an_overflowing_row_from_the_norms_they_report(name):
+    """A Gram rule reports ‖g_i‖² from its own Gram pass (``reports_sq_norms``) and the
+    guard rejects from them exactly the rows ``overflowing_rows`` flags: here one finite
+    row past the bound whose centred Gram entries stay finite, and one NaN row."""
+    n, d, f = PROPS
+    assert {
+        "krum": distance.krum,
+        "multikrum": distance.multikrum,
+        "geomed": distance.geomed,
+        "caf": spectral.caf,
+    }[name]().reports_sq_norms
+    G = updates(n, d, f)
+    bound = np.finfo(np.float32).max / (4 * n)
+    G[3] = np.sqrt(2 * bound / d)  # ‖g_3‖² = 2 x the bound
+    for rows in ([3], [3, 7]):
+        H = G.copy()
+        H[7] = G[7] if rows == [3] else np.nan
+        out, aux = run(name, H, f)
+        np.testing.assert_array_equal(np.flatnonzero(aux["nonfinite"]), rows)
+        zeroed = np.where(np.isin(np.arange(n), rows)[:, None], 0.0, H).astype(np.float32)
+        np.testing.assert_array_equal(out, run(name, zeroed, f)[0])
+
+
 def test_concrete_f_is_validated_whatever_its_type():
     """f given as a NumPy or JAX scalar is checked like a Python int (was: bulyan with
     np.int64(9) returned -inf, trmean with jnp.int32(30) zeros, np.int64(-1) ran)."""

@@ -36,18 +36,20 @@ def test_gram_matches_float64(n, d, centre):
     w = np.random.default_rng(n).dirichlet(np.ones(n)).astype(np.float32)
     c = {"none": None, "given": G[-1], "weighted mean": w @ G.astype(np.float64)}[centre]
     args = {"none": {}, "given": {"center": G[-1]}, "weighted mean": {"weights": w}}[centre]
-    K = np.asarray(jax.jit(lambda G, a: native.gram(G, **a, threads=2))(G, args))
+    K, sq = jax.jit(lambda G, a: native.gram(G, **a, threads=2))(G, args)
     want = exact_gram(G, c)
     scale = np.sqrt(np.outer(np.diag(want), np.diag(want))).max() or 1.0
     np.testing.assert_allclose(K, want, rtol=0, atol=2e-6 * scale)
     np.testing.assert_array_equal(K, K.T)
+    np.testing.assert_allclose(sq, np.diag(exact_gram(G)), rtol=1e-6)
 
 
 def test_gram_does_not_depend_on_the_thread_count():
     G = skewed(11, 16_384 * 5 + 3)
 
     def run(threads, **centre):
-        return np.asarray(jax.jit(lambda G: native.gram(G, **centre, threads=threads))(G))
+        Ksq = jax.jit(lambda G: native.gram(G, **centre, threads=threads))(G)
+        return np.concatenate([np.ravel(a) for a in Ksq])
 
     K = [run(t, center=G[0]) for t in (1, 2, 7)]
     np.testing.assert_array_equal(run(1, weights=G[:, 0]), run(3, weights=G[:, 0]))
@@ -57,7 +59,7 @@ def test_gram_does_not_depend_on_the_thread_count():
 
 def test_gram_under_vmap():
     Gs = np.stack([skewed(6, 300, seed=s) for s in range(3)])
-    K = jax.jit(jax.vmap(lambda G: native.gram(G, weights=jnp.full(6, 1 / 6), threads=2)))(Gs)
+    K = jax.jit(jax.vmap(lambda G: native.gram(G, weights=jnp.full(6, 1 / 6), threads=2)[0]))(Gs)
     for G, k in zip(Gs, K, strict=True):
         np.testing.assert_allclose(k, exact_gram(G, G.mean(0)), rtol=1e-5, atol=1e-3)
 
@@ -67,7 +69,10 @@ def test_ops_gram_is_native_and_agrees_with_the_xla_product(monkeypatch, fn):
     G = jnp.asarray(skewed(9, 5000))
     w = jnp.linspace(0.0, 2.0 / 9, 9)
     c = w @ G
-    call = {"gram": lambda G: ops.gram(G, c), "centred_gram": lambda G: ops.centred_gram(G, w)}
+    call = {
+        "gram": lambda G: ops.gram(G, c),
+        "centred_gram": lambda G: ops.centred_gram(G, w, sq_norms=True)[0],
+    }
 
     def hlo():  # traced afresh: jit caches traces per function
         return jax.jit(lambda G: call[fn](G)).lower(G).as_text()

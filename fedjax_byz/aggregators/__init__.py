@@ -161,8 +161,9 @@ def get(name: str, **params: Any) -> Aggregator:
     square rows (registered without ``squares=False``) finite rows whose squared norm
     overflows (``base.overflowing_rows``), are rejected (zeroed and reported in
     ``aux["nonfinite"]``) before any stage sees them (for the mean and CClip, whose
-    output is non-finite whenever a row is, only when their output is: one pass over the
-    matrix fewer in clean rounds).
+    output is non-finite whenever a row is, only when their output is, and for the Gram
+    rules, only when the rows' squared norms their Gram pass reports flag a row: one
+    pass over the matrix fewer in clean rounds).
     """
     entries = stages(name)
     built = [e.factory(**p) for e, p in zip(entries, route_params(entries, params), strict=True)]

@@ -57,12 +57,16 @@ class Aggregator(NamedTuple):
         aggregate of any block of columns (``fused_ops``: see ``ops.sorted_sum``).
         ``compose`` then runs it behind a pre-aggregator with a ``row_map`` without
         writing the pre-aggregated rows.
+      reports_sq_norms: ``update`` also returns the rows' squared norms ``‖g_i‖²`` in
+        ``aux["sq_norms"]``, from a pass it makes anyway (``gram_rule``'s Gram product);
+        ``guard_nonfinite`` then checks the rows from them, not with a pass of its own.
     """
 
     init: Callable[[int], State]
     update: Callable[[jax.Array, State, AggregatorContext], tuple[jax.Array, State, Aux]]
     gram_weights: Callable[[jax.Array, AggregatorContext], jax.Array] | None = None
     columns: Callable[..., jax.Array] | None = None
+    reports_sq_norms: bool = False
 
 
 class PreAggregator(NamedTuple):
@@ -118,6 +122,7 @@ def gram_rule(
 ) -> Aggregator:
     """A stateless rule in Gram space: ``w = weights(K, ctx)`` from the centred Gram
     matrix ``K = (G − ḡ)(G − ḡ)ᵀ`` (``ops.centred_gram``), aggregate ``Σ_i w_i g_i``.
+    It reports the rows' squared norms (``Aggregator.reports_sq_norms``).
 
     Args:
       weights: ``(K[n, n], ctx) -> w[n]``, also ``aux["weights"]``.
@@ -125,10 +130,11 @@ def gram_rule(
     """
 
     def update(G, state, ctx):
-        w = weights(ops.centred_gram(G), ctx)
-        return combine(w, G), state, {"weights": w}
+        K, sq = ops.centred_gram(G, sq_norms=True)
+        w = weights(K, ctx)
+        return combine(w, G), state, {"weights": w, "sq_norms": sq}
 
-    return Aggregator(lambda d: (), update, weights)
+    return Aggregator(lambda d: (), update, weights, reports_sq_norms=True)
 
 
 def coordinate_rule(columns: Callable[..., jax.Array]) -> Aggregator:
@@ -272,14 +278,14 @@ def overflowing_rows(G: jax.Array) -> jax.Array:
     large (float32: a norm above about ``9e18/√n``) that squared distances
     (``‖g_i − g_j‖² <= 4 max_k ‖g_k‖²``) summed over up to ``n`` rows, as Gram matrices,
     Krum scores and covariance eigenvalues do, could overflow to infinity or NaN. One
-    pass over ``G``: a row-batched dot product (``ops.row_norms``' kernel), which ran at
-    the speed of the ``G @ 1`` row sums here and 2-4x faster than a column-blocked
-    ``ops.scan_columns`` pass (25 x 500k: 2.2 ms against 9.8 ms; 10 x 2M: 4.2 against
-    8.5 ms).
+    pass over ``G`` (``ops.row_sq_norms``), or none given the squared norms ``sq``.
     """
-    acc = jnp.promote_types(G.dtype, jnp.float32)
-    sq = jnp.einsum("nd,nd->n", G, G, precision=_HI, preferred_element_type=acc)
-    return ~(sq <= jnp.finfo(acc).max / (4 * G.shape[0]))
+    return overflowing(ops.row_sq_norms(G))
+
+
+def overflowing(sq: jax.Array) -> jax.Array:
+    """``overflowing_rows`` from the rows' squared norms ``sq [n]`` (accumulation dtype)."""
+    return ~(sq <= jnp.finfo(sq.dtype).max / (4 * sq.shape[0]))
 
 
 def guard_nonfinite(
@@ -311,7 +317,8 @@ def guard_nonfinite(
       propagates: the rule's output is non-finite whenever a row is (a mean with
         positive weights). Then the rule runs first and the rows are checked only when
         its output fails the same check: one pass over the matrix in clean rounds, not
-        two.
+        two. A rule that ``reports_sq_norms`` likewise runs first, and its rows are
+        checked again only when the norms it reports flag one (``overflowing``).
     """
 
     def rejected(G):  # bool[n]
@@ -319,24 +326,28 @@ def guard_nonfinite(
             return overflowing_rows(G)
         return ~jnp.isfinite(ops.row_sums(G))
 
+    def run(G, state, ctx):  # -> (out, state, aux, the rows' squared norms or None)
+        out, state, aux = rule.update(G, state, ctx)
+        aux = dict(aux)
+        return out, state, aux, aux.pop("sq_norms", None)
+
     def checked(G, state, ctx):
         bad = rejected(G)
-        out, state, aux = jax.lax.cond(
+        out, state, aux, _ = jax.lax.cond(
             bad.any(),
-            lambda G, state: rule.update(jnp.where(bad[:, None], 0.0, G), state, ctx),
-            lambda G, state: rule.update(G, state, ctx),
+            lambda G, state: run(jnp.where(bad[:, None], 0.0, G), state, ctx),
+            lambda G, state: run(G, state, ctx),
             G,
             state,
         )
         return out, state, dict(aux, nonfinite=bad)
 
     def update(G, state, ctx):
-        if not propagates:
+        if not (propagates or rule.reports_sq_norms):
             return checked(G, state, ctx)
-        out, new_state, aux = rule.update(G, state, ctx)
+        out, new_state, aux, sq = run(G, state, ctx)
+        suspect = overflowing(sq) if rule.reports_sq_norms else rejected(out[None])
         clean = (out, new_state, dict(aux, nonfinite=jnp.zeros(G.shape[0], bool)))
-        return jax.lax.cond(
-            rejected(out[None]).any(), lambda: checked(G, state, ctx), lambda: clean
-        )
+        return jax.lax.cond(suspect.any(), lambda: checked(G, state, ctx), lambda: clean)
 
     return Aggregator(rule.init, update)

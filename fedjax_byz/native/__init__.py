@@ -51,16 +51,16 @@ def gram(
     weights: jax.Array | None = None,
     *,
     threads: int,
-) -> jax.Array:
+) -> tuple[jax.Array, jax.Array]:
     """``(G − 1cᵀ)(G − 1cᵀ)ᵀ`` by ``gram.cc`` on ``threads`` cores, centred on ``c =
     center [d]``, or on the weighted mean ``c = Σ_i w_i g_i`` of ``weights [n]`` (computed
-    in the kernel, block by block), or not at all. ``f32[n, d] -> f32[n, n]``. Needs
-    ``available``. The result does not depend on ``threads``."""
+    in the kernel, block by block), or not at all; and the rows' squared norms ``‖g_i‖²``
+    (uncentred, from the same pass). ``f32[n, d] -> (f32[n, n], f32[n])``. Needs
+    ``available``. The results do not depend on ``threads``."""
     n = G.shape[0]
     empty = jnp.zeros(0, G.dtype)
-    call = jax.ffi.ffi_call(
-        _TARGET, jax.ShapeDtypeStruct((n, n), G.dtype), vmap_method="sequential"
-    )
+    shapes = jax.ShapeDtypeStruct((n, n), G.dtype), jax.ShapeDtypeStruct((n,), G.dtype)
+    call = jax.ffi.ffi_call(_TARGET, shapes, vmap_method="sequential")
     center = empty if center is None else center
     weights = empty if weights is None else weights
     return call(G, center, weights, threads=int(threads))

@@ -1,7 +1,7 @@
 // The Gram product K = (X − 1cᵀ)(X − 1cᵀ)ᵀ of a row-major f32 matrix X [n, d] on CPU, as an
 // XLA FFI handler (see __init__.py for why it exists and how it is built). The centre c is
 // given, or is the weighted mean wᵀX of the rows, computed block by block while the block
-// is in cache, or is zero.
+// is in cache, or is zero. The rows' squared norms ‖x_i‖² (uncentred) come with it.
 //
 // Columns are cut into chunks of fixed size; each chunk's share of K is summed by
 // register tiles of kR x kS dot products (8-float vectors, float32 within a cache-sized
@@ -80,23 +80,30 @@ TileFn PickTile(int r, int s) {  // r ∈ [1, kR], s ∈ [1, kS]
   return table[r - 1][s - 1];
 }
 
-// The upper triangle (and some of the lower) of the share of columns [lo, hi) into out,
-// centred on m (absolute columns) or, given row weights w, on each block's Σ_i w_i x_i.
+// The share of columns [lo, hi): of K's upper triangle (and some of the lower) into out,
+// centred on m (absolute columns) or, given row weights w, on each block's Σ_i w_i x_i,
+// and of the rows' uncentred squared norms into sq.
 template <bool Centred>
 void Share(const float* x, int64_t n, int64_t d, const float* m, const float* w, int64_t lo,
-           int64_t hi, double* out) {
+           int64_t hi, double* out, double* sq) {
   const int64_t block = std::max<int64_t>(64, kBlockFloats / n / 8 * 8);
   std::vector<float> mean(w != nullptr ? block : 0);
   for (int64_t c0 = lo; c0 < hi; c0 += block) {
     const int64_t len = std::min(block, hi - c0), vec = len / 8 * 8;
     const float* x0 = x + c0;
     const float* m0 = m != nullptr ? m + c0 : nullptr;
-    if (w != nullptr) {  // the block's weighted mean of the rows
-      std::fill(mean.begin(), mean.end(), 0.f);
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t c = 0; c < len; ++c) mean[c] += w[i] * x0[i * d + c];
-      m0 = mean.data();
+    std::fill(mean.begin(), mean.end(), 0.f);
+    for (int64_t i = 0; i < n; ++i) {  // squared norms and the block's weighted mean
+      const float* xi = x0 + i * d;
+      v8 acc = {};
+      for (int64_t c = 0; c < vec; c += 8) acc += load(xi + c) * load(xi + c);
+      double t = hsum(acc);
+      for (int64_t c = vec; c < len; ++c) t += double(xi[c]) * xi[c];
+      sq[i] += t;
+      if (w != nullptr)
+        for (int64_t c = 0; c < len; ++c) mean[c] += w[i] * xi[c];
     }
+    if (w != nullptr) m0 = mean.data();
     for (int64_t i = 0; i < n; i += kR) {
       const int r = static_cast<int>(std::min<int64_t>(kR, n - i));
       for (int64_t j = i; j < n; j += kS) {
@@ -117,21 +124,22 @@ void Share(const float* x, int64_t n, int64_t d, const float* m, const float* w,
 }
 
 void Gram(const float* x, int64_t n, int64_t d, const float* m, const float* w,
-          int64_t threads, float* k) {
+          int64_t threads, float* k, float* sq) {
   int64_t chunks = std::max<int64_t>(1, (d + kChunk - 1) / kChunk);
   chunks = std::min(chunks, std::max<int64_t>(1, kPartsBytes / (8 * n * n)));
   const int64_t width = ((d + chunks - 1) / chunks + 7) / 8 * 8;
   chunks = std::max<int64_t>(1, (d + width - 1) / width);
-  std::vector<double> parts(static_cast<size_t>(chunks * n * n), 0.0);
+  const int64_t part = n * n + n;  // a chunk's shares of K and of the squared norms
+  std::vector<double> parts(static_cast<size_t>(chunks * part), 0.0);
   std::atomic<int64_t> next{0};
   auto work = [&] {
     for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
       const int64_t lo = c * width, hi = std::min(d, lo + width);
-      double* out = parts.data() + c * n * n;
+      double* out = parts.data() + c * part;
       if (m != nullptr || w != nullptr) {
-        Share<true>(x, n, d, m, w, lo, hi, out);
+        Share<true>(x, n, d, m, w, lo, hi, out, out + n * n);
       } else {
-        Share<false>(x, n, d, m, w, lo, hi, out);
+        Share<false>(x, n, d, m, w, lo, hi, out, out + n * n);
       }
     }
   };
@@ -139,17 +147,21 @@ void Gram(const float* x, int64_t n, int64_t d, const float* m, const float* w,
   for (int64_t t = 1; t < std::min(threads, chunks); ++t) pool.emplace_back(work);
   work();
   for (auto& t : pool) t.join();
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = i; j < n; ++j) {
-      double s = 0;
-      for (int64_t c = 0; c < chunks; ++c) s += parts[c * n * n + i * n + j];
-      k[i * n + j] = k[j * n + i] = static_cast<float>(s);
+  for (int64_t i = 0; i < n * n + n; ++i) {  // in chunk order: the same for any threads
+    if (i < n * n && i % n < i / n) continue;  // below the diagonal: mirrored
+    double s = 0;
+    for (int64_t c = 0; c < chunks; ++c) s += parts[c * part + i];
+    if (i < n * n) {
+      k[i] = k[i % n * n + i / n] = static_cast<float>(s);
+    } else {
+      sq[i - n * n] = static_cast<float>(s);
     }
+  }
 }
 
 ffi::Error GramImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> center,
                     ffi::Buffer<ffi::F32> weights, ffi::ResultBuffer<ffi::F32> k,
-                    int64_t threads) {
+                    ffi::ResultBuffer<ffi::F32> sq, int64_t threads) {
   const auto dims = x.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("gram: X must be [n, d]");
   const int64_t n = dims[0], d = dims[1];
@@ -158,7 +170,7 @@ ffi::Error GramImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> center,
       (nc != 0 && nw != 0))
     return ffi::Error::InvalidArgument("gram: a centre [d], or row weights [n], or neither");
   Gram(x.typed_data(), n, d, nc ? center.typed_data() : nullptr,
-       nw ? weights.typed_data() : nullptr, std::max<int64_t>(1, threads), k->typed_data());
+       nw ? weights.typed_data() : nullptr, std::max<int64_t>(1, threads), k->typed_data(), sq->typed_data());
   return ffi::Error::Success();
 }
 
@@ -169,5 +181,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxByzGram, GramImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("threads"));
