@@ -249,7 +249,7 @@ def gram(G: jax.Array, center: jax.Array | None = None) -> jax.Array:
     one matmul.
     """
     if native.available(G.dtype):
-        return _native_gram(G, center=center)[0]
+        return _native(native.gram, G, center)[0]
     n, d = G.shape
     center = jnp.zeros(d, G.dtype) if center is None else center
 
@@ -273,7 +273,7 @@ def centred_gram(G: jax.Array, weights: ArrayLike | None = None, *, sq_norms: bo
     n = G.shape[0]
     weights = jnp.full(n, 1.0 / n, G.dtype) if weights is None else jnp.asarray(weights, G.dtype)
     if native.available(G.dtype):
-        K, sq = _native_gram(G, weights=weights)
+        K, sq = _native(native.gram, G, rows=weights)
     else:
         K = gram(G, weighted_sum(weights, G))
         sq = row_sq_norms(G) if sq_norms else None
@@ -283,33 +283,45 @@ def centred_gram(G: jax.Array, weights: ArrayLike | None = None, *, sq_norms: bo
 def row_sq_norms(G: jax.Array) -> jax.Array:
     """``‖g_i‖²`` for every row, accumulated in at least float32. ``[n, d] -> [n]``.
 
-    One pass: a row-batched dot product, which ran at the speed of the ``G @ 1`` row sums
-    here and 2-4x faster than a column-blocked ``scan_columns`` pass (25 x 500k: 2.2 ms
-    against 9.8 ms; 10 x 2M: 4.2 against 8.5 ms).
+    One pass: on CPU, for float32, the native row pass on every core; otherwise a
+    row-batched dot product, which ran at the speed of the ``G @ 1`` row sums here and
+    2-4x faster than a column-blocked ``scan_columns`` pass (25 x 500k: 2.2 ms against
+    9.8 ms; 10 x 2M: 4.2 against 8.5 ms).
     """
+    if native.available(G.dtype):
+        return _native(_native_rows, G)
     acc = jnp.promote_types(G.dtype, jnp.float32)
     return jnp.einsum("nd,nd->n", G, G, precision=_HI, preferred_element_type=acc)
 
 
-def _native_gram(G, *, center=None, weights=None) -> jax.Array:
-    """``native.gram`` on all cores, or on each CPU device's own columns with a share.
-    ``-> (K [n, n], ‖g_i‖² [n])``."""
+def _native_rows(G, center, rows, *, threads):  # native.row_sq_dists as a _native kernel
+    return native.row_sq_dists(G, center, threads=threads)
+
+
+def _native(kernel, G: jax.Array, column=None, rows=None):
+    """``kernel(G, column, rows, threads=...)``, a sum over the columns of ``G`` (a pytree),
+    on all cores, or on each CPU device's own columns (``sim.sharding.column_devices``),
+    summed over the devices. ``column``: a ``[d]`` vector split with the columns, or
+    None; ``rows``: a vector kept whole on every device, or None."""
     from fedjax_byz.sim.sharding import CLIENTS, column_devices, cpu_cores  # sim imports ops
 
     mesh = column_devices(G.shape[1])
     if mesh is None:
-        return native.gram(G, center, weights, threads=cpu_cores())
-    devices = mesh.shape[CLIENTS]
+        return kernel(G, column, rows, threads=cpu_cores())
+    threads = max(1, cpu_cores() // mesh.shape[CLIENTS])
     P = jax.sharding.PartitionSpec
 
-    def local(G, center, weights):
-        Ksq = native.gram(G, center, weights, threads=max(1, cpu_cores() // devices))
-        return jax.lax.psum(Ksq, CLIENTS)
+    def local(G, column, rows):
+        return jax.lax.psum(kernel(G, column, rows, threads=threads), CLIENTS)
 
-    spec = P(None, CLIENTS), None if center is None else P(CLIENTS), P()
-    return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=(P(), P()), check_vma=False)(
-        G, center, weights
-    )
+    out = jax.eval_shape(lambda: kernel(G, column, rows, threads=1))
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(None, CLIENTS), None if column is None else P(CLIENTS), P()),
+        out_specs=jax.tree.map(lambda _: P(), out),
+        check_vma=False,
+    )(G, column, rows)
 
 
 # XLA's CPU dot (Eigen, built for 8-float AVX registers) multiplies rows in panels of 24
@@ -342,12 +354,15 @@ def block_gram(X: jax.Array) -> jax.Array:
 def row_sq_dists(G: jax.Array, center: jax.Array) -> jax.Array:
     """``‖g_i − c‖²`` for every row. ``[n, d], [d] -> [n]``.
 
-    Accumulated over column blocks (``scan_columns``): on CPU the loop boundary makes XLA
-    compute ``c`` once. Written as one reduction, a fused producer of ``c`` (the sorting
-    network of a median) was fused into the row reduction and recomputed once per row,
-    10x slower here at (25, 500k). Each block's squares are summed by ``row_sums`` (25 x
-    500k: 5.4 against 8.0 ms with the row reduction, 10 x 2M: 9.5 against 12.2 ms here).
+    On CPU, for float32, the native row pass on every core (``fedjax_byz.native``).
+    Otherwise accumulated over column blocks (``scan_columns``): on CPU the loop boundary
+    makes XLA compute ``c`` once. Written as one reduction, a fused producer of ``c`` (the
+    sorting network of a median) was fused into the row reduction and recomputed once per
+    row, 10x slower here at (25, 500k). Each block's squares are summed by ``row_sums``
+    (25 x 500k: 5.4 against 8.0 ms with the row reduction, 10 x 2M: 9.5 against 12.2 ms).
     """
+    if native.available(G.dtype):
+        return _native(_native_rows, G, center)
 
     def fn(B, vs, r):
         X = B - vs[0][None, :]
@@ -422,8 +437,8 @@ _eigvalsh_one = _one_at_a_time(lambda A: jnp.linalg.eigvalsh(A))
 
 
 def row_norms(G: jax.Array) -> jax.Array:
-    """Euclidean norm of every row. ``[n, d] -> [n]``."""
-    return jnp.sqrt(jnp.einsum("nd,nd->n", G, G, precision=_HI))
+    """Euclidean norm of every row (``row_sq_norms``). ``[n, d] -> [n]``."""
+    return jnp.sqrt(row_sq_norms(G)).astype(G.dtype)
 
 
 def to_matrix(updates):

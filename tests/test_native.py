@@ -1,4 +1,4 @@
-"""The native Gram kernel (``fedjax_byz.native``) against float64 numpy, and its fallback."""
+"""The native kernels (``fedjax_byz.native``) against float64 numpy, and their fallback."""
 
 from __future__ import annotations
 
@@ -44,6 +44,16 @@ def test_gram_matches_float64(n, d, centre):
     np.testing.assert_allclose(sq, np.diag(exact_gram(G)), rtol=1e-6)
 
 
+@pytest.mark.parametrize("n, d", SHAPES)
+@pytest.mark.parametrize("centred", [False, True])
+def test_row_sq_dists_match_float64(n, d, centred):
+    G = skewed(n, d)
+    c = G[-1] + 0.5 if centred else None
+    got = jax.jit(lambda G, c: native.row_sq_dists(G, c, threads=2))(G, c)
+    X = np.asarray(G, np.float64) - (0.0 if c is None else np.asarray(c, np.float64))
+    np.testing.assert_allclose(got, (X * X).sum(1), rtol=1e-6)
+
+
 def test_gram_does_not_depend_on_the_thread_count():
     G = skewed(11, 16_384 * 5 + 3)
 
@@ -52,6 +62,8 @@ def test_gram_does_not_depend_on_the_thread_count():
         return np.concatenate([np.ravel(a) for a in Ksq])
 
     K = [run(t, center=G[0]) for t in (1, 2, 7)]
+    rows = [jax.jit(lambda G, t=t: native.row_sq_dists(G, G[1], threads=t))(G) for t in (1, 5)]
+    np.testing.assert_array_equal(*rows)
     np.testing.assert_array_equal(run(1, weights=G[:, 0]), run(3, weights=G[:, 0]))
     np.testing.assert_array_equal(K[0], K[1])
     np.testing.assert_array_equal(K[0], K[2])
@@ -64,7 +76,7 @@ def test_gram_under_vmap():
         np.testing.assert_allclose(k, exact_gram(G, G.mean(0)), rtol=1e-5, atol=1e-3)
 
 
-@pytest.mark.parametrize("fn", ["gram", "centred_gram"])
+@pytest.mark.parametrize("fn", ["gram", "centred_gram", "row_sq_dists", "row_sq_norms"])
 def test_ops_gram_is_native_and_agrees_with_the_xla_product(monkeypatch, fn):
     G = jnp.asarray(skewed(9, 5000))
     w = jnp.linspace(0.0, 2.0 / 9, 9)
@@ -72,17 +84,22 @@ def test_ops_gram_is_native_and_agrees_with_the_xla_product(monkeypatch, fn):
     call = {
         "gram": lambda G: ops.gram(G, c),
         "centred_gram": lambda G: ops.centred_gram(G, w, sq_norms=True)[0],
+        "row_sq_dists": lambda G: ops.row_sq_dists(G, c),
+        "row_sq_norms": lambda G: ops.row_sq_norms(G),
     }
 
     def hlo():  # traced afresh: jit caches traces per function
         return jax.jit(lambda G: call[fn](G)).lower(G).as_text()
 
-    assert native._TARGET in hlo()
+    targets = (native._TARGET, native._ROWS_TARGET)
+    assert any(t in hlo() for t in targets)
     with_kernel = np.asarray(call[fn](G))
     monkeypatch.setattr(native, "available", lambda dtype: False)
-    assert native._TARGET not in hlo()
+    assert not any(t in hlo() for t in targets)
     without = np.asarray(call[fn](G))
-    want = exact_gram(G, np.asarray(c, np.float64))
+    centre = None if fn == "row_sq_norms" else np.asarray(c, np.float64)
+    want = exact_gram(G, centre)
+    want = want if fn.endswith("gram") else np.diag(want)
     np.testing.assert_allclose(with_kernel, want, rtol=1e-6, atol=1e-3)
     np.testing.assert_allclose(without, want, rtol=1e-5, atol=1e-2)
 

@@ -1,13 +1,16 @@
-// The Gram product K = (X − 1cᵀ)(X − 1cᵀ)ᵀ of a row-major f32 matrix X [n, d] on CPU, as an
-// XLA FFI handler (see __init__.py for why it exists and how it is built). The centre c is
-// given, or is the weighted mean wᵀX of the rows, computed block by block while the block
-// is in cache, or is zero. The rows' squared norms ‖x_i‖² (uncentred) come with it.
+// Native CPU kernels on a row-major f32 matrix X [n, d], as XLA FFI handlers (see
+// __init__.py for why they exist and how they are built).
 //
-// Columns are cut into chunks of fixed size; each chunk's share of K is summed by
-// register tiles of kR x kS dot products (8-float vectors, float32 within a cache-sized
-// block of columns, float64 across blocks), threads take chunks from a shared counter,
-// and the chunks' shares are added in chunk order in float64, so the result does not
-// depend on the number of threads. Only tiles on or above the diagonal are computed.
+// Gram: K = (X − 1cᵀ)(X − 1cᵀ)ᵀ, the centre c given, or the weighted mean wᵀX of the
+// rows, computed block by block while the block is in cache, or zero; the rows' squared
+// norms ‖x_i‖² (uncentred) come with it. Each chunk's share of K is summed by register
+// tiles of kR x kS dot products (8-float vectors, float32 within a cache-sized block of
+// columns, float64 across blocks); only tiles on or above the diagonal are computed.
+// RowSqDists: ‖x_i − c‖² for every row, one pass.
+//
+// Both cut the columns into chunks of fixed size; threads take chunks from a shared
+// counter, and the chunks' shares are added in chunk order in float64, so the results do
+// not depend on the number of threads.
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -123,40 +126,68 @@ void Share(const float* x, int64_t n, int64_t d, const float* m, const float* w,
   }
 }
 
-void Gram(const float* x, int64_t n, int64_t d, const float* m, const float* w,
-          int64_t threads, float* k, float* sq) {
+// Runs share(lo, hi, part) for every chunk [lo, hi) of the d columns on up to `threads`
+// threads, `part` a zeroed float64 array of `size` values, and returns the sum of the
+// parts in chunk order (so the same for any number of threads).
+template <class ShareFn>
+std::vector<double> SumOverChunks(int64_t d, int64_t size, int64_t threads, ShareFn share) {
   int64_t chunks = std::max<int64_t>(1, (d + kChunk - 1) / kChunk);
-  chunks = std::min(chunks, std::max<int64_t>(1, kPartsBytes / (8 * n * n)));
+  chunks = std::min(chunks, std::max<int64_t>(1, kPartsBytes / (8 * size)));
   const int64_t width = ((d + chunks - 1) / chunks + 7) / 8 * 8;
   chunks = std::max<int64_t>(1, (d + width - 1) / width);
-  const int64_t part = n * n + n;  // a chunk's shares of K and of the squared norms
-  std::vector<double> parts(static_cast<size_t>(chunks * part), 0.0);
+  std::vector<double> parts(static_cast<size_t>(chunks * size), 0.0);
   std::atomic<int64_t> next{0};
   auto work = [&] {
-    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
-      const int64_t lo = c * width, hi = std::min(d, lo + width);
-      double* out = parts.data() + c * part;
-      if (m != nullptr || w != nullptr) {
-        Share<true>(x, n, d, m, w, lo, hi, out, out + n * n);
-      } else {
-        Share<false>(x, n, d, m, w, lo, hi, out, out + n * n);
-      }
-    }
+    for (int64_t c; (c = next.fetch_add(1)) < chunks;)
+      share(c * width, std::min(d, (c + 1) * width), parts.data() + c * size);
   };
   std::vector<std::thread> pool;
   for (int64_t t = 1; t < std::min(threads, chunks); ++t) pool.emplace_back(work);
   work();
   for (auto& t : pool) t.join();
-  for (int64_t i = 0; i < n * n + n; ++i) {  // in chunk order: the same for any threads
-    if (i < n * n && i % n < i / n) continue;  // below the diagonal: mirrored
-    double s = 0;
-    for (int64_t c = 0; c < chunks; ++c) s += parts[c * part + i];
-    if (i < n * n) {
-      k[i] = k[i % n * n + i / n] = static_cast<float>(s);
+  std::vector<double> sum(static_cast<size_t>(size), 0.0);
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t i = 0; i < size; ++i) sum[i] += parts[c * size + i];
+  return sum;
+}
+
+void Gram(const float* x, int64_t n, int64_t d, const float* m, const float* w,
+          int64_t threads, float* k, float* sq) {
+  const auto sum = SumOverChunks(d, n * n + n, threads, [&](int64_t lo, int64_t hi, double* out) {
+    if (m != nullptr || w != nullptr) {
+      Share<true>(x, n, d, m, w, lo, hi, out, out + n * n);
     } else {
-      sq[i - n * n] = static_cast<float>(s);
+      Share<false>(x, n, d, m, w, lo, hi, out, out + n * n);
     }
+  });
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = i; j < n; ++j) k[i * n + j] = k[j * n + i] = static_cast<float>(sum[i * n + j]);
+    sq[i] = static_cast<float>(sum[n * n + i]);
   }
+}
+
+// ‖x_i − m‖² for every row (m null: ‖x_i‖²), f32 within 8-float lanes, float64 across
+// chunks.
+void RowSqDists(const float* x, int64_t n, int64_t d, const float* m, int64_t threads,
+                float* out) {
+  const auto sum = SumOverChunks(d, n, threads, [&](int64_t lo, int64_t hi, double* part) {
+    const int64_t vec = lo + (hi - lo) / 8 * 8;
+    for (int64_t i = 0; i < n; ++i) {
+      const float* xi = x + i * d;
+      v8 acc = {};
+      for (int64_t c = lo; c < vec; c += 8) {
+        const v8 a = load(xi + c) - (m != nullptr ? load(m + c) : v8{});
+        acc += a * a;
+      }
+      double t = hsum(acc);
+      for (int64_t c = vec; c < hi; ++c) {
+        const double a = double(xi[c]) - (m != nullptr ? m[c] : 0.f);
+        t += a * a;
+      }
+      part[i] += t;
+    }
+  });
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(sum[i]);
 }
 
 ffi::Error GramImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> center,
@@ -174,6 +205,18 @@ ffi::Error GramImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> center,
   return ffi::Error::Success();
 }
 
+ffi::Error RowSqDistsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> center,
+                          ffi::ResultBuffer<ffi::F32> out, int64_t threads) {
+  const auto dims = x.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("row_sq_dists: X must be [n, d]");
+  const size_t nc = center.element_count();
+  if (nc != 0 && nc != static_cast<size_t>(dims[1]))
+    return ffi::Error::InvalidArgument("row_sq_dists: the centre must be [d] or empty");
+  RowSqDists(x.typed_data(), dims[0], dims[1], nc ? center.typed_data() : nullptr,
+             std::max<int64_t>(1, threads), out->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxByzGram, GramImpl,
@@ -182,5 +225,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxByzGram, GramImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxByzRowSqDists, RowSqDistsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("threads"));
