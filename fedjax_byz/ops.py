@@ -238,8 +238,9 @@ def masked_median(G: jax.Array, mask: jax.Array) -> jax.Array:
     return sorted_sum(G, median_weights(mask.sum(), G.shape[0]), mask)
 
 
-def gram(G: jax.Array, center: jax.Array | None = None) -> jax.Array:
-    """Inner products ``(G − c)(G − c)ᵀ`` (``c = 0`` by default). ``[n, d] -> [n, n]``.
+def gram(G: jax.Array, center: jax.Array | None = None, *, sq_norms: bool = False):
+    """Inner products ``(G − c)(G − c)ᵀ`` (``c = 0`` by default). ``[n, d] -> [n, n]``;
+    with ``sq_norms``, also the rows' squared norms ``‖g_i‖²`` (``row_sq_norms``).
 
     On CPU, for float32, by the native kernel (``fedjax_byz.native``: register tiles on
     every core, 2.5x faster than XLA's dot here), on each device's own columns where
@@ -249,14 +250,17 @@ def gram(G: jax.Array, center: jax.Array | None = None) -> jax.Array:
     one matmul.
     """
     if native.available(G.dtype):
-        return _native(native.gram, G, center)[0]
-    n, d = G.shape
-    center = jnp.zeros(d, G.dtype) if center is None else center
+        K, sq = _native(native.gram, G, center)
+    else:
+        n, d = G.shape
+        c = jnp.zeros(d, G.dtype) if center is None else center
 
-    def fn(B, vs, K):
-        return (), K + block_gram(B - vs[0][None, :])
+        def fn(B, vs, K):
+            return (), K + block_gram(B - vs[0][None, :])
 
-    return scan_columns(fn, G, (center,), jnp.zeros((n, n), G.dtype))[1]
+        K = scan_columns(fn, G, (c,), jnp.zeros((n, n), G.dtype))[1]
+        sq = row_sq_norms(G) if sq_norms else None
+    return (K, sq) if sq_norms else K
 
 
 def centred_gram(G: jax.Array, weights: ArrayLike | None = None, *, sq_norms: bool = False):

@@ -21,6 +21,7 @@ from fedjax_byz.aggregators import (
     distance,
     get,
     pre,
+    signguard,
     spectral,
 )
 from fedjax_byz.registry import ConfigError
@@ -570,18 +571,24 @@ def test_overflow_bound_and_huge_rounds():
         chex.assert_trees_all_close(out / scale, run(name, H, 2)[0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["krum", "multikrum", "geomed", "caf"])
-def test_gram_rules_reject_an_overflowing_row_from_the_norms_they_report(name):
-    """A Gram rule reports ‖g_i‖² from its own Gram pass (``reports_sq_norms``) and the
-    guard rejects from them exactly the rows ``overflowing_rows`` flags: here one finite
-    row past the bound whose centred Gram entries stay finite, and one NaN row."""
+REPORTING = {
+    "krum": distance.krum,
+    "multikrum": distance.multikrum,
+    "geomed": distance.geomed,
+    "caf": spectral.caf,
+    "signguard": signguard.signguard,
+    "signguard-sim": signguard.signguard_sim,
+    "signguard-dist": signguard.signguard_dist,
+}
+
+
+@pytest.mark.parametrize("name", sorted(REPORTING))
+def test_rules_reject_an_overflowing_row_from_the_norms_they_report(name):
+    """Gram rules and SignGuard report ‖g_i‖² from their own pass (``reports_sq_norms``)
+    and the guard rejects from them exactly the rows ``overflowing_rows`` flags: here one
+    finite row past the bound whose centred Gram entries stay finite, and one NaN row."""
     n, d, f = PROPS
-    assert {
-        "krum": distance.krum,
-        "multikrum": distance.multikrum,
-        "geomed": distance.geomed,
-        "caf": spectral.caf,
-    }[name]().reports_sq_norms
+    assert REPORTING[name]().reports_sq_norms
     G = updates(n, d, f)
     bound = np.finfo(np.float32).max / (4 * n)
     G[3] = np.sqrt(2 * bound / d)  # ‖g_3‖² = 2 x the bound

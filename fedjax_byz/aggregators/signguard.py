@@ -10,7 +10,7 @@ from jax.typing import ArrayLike
 
 from fedjax_byz import ops
 from fedjax_byz.aggregators import clustering
-from fedjax_byz.aggregators.base import Aggregator, stateless
+from fedjax_byz.aggregators.base import Aggregator
 from fedjax_byz.registry import ConfigError
 
 
@@ -63,14 +63,15 @@ def _signguard(
             f"aggregator.frac: SignGuard's fraction of coordinates must be in (0, 1], got {frac!r}."
         )
 
-    def fn(G, ctx):
+    def update(G, state, ctx):
         key_block, key_bw = jax.random.split(ctx.key)
-        if kind == "sim":  # cosines: the Gram matrix, whose diagonal gives the norms
-            K = ops.gram(G)
-            norms = jnp.sqrt(jnp.diagonal(K))
-        else:  # distances from the centred Gram matrix (accurate in float32), or none
-            K = ops.centred_gram(G) if kind == "dist" else None
-            norms = ops.row_norms(G)
+        if kind == "sim":  # cosines: the Gram matrix
+            K, sq = ops.gram(G, sq_norms=True)
+        elif kind == "dist":  # distances from the centred Gram matrix (accurate in float32)
+            K, sq = ops.centred_gram(G, sq_norms=True)
+        else:
+            K, sq = None, ops.row_sq_norms(G)
+        norms = jnp.sqrt(sq).astype(G.dtype)
         M = jnp.median(norms)
         ratio = norms / M
         s1 = (ratio >= lower) & (ratio <= upper)
@@ -82,9 +83,9 @@ def _signguard(
         keep = s1 & s2
         w = keep / jnp.maximum(keep.sum(), 1).astype(G.dtype)
         scale = jnp.minimum(1.0, M / jnp.maximum(norms, jnp.finfo(G.dtype).tiny))
-        return ops.weighted_sum(w * scale, G), w
+        return ops.weighted_sum(w * scale, G), state, {"weights": w, "sq_norms": sq}
 
-    return stateless(fn)
+    return Aggregator(lambda d: (), update, reports_sq_norms=True)
 
 
 _DOC = """{title} (Xu et al., ICDCS 2022, Algorithm 2).
