@@ -54,6 +54,16 @@ def test_row_sq_dists_match_float64(n, d, centred):
     np.testing.assert_allclose(got, (X * X).sum(1), rtol=1e-6)
 
 
+def test_empty_matrices_give_zeros():
+    for n, d in [(3, 0), (0, 5), (0, 0)]:
+        G = np.zeros((n, d), np.float32)
+        K, sq = jax.jit(lambda G: native.gram(G, threads=2))(G)
+        rows = jax.jit(lambda G: native.row_sq_dists(G, threads=2))(G)
+        np.testing.assert_array_equal(K, np.zeros((n, n)))
+        np.testing.assert_array_equal(sq, np.zeros(n))
+        np.testing.assert_array_equal(rows, np.zeros(n))
+
+
 def test_gram_does_not_depend_on_the_thread_count():
     G = skewed(11, 16_384 * 5 + 3)
 

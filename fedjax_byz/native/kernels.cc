@@ -153,6 +153,11 @@ std::vector<double> SumOverChunks(int64_t d, int64_t size, int64_t threads, Shar
 
 void Gram(const float* x, int64_t n, int64_t d, const float* m, const float* w,
           int64_t threads, float* k, float* sq) {
+  if (n == 0 || d == 0) {  // nothing to sum (and no chunk to cut)
+    std::fill(k, k + n * n, 0.f);
+    std::fill(sq, sq + n, 0.f);
+    return;
+  }
   const auto sum = SumOverChunks(d, n * n + n, threads, [&](int64_t lo, int64_t hi, double* out) {
     if (m != nullptr || w != nullptr) {
       Share<true>(x, n, d, m, w, lo, hi, out, out + n * n);
@@ -170,6 +175,10 @@ void Gram(const float* x, int64_t n, int64_t d, const float* m, const float* w,
 // chunks.
 void RowSqDists(const float* x, int64_t n, int64_t d, const float* m, int64_t threads,
                 float* out) {
+  if (n == 0 || d == 0) {
+    std::fill(out, out + n, 0.f);
+    return;
+  }
   const auto sum = SumOverChunks(d, n, threads, [&](int64_t lo, int64_t hi, double* part) {
     const int64_t vec = lo + (hi - lo) / 8 * 8;
     for (int64_t i = 0; i < n; ++i) {
