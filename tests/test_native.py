@@ -114,6 +114,16 @@ def test_ops_gram_is_native_and_agrees_with_the_xla_product(monkeypatch, fn):
     np.testing.assert_allclose(without, want, rtol=1e-5, atol=1e-2)
 
 
+def test_direct_calls_refuse_when_the_kernels_are_unavailable(monkeypatch):
+    """A direct call checks that the kernels are registered: where they cannot load, it
+    says so instead of failing at run time with XLA's missing-handler error."""
+    G = skewed(3, 20)
+    np.testing.assert_allclose(native.row_sq_dists(G, threads=1), (G * G).sum(1), rtol=1e-6)
+    monkeypatch.setattr(native, "_registered", lambda: False)
+    with pytest.raises(RuntimeError, match="unavailable"):
+        native.gram(G, threads=1)
+
+
 def test_build_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
     monkeypatch.setenv("FEDJAX_BYZ_CACHE", str(tmp_path))
     path = native._build()

@@ -58,12 +58,12 @@ def gram(
     """``(G − 1cᵀ)(G − 1cᵀ)ᵀ`` by ``kernels.cc`` on ``threads`` cores, centred on ``c =
     center [d]``, or on the weighted mean ``c = Σ_i w_i g_i`` of ``weights [n]`` (computed
     in the kernel, block by block), or not at all; and the rows' squared norms ``‖g_i‖²``
-    (uncentred, from the same pass). ``f32[n, d] -> (f32[n, n], f32[n])``. Needs
-    ``available``. The results do not depend on ``threads``."""
+    (uncentred, from the same pass). ``f32[n, d] -> (f32[n, n], f32[n])``. Raises where
+    the kernels are not ``available``. The results do not depend on ``threads``."""
     n = G.shape[0]
     empty = jnp.zeros(0, G.dtype)
     shapes = jax.ShapeDtypeStruct((n, n), G.dtype), jax.ShapeDtypeStruct((n,), G.dtype)
-    call = jax.ffi.ffi_call(_TARGET, shapes, vmap_method="sequential")
+    call = _ffi_call(_TARGET, shapes)
     center = empty if center is None else center
     weights = empty if weights is None else weights
     return call(G, center, weights, threads=int(threads))
@@ -71,12 +71,16 @@ def gram(
 
 def row_sq_dists(G: jax.Array, center: jax.Array | None = None, *, threads: int) -> jax.Array:
     """``‖g_i − c‖²`` for every row (``‖g_i‖²`` without ``center``), one pass on
-    ``threads`` cores. ``f32[n, d] -> f32[n]``. Needs ``available``; the result does not
-    depend on ``threads``."""
-    call = jax.ffi.ffi_call(
-        _ROWS_TARGET, jax.ShapeDtypeStruct(G.shape[:1], G.dtype), vmap_method="sequential"
-    )
+    ``threads`` cores. ``f32[n, d] -> f32[n]``. Raises where the kernels are not
+    ``available``; the result does not depend on ``threads``."""
+    call = _ffi_call(_ROWS_TARGET, jax.ShapeDtypeStruct(G.shape[:1], G.dtype))
     return call(G, jnp.zeros(0, G.dtype) if center is None else center, threads=int(threads))
+
+
+def _ffi_call(target: str, shapes):
+    if not _registered():
+        raise RuntimeError("fedjax_byz.native: the kernels are unavailable here (available())")
+    return jax.ffi.ffi_call(target, shapes, vmap_method="sequential")
 
 
 @functools.cache
@@ -87,7 +91,7 @@ def _registered() -> bool:
         library = ctypes.CDLL(str(_build()))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or error
-        _log.warning("fedjax_byz: native Gram kernel unavailable, using XLA's: %s", detail)
+        _log.warning("fedjax_byz: native kernels unavailable, using XLA's operations: %s", detail)
         return False
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.FedjaxByzGram), "cpu")
     rows = jax.ffi.pycapsule(library.FedjaxByzRowSqDists)
