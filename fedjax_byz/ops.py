@@ -276,11 +276,9 @@ def centred_gram(G: jax.Array, weights: ArrayLike | None = None, *, sq_norms: bo
     """
     n = G.shape[0]
     weights = jnp.full(n, 1.0 / n, G.dtype) if weights is None else jnp.asarray(weights, G.dtype)
-    if native.available(G.dtype):
-        K, sq = _native(native.gram, G, rows=weights)
-    else:
-        K = gram(G, weighted_sum(weights, G))
-        sq = row_sq_norms(G) if sq_norms else None
+    if not native.available(G.dtype):
+        return gram(G, weighted_sum(weights, G), sq_norms=sq_norms)
+    K, sq = _native(native.gram, G, rows=weights)
     return (K, sq) if sq_norms else K
 
 

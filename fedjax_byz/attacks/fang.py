@@ -63,22 +63,22 @@ def _krum_attack(threshold: ArrayLike) -> Attack:
         honest, byz, f = ctx.honest, ctx.byz, ctx.f
         g_hat = unattacked_aggregate(G, ctx)
 
-        # One pass for ‖g_i‖², ⟨g_i, s⟩, ‖s‖² (the quadratic ‖−λs − g_i‖² in λ) and μ_H,
-        # then the Gram matrix of the rows centred on μ_H (the pairwise distances).
+        # One pass for ⟨g_i, s⟩, ‖s‖² and μ_H, then the Gram matrix of the rows centred on
+        # μ_H (the pairwise distances) with ‖g_i‖²: the quadratic ‖−λs − g_i‖² in λ.
         def block(B, vs, carry):
             mu = ops.masked_mean(B, honest)
             s = jnp.sign(vs[0] if vs else mu)
-            gs, gg, ss = carry
+            gs, ss = carry
             return (s, mu), (
                 gs + jnp.matmul(B, s, precision=lax.Precision.HIGHEST),
-                gg + jnp.einsum("nc,nc->n", B, B, precision=lax.Precision.HIGHEST),
                 ss + jnp.vdot(s, s),
             )
 
-        zn = jnp.zeros(n, G.dtype)
         vectors = () if g_hat is None else (g_hat,)
-        (s, mu), (gs, gg, ss) = ops.scan_columns(block, G, vectors, (zn, zn, zn[0]))
-        D = ops.sq_dists_from_gram(ops.gram(G, mu))
+        init = (jnp.zeros(n, G.dtype), jnp.zeros((), G.dtype))
+        (s, mu), (gs, ss) = ops.scan_columns(block, G, vectors, init)
+        K, gg = ops.gram(G, mu, sq_norms=True)
+        D = ops.sq_dists_from_gram(K)
         # λ's upper bound (Fang et al., Sec. 4.2): Σ over the n − f − 2 nearest honest rows
         # (Krum's score over the |H| = n − f honest rows with f = 0, on plain distances).
         near = krum_scores(jnp.sqrt(D), 0, valid=honest)

@@ -75,11 +75,11 @@ def centred_pass(
     With ``μ_R``, ``σ_R`` the mean and standard deviation (ddof=1) of the rows ``rows``,
     ``x_i = g_i − μ_R`` and the coordinate-wise direction ``u = direction(μ_R, σ_R,
     *vectors)`` (``p = u/‖u‖`` when ``unit``, else ``p = u``), each block of columns adds
-    its share of ``⟨x_i, u⟩``, ``‖u‖²`` and ``‖x_i‖²``; with ``gram``, ``X Xᵀ`` follows
-    from ``ops.gram(G, μ_R)`` (on CPU the native kernel, 2.5x faster than a Gram product
-    accumulated in the same pass here). Centring on ``μ_R`` keeps these float32 sums
-    accurate when the updates share a large common component. Off CPU the block is the
-    matrix.
+    its share of ``⟨x_i, u⟩``, ``‖u‖²`` and, without ``gram``, ``‖x_i‖²``; with ``gram``,
+    ``X Xᵀ`` (and its diagonal ``‖x_i‖²``) follows from ``ops.gram(G, μ_R)`` (on CPU the
+    native kernel, 2.5x faster than a Gram product accumulated in the same pass here).
+    Centring on ``μ_R`` keeps these float32 sums accurate when the updates share a large
+    common component. Off CPU the block is the matrix.
     """
     n = G.shape[0]
 
@@ -87,15 +87,16 @@ def centred_pass(
         mu, sigma, X = ops.masked_moments(B, rows)
         u = direction(mu, sigma, *vs)
         xx, xu, uu = carry
-        xx = xx + jnp.einsum("nc,nc->n", X, X, precision=lax.Precision.HIGHEST)
+        if not gram:
+            xx = xx + jnp.einsum("nc,nc->n", X, X, precision=lax.Precision.HIGHEST)
         xu = xu + jnp.matmul(X, u, precision=lax.Precision.HIGHEST)
         return (mu, sigma), (xx, xu, uu + jnp.vdot(u, u))
 
     zn = jnp.zeros(n, G.dtype)
     (mu, sigma), (xx, xu, uu) = ops.scan_columns(fn, G, vectors, (zn, zn, zn[0]))
     scale = lax.rsqrt(jnp.maximum(uu, jnp.finfo(G.dtype).tiny)) if unit else 1.0
-    q = Quadratic(scale * scale * uu, -2.0 * scale * xu, xx)
     K = ops.gram(G, mu) if gram else None
+    q = Quadratic(scale * scale * uu, -2.0 * scale * xu, jnp.diagonal(K) if gram else xx)
     return CentredPass(mu, scale * direction(mu, sigma, *vectors), q, K)
 
 

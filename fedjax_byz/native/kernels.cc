@@ -46,6 +46,23 @@ inline double hsum(v8 v) {
   return s;
 }
 
+// Σ_{c < len} (x[c] − m[c])² (m null: Σ x[c]²), float32 in 8-float lanes, the last
+// len % 8 terms and the total in float64.
+double SqDist(const float* x, const float* m, int64_t len) {
+  const int64_t vec = len / 8 * 8;
+  v8 acc = {};
+  for (int64_t c = 0; c < vec; c += 8) {
+    const v8 a = load(x + c) - (m != nullptr ? load(m + c) : v8{});
+    acc += a * a;
+  }
+  double t = hsum(acc);
+  for (int64_t c = vec; c < len; ++c) {
+    const double a = double(x[c]) - (m != nullptr ? m[c] : 0.f);
+    t += a * a;
+  }
+  return t;
+}
+
 // out[i + r, j + s] += Σ_{c < len} (x[i + r, c] − m[c])(x[j + s, c] − m[c]), len a
 // multiple of 8; x and m start at the block's first column, m is null unless Centred.
 template <int R, int S, bool Centred>
@@ -98,11 +115,7 @@ void Share(const float* x, int64_t n, int64_t d, const float* m, const float* w,
     std::fill(mean.begin(), mean.end(), 0.f);
     for (int64_t i = 0; i < n; ++i) {  // squared norms and the block's weighted mean
       const float* xi = x0 + i * d;
-      v8 acc = {};
-      for (int64_t c = 0; c < vec; c += 8) acc += load(xi + c) * load(xi + c);
-      double t = hsum(acc);
-      for (int64_t c = vec; c < len; ++c) t += double(xi[c]) * xi[c];
-      sq[i] += t;
+      sq[i] += SqDist(xi, nullptr, len);
       if (w != nullptr)
         for (int64_t c = 0; c < len; ++c) mean[c] += w[i] * xi[c];
     }
@@ -180,21 +193,8 @@ void RowSqDists(const float* x, int64_t n, int64_t d, const float* m, int64_t th
     return;
   }
   const auto sum = SumOverChunks(d, n, threads, [&](int64_t lo, int64_t hi, double* part) {
-    const int64_t vec = lo + (hi - lo) / 8 * 8;
-    for (int64_t i = 0; i < n; ++i) {
-      const float* xi = x + i * d;
-      v8 acc = {};
-      for (int64_t c = lo; c < vec; c += 8) {
-        const v8 a = load(xi + c) - (m != nullptr ? load(m + c) : v8{});
-        acc += a * a;
-      }
-      double t = hsum(acc);
-      for (int64_t c = vec; c < hi; ++c) {
-        const double a = double(xi[c]) - (m != nullptr ? m[c] : 0.f);
-        t += a * a;
-      }
-      part[i] += t;
-    }
+    for (int64_t i = 0; i < n; ++i)
+      part[i] += SqDist(x + i * d + lo, m != nullptr ? m + lo : nullptr, hi - lo);
   });
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(sum[i]);
 }
