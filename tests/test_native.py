@@ -13,9 +13,11 @@ pytestmark = pytest.mark.skipif(
     not native.available(jnp.float32), reason="no C++ compiler for the native kernel"
 )
 
-# Shapes across the kernel's cases: rows that fill no, one or several 4 x 3 register
-# tiles, columns below one 8-float vector, with a tail, and over several chunks of 16384.
-SHAPES = [(1, 1), (1, 9), (5, 7), (13, 1001), (26, 40_003), (7, 16_384 * 3 + 8)]
+# Shapes across the kernel's cases: rows that fill no, one or several register tiles (6 x 4
+# with AVX-512, 4 x 3 without) and leave every remainder of rows, columns below one 8-float
+# vector, with a tail, and over several chunks.
+SHAPES = [(1, 1), (1, 9), (5, 7), (9, 50), (11, 203), (13, 1001), (16, 77)]
+SHAPES += [(26, 40_003), (7, 16_384 * 3 + 8)]
 
 
 def exact_gram(G, center=None):

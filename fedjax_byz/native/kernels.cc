@@ -29,8 +29,16 @@ namespace {
 
 typedef float v8 __attribute__((vector_size(32)));
 
-constexpr int kR = 4, kS = 3;          // register tile: 12 accumulators
-constexpr int64_t kChunk = 16384;      // columns per chunk (a multiple of 8)
+// Register tile: kR x kS accumulators, plus kS + 2 vectors in flight, in the 32 vector
+// registers of AVX-512VL, or the 16 of AVX2.
+#ifdef __AVX512VL__
+constexpr int kR = 6, kS = 4;
+#else
+constexpr int kR = 4, kS = 3;
+#endif
+constexpr int64_t kChunk = 16384;      // most columns per chunk (a multiple of 8)
+constexpr int64_t kChunks = 16;        // fewest chunks, where d has 1024 columns for each,
+constexpr int64_t kMinChunk = 1024;    // so that the threads' shares differ by little
 constexpr int64_t kBlockFloats = 131072;  // n x block floats per cache block (512 KiB)
 constexpr int64_t kPartsBytes = int64_t{64} << 20;  // cap on the chunks' float64 shares
 
@@ -40,10 +48,20 @@ inline v8 load(const float* p) {
   return v;
 }
 
-inline double hsum(v8 v) {
-  float s = 0.f;
-  for (int k = 0; k < 8; ++k) s += v[k];
-  return s;
+inline double hsum(v8 v) {  // a tree, so the adds need not wait on each other
+  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+}
+
+// The 8 floats at p, less those at m where Centred, in a register: pinned there on x86 so
+// that the compiler does not fold the load into each of the multiply-adds that read it.
+template <bool Centred>
+inline v8 Row(const float* p, const float* m) {
+  v8 v = load(p);
+  if constexpr (Centred) v -= load(m);
+#ifdef __x86_64__
+  asm("" : "+v"(v));
+#endif
+  return v;
 }
 
 // Σ_{c < len} (x[c] − m[c])² (m null: Σ x[c]²), float32 in 8-float lanes, the last
@@ -65,17 +83,22 @@ double SqDist(const float* x, const float* m, int64_t len) {
 
 // out[i + r, j + s] += Σ_{c < len} (x[i + r, c] − m[c])(x[j + s, c] − m[c]), len a
 // multiple of 8; x and m start at the block's first column, m is null unless Centred.
+// Each row's vector is loaded once per step and kept in a register (Row), so a step is
+// R + S loads for R·S multiply-adds.
 template <int R, int S, bool Centred>
 void Tile(const float* x, int64_t d, const float* m, int64_t i, int64_t j, int64_t len,
           double* out, int64_t n) {
   v8 acc[R][S] = {};
+  const float* xi = x + i * d;
+  const float* xj = x + j * d;
   for (int64_t c = 0; c < len; c += 8) {
-    v8 mc = Centred ? load(m + c) : v8{};
-    v8 a[R], b[S];
-    for (int r = 0; r < R; ++r) a[r] = load(x + (i + r) * d + c) - mc;
-    for (int s = 0; s < S; ++s) b[s] = load(x + (j + s) * d + c) - mc;
-    for (int r = 0; r < R; ++r)
-      for (int s = 0; s < S; ++s) acc[r][s] += a[r] * b[s];
+    v8 b[S];
+    const float* mc = Centred ? m + c : nullptr;
+    for (int s = 0; s < S; ++s) b[s] = Row<Centred>(xj + s * d + c, mc);
+    for (int r = 0; r < R; ++r) {
+      const v8 a = Row<Centred>(xi + r * d + c, mc);
+      for (int s = 0; s < S; ++s) acc[r][s] += a * b[s];
+    }
   }
   for (int r = 0; r < R; ++r)
     for (int s = 0; s < S; ++s) out[(i + r) * n + j + s] += hsum(acc[r][s]);
@@ -144,7 +167,7 @@ void Share(const float* x, int64_t n, int64_t d, const float* m, const float* w,
 // parts in chunk order (so the same for any number of threads).
 template <class ShareFn>
 std::vector<double> SumOverChunks(int64_t d, int64_t size, int64_t threads, ShareFn share) {
-  int64_t chunks = std::max<int64_t>(1, (d + kChunk - 1) / kChunk);
+  int64_t chunks = std::max({int64_t{1}, (d + kChunk - 1) / kChunk, std::min(kChunks, d / kMinChunk)});
   chunks = std::min(chunks, std::max<int64_t>(1, kPartsBytes / (8 * size)));
   const int64_t width = ((d + chunks - 1) / chunks + 7) / 8 * 8;
   chunks = std::max<int64_t>(1, (d + width - 1) / width);
