@@ -250,7 +250,7 @@ def gram(G: jax.Array, center: jax.Array | None = None, *, sq_norms: bool = Fals
     one matmul.
     """
     if native.available(G.dtype):
-        K, sq = _native(native.gram, G, center)
+        K, sq, _ = _native(_native_gram, G, (center, None))
     else:
         n, d = G.shape
         c = jnp.zeros(d, G.dtype) if center is None else center
@@ -278,8 +278,35 @@ def centred_gram(G: jax.Array, weights: ArrayLike | None = None, *, sq_norms: bo
     weights = jnp.full(n, 1.0 / n, G.dtype) if weights is None else jnp.asarray(weights, G.dtype)
     if not native.available(G.dtype):
         return gram(G, weighted_sum(weights, G), sq_norms=sq_norms)
-    K, sq = _native(native.gram, G, rows=weights)
+    K, sq, _ = _native(_native_gram, G, (None, None), weights)
     return (K, sq) if sq_norms else K
+
+
+def centred_products(G: jax.Array, center: jax.Array, v: jax.Array, *, gram_matrix: bool = True):
+    """For ``x_i = g_i − c``: the projections ``⟨x_i, v⟩`` and either the Gram matrix
+    ``X Xᵀ`` (``gram_matrix``) or the squared norms ``‖x_i‖²``, in one pass over ``G``.
+    ``[n, d], [d], [d] -> ([n], [n, n] | [n])``.
+
+    On CPU, for float32, by the native kernels (the Gram kernel or the row pass, each with
+    the projections on the side); otherwise accumulated over column blocks
+    (``scan_columns``), ``block_gram`` or ``row_sums`` adding each block's share.
+    """
+    if native.available(G.dtype):
+        if gram_matrix:
+            K, _, xv = _native(_native_gram, G, (center, v))
+            return xv, K
+        xx, xv = _native(_native_rows, G, (center, v))
+        return xv, xx
+
+    def fn(B, vs, carry):
+        X = B - vs[0][None, :]
+        xv, second = carry
+        xv = xv + jnp.matmul(X, vs[1], precision=_HI)
+        return (), (xv, second + (block_gram(X) if gram_matrix else row_sums(X * X)))
+
+    n = G.shape[0]
+    init = jnp.zeros(n, G.dtype), jnp.zeros((n, n) if gram_matrix else n, G.dtype)
+    return scan_columns(fn, G, (center, v), init, wide=not gram_matrix)[1]
 
 
 def row_sq_norms(G: jax.Array) -> jax.Array:
@@ -291,39 +318,53 @@ def row_sq_norms(G: jax.Array) -> jax.Array:
     9.8 ms; 10 x 2M: 4.2 against 8.5 ms).
     """
     if native.available(G.dtype):
-        return _native(_native_rows, G)
+        return _native(_native_rows, G, (None, None))[0]
     acc = jnp.promote_types(G.dtype, jnp.float32)
     return jnp.einsum("nd,nd->n", G, G, precision=_HI, preferred_element_type=acc)
 
 
-def _native_rows(G, center, rows, *, threads):  # native.row_sq_dists as a _native kernel
-    return native.row_sq_dists(G, center, threads=threads)
+# The native kernels as ``_native`` kernels: ``(G, columns, rows, *, threads)``.
+def _native_gram(G, columns, weights, *, threads):
+    center, project = columns
+    return native.gram(G, center, weights, project, threads=threads)
 
 
-def _native(kernel, G: jax.Array, column=None, rows=None):
-    """``kernel(G, column, rows, threads=...)``, a sum over the columns of ``G`` (a pytree),
-    on all cores, or on each CPU device's own columns (``sim.sharding.column_devices``),
-    summed over the devices. ``column``: a ``[d]`` vector split with the columns, or
-    None; ``rows``: a vector kept whole on every device, or None."""
+def _native_rows(G, columns, rows, *, threads):
+    center, project = columns
+    return native.row_sq_dists(G, center, project, threads=threads)
+
+
+def _native_moments(G, columns, weights, *, threads):
+    a, b = weights
+    return native.moments(G, a, b, threads=threads)
+
+
+def _native(kernel, G: jax.Array, columns=(), rows=None, *, summed: bool = True):
+    """``kernel(G, columns, rows, threads=...)`` on all cores, or on each CPU device's own
+    columns (``sim.sharding.column_devices``). ``columns``: ``[d]`` vectors (or None) split
+    with the columns; ``rows``: vectors kept whole on every device, or None. Its results
+    are sums over the columns of ``G`` (``summed``: added up over the devices), or
+    ``[d]`` vectors (assembled from the devices' columns)."""
     from fedjax_byz.sim.sharding import CLIENTS, column_devices, cpu_cores  # sim imports ops
 
     mesh = column_devices(G.shape[1])
     if mesh is None:
-        return kernel(G, column, rows, threads=cpu_cores())
+        return kernel(G, columns, rows, threads=cpu_cores())
     threads = max(1, cpu_cores() // mesh.shape[CLIENTS])
     P = jax.sharding.PartitionSpec
 
-    def local(G, column, rows):
-        return jax.lax.psum(kernel(G, column, rows, threads=threads), CLIENTS)
+    def local(G, columns, rows):
+        out = kernel(G, columns, rows, threads=threads)
+        return jax.lax.psum(out, CLIENTS) if summed else out
 
-    out = jax.eval_shape(lambda: kernel(G, column, rows, threads=1))
+    out = jax.eval_shape(lambda: kernel(G, columns, rows, threads=1))
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(P(None, CLIENTS), None if column is None else P(CLIENTS), P()),
-        out_specs=jax.tree.map(lambda _: P(), out),
+        in_specs=(P(None, CLIENTS), P(CLIENTS), P()),
+        out_specs=jax.tree.map(lambda _: P() if summed else P(CLIENTS), out),
         check_vma=False,
-    )(G, column, rows)
+    )(G, columns, rows)
 
 
 # XLA's CPU dot (Eigen, built for 8-float AVX registers) multiplies rows in panels of 24
@@ -364,7 +405,7 @@ def row_sq_dists(G: jax.Array, center: jax.Array) -> jax.Array:
     (25 x 500k: 5.4 against 8.0 ms with the row reduction, 10 x 2M: 9.5 against 12.2 ms).
     """
     if native.available(G.dtype):
-        return _native(_native_rows, G, center)
+        return _native(_native_rows, G, (center, None))[0]
 
     def fn(B, vs, r):
         X = B - vs[0][None, :]
@@ -640,20 +681,31 @@ def masked_moments(
 
     A kernel for one block of ``scan_columns``; ``masked_mean_std`` runs it over a matrix.
     """
-    w = mask.astype(B.dtype)
-    k = w.sum()
-    mu = weighted_sum(w / jnp.maximum(k, 1.0), B)
+    a, b = _moment_weights(mask, B.dtype, ddof)
+    mu = weighted_sum(a, B)
     X = B - mu[None, :]
-    sigma = jnp.sqrt(weighted_sum(w / jnp.maximum(k - ddof, 1.0), X * X))
+    sigma = jnp.sqrt(weighted_sum(b, X * X))
     return mu, sigma, X
+
+
+def _moment_weights(mask: jax.Array, dtype, ddof: int) -> tuple[jax.Array, jax.Array]:
+    """The row weights of the masked mean and variance: ``mask/k``, ``mask/(k − ddof)``."""
+    w = mask.astype(dtype)
+    k = w.sum()
+    return w / jnp.maximum(k, 1.0), w / jnp.maximum(k - ddof, 1.0)
 
 
 def masked_mean_std(G: jax.Array, mask: jax.Array, ddof: int = 1) -> tuple[jax.Array, jax.Array]:
     """Coordinate-wise mean and standard deviation of the masked rows in one blocked pass.
 
     Same values as ``masked_mean`` and ``masked_std`` (up to rounding), without the
-    ``[n, d]`` temporary ``(G − μ)²``. ``-> [d], [d]``.
+    ``[n, d]`` temporary ``(G − μ)²``: on CPU, for float32, the native kernel on every
+    core; otherwise ``masked_moments`` over column blocks. ``-> [d], [d]``.
     """
+    if native.available(G.dtype):
+        weights = _moment_weights(mask, G.dtype, ddof)
+        mu, var = _native(_native_moments, G, (), weights, summed=False)
+        return mu, jnp.sqrt(var)
 
     def fn(B, vs, carry):
         mu, sigma, _ = masked_moments(B, mask, ddof)

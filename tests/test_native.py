@@ -31,52 +31,103 @@ def skewed(n, d, seed=0):
     return (5.0 + rng.standard_t(3, (n, d))).astype(np.float32)
 
 
+def exact_projections(G, center, v):
+    X = np.asarray(G, np.float64) - (0.0 if center is None else np.asarray(center, np.float64))
+    return X @ np.asarray(v, np.float64)
+
+
+def assert_projections_close(got, G, center, v):
+    """Within float32 rounding of the terms: relative to ``Σ_c |x_ic v_c|``."""
+    X = np.asarray(G, np.float64) - (0.0 if center is None else np.asarray(center, np.float64))
+    scale = np.abs(X) @ np.abs(np.asarray(v, np.float64))
+    np.testing.assert_array_less(
+        np.abs(got - exact_projections(G, center, v)), 1e-5 * scale + 1e-30
+    )
+
+
 @pytest.mark.parametrize("n, d", SHAPES)
 @pytest.mark.parametrize("centre", ["none", "given", "weighted mean"])
-def test_gram_matches_float64(n, d, centre):
+@pytest.mark.parametrize("project", [False, True])
+def test_gram_matches_float64(n, d, centre, project):
     G = skewed(n, d)
     w = np.random.default_rng(n).dirichlet(np.ones(n)).astype(np.float32)
+    v = np.random.default_rng(d).standard_normal(d).astype(np.float32) if project else None
     c = {"none": None, "given": G[-1], "weighted mean": w @ G.astype(np.float64)}[centre]
     args = {"none": {}, "given": {"center": G[-1]}, "weighted mean": {"weights": w}}[centre]
-    K, sq = jax.jit(lambda G, a: native.gram(G, **a, threads=2))(G, args)
+    K, sq, proj = jax.jit(lambda G, a, v: native.gram(G, **a, project=v, threads=2))(G, args, v)
     want = exact_gram(G, c)
     scale = np.sqrt(np.outer(np.diag(want), np.diag(want))).max() or 1.0
     np.testing.assert_allclose(K, want, rtol=0, atol=2e-6 * scale)
     np.testing.assert_array_equal(K, K.T)
     np.testing.assert_allclose(sq, np.diag(exact_gram(G)), rtol=1e-6)
+    if project:
+        assert_projections_close(proj, G, c, v)
+    else:
+        np.testing.assert_array_equal(proj, np.zeros(n))
 
 
 @pytest.mark.parametrize("n, d", SHAPES)
 @pytest.mark.parametrize("centred", [False, True])
-def test_row_sq_dists_match_float64(n, d, centred):
+@pytest.mark.parametrize("project", [False, True])
+def test_row_sq_dists_match_float64(n, d, centred, project):
     G = skewed(n, d)
     c = G[-1] + 0.5 if centred else None
-    got = jax.jit(lambda G, c: native.row_sq_dists(G, c, threads=2))(G, c)
+    v = np.random.default_rng(d).standard_normal(d).astype(np.float32) if project else None
+    sq, proj = jax.jit(lambda G, c, v: native.row_sq_dists(G, c, v, threads=2))(G, c, v)
     X = np.asarray(G, np.float64) - (0.0 if c is None else np.asarray(c, np.float64))
-    np.testing.assert_allclose(got, (X * X).sum(1), rtol=1e-6)
+    np.testing.assert_allclose(sq, (X * X).sum(1), rtol=1e-6)
+    if project:
+        assert_projections_close(proj, G, c, v)
+    else:
+        np.testing.assert_array_equal(proj, np.zeros(n))
+
+
+@pytest.mark.parametrize("n, d", SHAPES)
+def test_moments_match_float64(n, d):
+    G = skewed(n, d)
+    rows = np.arange(n) % 3 != 0 if n > 1 else np.ones(n, bool)
+    k = rows.sum()
+    a, b = rows / max(k, 1), rows / max(k - 1, 1)
+    mu, var = jax.jit(lambda G, a, b: native.moments(G, a, b, threads=2))(
+        G, a.astype(np.float32), b.astype(np.float32)
+    )
+    H = np.asarray(G, np.float64)[rows]
+    np.testing.assert_array_less(np.abs(mu - H.mean(0)), 1e-6 * np.abs(H).mean(0) + 1e-30)
+    want = ((H - H.mean(0)) ** 2).sum(0) / max(k - 1, 1)
+    np.testing.assert_allclose(var, want, rtol=1e-4, atol=1e-6 * want.max(initial=0))
 
 
 def test_empty_matrices_give_zeros():
     for n, d in [(3, 0), (0, 5), (0, 0)]:
         G = np.zeros((n, d), np.float32)
-        K, sq = jax.jit(lambda G: native.gram(G, threads=2))(G)
-        rows = jax.jit(lambda G: native.row_sq_dists(G, threads=2))(G)
+        v = np.ones(d, np.float32)
+        K, sq, proj = jax.jit(lambda G, v: native.gram(G, project=v, threads=2))(G, v)
+        rows, rows_proj = jax.jit(lambda G, v: native.row_sq_dists(G, v, v, threads=2))(G, v)
+        mu, var = native.moments(G, np.ones(n, np.float32), np.ones(n, np.float32), threads=2)
         np.testing.assert_array_equal(K, np.zeros((n, n)))
-        np.testing.assert_array_equal(sq, np.zeros(n))
-        np.testing.assert_array_equal(rows, np.zeros(n))
+        for zeros in (sq, proj, rows, rows_proj):
+            np.testing.assert_array_equal(zeros, np.zeros(n))
+        np.testing.assert_array_equal(mu, np.zeros(d))
+        np.testing.assert_array_equal(var, np.zeros(d))
 
 
-def test_gram_does_not_depend_on_the_thread_count():
+def test_kernels_do_not_depend_on_the_thread_count():
     G = skewed(11, 16_384 * 5 + 3)
+    v = G[2] - G[3]
 
-    def run(threads, **centre):
-        Ksq = jax.jit(lambda G: native.gram(G, **centre, threads=threads))(G)
-        return np.concatenate([np.ravel(a) for a in Ksq])
+    def run(kernel, threads, **args):
+        out = jax.jit(lambda G: kernel(G, **args, threads=threads))(G)
+        return np.concatenate([np.ravel(a) for a in out])
 
-    K = [run(t, center=G[0]) for t in (1, 2, 7)]
-    rows = [jax.jit(lambda G, t=t: native.row_sq_dists(G, G[1], threads=t))(G) for t in (1, 5)]
+    K = [run(native.gram, t, center=G[0], project=v) for t in (1, 2, 7)]
+    rows = [run(native.row_sq_dists, t, center=G[1], project=v) for t in (1, 5)]
     np.testing.assert_array_equal(*rows)
-    np.testing.assert_array_equal(run(1, weights=G[:, 0]), run(3, weights=G[:, 0]))
+    a, b = np.full(11, 0.1, np.float32), np.full(11, 0.2, np.float32)
+    np.testing.assert_array_equal(
+        run(native.moments, 1, a=a, b=b), run(native.moments, 3, a=a, b=b)
+    )
+    weighted = [run(native.gram, t, weights=G[:, 0]) for t in (1, 3)]
+    np.testing.assert_array_equal(*weighted)
     np.testing.assert_array_equal(K[0], K[1])
     np.testing.assert_array_equal(K[0], K[2])
 
@@ -88,16 +139,21 @@ def test_gram_under_vmap():
         np.testing.assert_allclose(k, exact_gram(G, G.mean(0)), rtol=1e-5, atol=1e-3)
 
 
-@pytest.mark.parametrize("fn", ["gram", "centred_gram", "row_sq_dists", "row_sq_norms"])
-def test_ops_gram_is_native_and_agrees_with_the_xla_product(monkeypatch, fn):
+@pytest.mark.parametrize(
+    "fn", ["gram", "centred_gram", "row_sq_dists", "row_sq_norms", "products", "row products"]
+)
+def test_ops_are_native_and_agree_with_xla(monkeypatch, fn):
     G = jnp.asarray(skewed(9, 5000))
     w = jnp.linspace(0.0, 2.0 / 9, 9)
     c = w @ G
+    v = G[0] - G[1]
     call = {
         "gram": lambda G: ops.gram(G, c),
         "centred_gram": lambda G: ops.centred_gram(G, w, sq_norms=True)[0],
         "row_sq_dists": lambda G: ops.row_sq_dists(G, c),
         "row_sq_norms": lambda G: ops.row_sq_norms(G),
+        "products": lambda G: ops.centred_products(G, c, v),
+        "row products": lambda G: ops.centred_products(G, c, v, gram_matrix=False),
     }
 
     def hlo():  # traced afresh: jit caches traces per function
@@ -105,22 +161,40 @@ def test_ops_gram_is_native_and_agrees_with_the_xla_product(monkeypatch, fn):
 
     targets = (native._TARGET, native._ROWS_TARGET)
     assert any(t in hlo() for t in targets)
-    with_kernel = np.asarray(call[fn](G))
+    with_kernel = jax.tree.map(np.asarray, call[fn](G))
     monkeypatch.setattr(native, "available", lambda dtype: False)
     assert not any(t in hlo() for t in targets)
-    without = np.asarray(call[fn](G))
+    without = jax.tree.map(np.asarray, call[fn](G))
     centre = None if fn == "row_sq_norms" else np.asarray(c, np.float64)
     want = exact_gram(G, centre)
-    want = want if fn.endswith("gram") else np.diag(want)
+    want = want if fn.endswith("gram") or fn == "products" else np.diag(want)
+    if fn.endswith("products"):
+        (xv, with_kernel), (xv_xla, without) = with_kernel, without
+        assert_projections_close(xv, G, centre, v)
+        assert_projections_close(xv_xla, G, centre, v)
     np.testing.assert_allclose(with_kernel, want, rtol=1e-6, atol=1e-3)
     np.testing.assert_allclose(without, want, rtol=1e-5, atol=1e-2)
+
+
+def test_masked_mean_std_is_native_and_agrees_with_xla(monkeypatch):
+    G = jnp.asarray(skewed(9, 5000))
+    mask = jnp.arange(9) % 4 != 1
+    run = jax.jit(lambda G: ops.masked_mean_std(G, mask))
+    assert native._MOMENTS_TARGET in run.lower(G).as_text()
+    with_kernel = run(G)
+    monkeypatch.setattr(native, "available", lambda dtype: False)
+    without = jax.jit(lambda G: ops.masked_mean_std(G, mask))(G)
+    H = np.asarray(G, np.float64)[np.asarray(mask)]
+    for got in (with_kernel, without):
+        np.testing.assert_array_less(np.abs(got[0] - H.mean(0)), 1e-6 * np.abs(H).mean(0))
+        np.testing.assert_allclose(got[1], H.std(0, ddof=1), rtol=1e-5)
 
 
 def test_direct_calls_refuse_when_the_kernels_are_unavailable(monkeypatch):
     """A direct call checks that the kernels are registered: where they cannot load, it
     says so instead of failing at run time with XLA's missing-handler error."""
     G = skewed(3, 20)
-    np.testing.assert_allclose(native.row_sq_dists(G, threads=1), (G * G).sum(1), rtol=1e-6)
+    np.testing.assert_allclose(native.row_sq_dists(G, threads=1)[0], (G * G).sum(1), rtol=1e-6)
     monkeypatch.setattr(native, "_registered", lambda: False)
     with pytest.raises(RuntimeError, match="unavailable"):
         native.gram(G, threads=1)

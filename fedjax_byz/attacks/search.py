@@ -69,35 +69,23 @@ def centred_pass(
     unit: bool = False,
     gram: bool = True,
 ) -> CentredPass:
-    """Everything a search needs: one column-blocked pass over ``G`` (``ops.scan_columns``),
-    then, if asked for, the Gram matrix (``ops.gram``).
+    """Everything a search needs, in two passes over ``G``: the moments, then the
+    projections with the Gram matrix or the squared norms (``ops.centred_products``).
 
-    With ``μ_R``, ``σ_R`` the mean and standard deviation (ddof=1) of the rows ``rows``,
-    ``x_i = g_i − μ_R`` and the coordinate-wise direction ``u = direction(μ_R, σ_R,
-    *vectors)`` (``p = u/‖u‖`` when ``unit``, else ``p = u``), each block of columns adds
-    its share of ``⟨x_i, u⟩``, ``‖u‖²`` and, without ``gram``, ``‖x_i‖²``; with ``gram``,
-    ``X Xᵀ`` (and its diagonal ``‖x_i‖²``) follows from ``ops.gram(G, μ_R)`` (on CPU the
-    native kernel, 2.5x faster than a Gram product accumulated in the same pass here).
-    Centring on ``μ_R`` keeps these float32 sums accurate when the updates share a large
-    common component. Off CPU the block is the matrix.
+    With ``μ_R``, ``σ_R`` the mean and standard deviation (ddof=1) of the rows ``rows``
+    (``ops.masked_mean_std``), ``x_i = g_i − μ_R`` and the coordinate-wise direction ``u =
+    direction(μ_R, σ_R, *vectors)`` (``p = u/‖u‖`` when ``unit``, else ``p = u``): ``‖u‖²``,
+    ``⟨x_i, u⟩`` and, with ``gram``, ``X Xᵀ`` (whose diagonal is ``‖x_i‖²``), else
+    ``‖x_i‖²``. Centring on ``μ_R`` keeps these float32 sums accurate when the updates share
+    a large common component.
     """
-    n = G.shape[0]
-
-    def fn(B, vs, carry):
-        mu, sigma, X = ops.masked_moments(B, rows)
-        u = direction(mu, sigma, *vs)
-        xx, xu, uu = carry
-        if not gram:
-            xx = xx + jnp.einsum("nc,nc->n", X, X, precision=lax.Precision.HIGHEST)
-        xu = xu + jnp.matmul(X, u, precision=lax.Precision.HIGHEST)
-        return (mu, sigma), (xx, xu, uu + jnp.vdot(u, u))
-
-    zn = jnp.zeros(n, G.dtype)
-    (mu, sigma), (xx, xu, uu) = ops.scan_columns(fn, G, vectors, (zn, zn, zn[0]))
+    mu, sigma = ops.masked_mean_std(G, rows)
+    u = direction(mu, sigma, *vectors)
+    uu = jnp.vdot(u, u)
+    xu, second = ops.centred_products(G, mu, u, gram_matrix=gram)
     scale = lax.rsqrt(jnp.maximum(uu, jnp.finfo(G.dtype).tiny)) if unit else 1.0
-    K = ops.gram(G, mu) if gram else None
-    q = Quadratic(scale * scale * uu, -2.0 * scale * xu, jnp.diagonal(K) if gram else xx)
-    return CentredPass(mu, scale * direction(mu, sigma, *vectors), q, K)
+    q = Quadratic(scale * scale * uu, -2.0 * scale * xu, jnp.diagonal(second) if gram else second)
+    return CentredPass(mu, scale * u, q, second if gram else None)
 
 
 def diameter_sq(K: jax.Array, rows: jax.Array) -> jax.Array:

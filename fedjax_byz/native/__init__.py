@@ -9,7 +9,10 @@ register tiles on all the cores this process may use, only on and above the diag
 accumulating in float64 across cache blocks: about 2.5x faster than XLA here at
 (25, 500k) and (50, 1M), and closer to the exact product. Its row pass (``‖g_i − c‖²``
 for every row) reads the matrix on every core too: 26 GB/s here against 14 GB/s on one
-core, which is where XLA runs a reduction over the columns.
+core, which is where XLA runs a reduction over the columns. Both can project the rows on
+a vector as they read them. The moments kernel (coordinate-wise masked mean and
+variance) splits the columns over the cores: 25 x 500k in 3.2-3.5 ms here against
+5.0 ms for XLA's blocked pass.
 
 The kernel is compiled on first use with the system's C++ compiler (``$CXX``, else
 ``c++``), for this CPU (``-march=native``), against the FFI headers jaxlib ships, into
@@ -40,6 +43,7 @@ import jaxlib
 _SOURCE = pathlib.Path(__file__).with_name("kernels.cc")
 _TARGET = "fedjax_byz_gram"
 _ROWS_TARGET = "fedjax_byz_row_sq_dists"
+_MOMENTS_TARGET = "fedjax_byz_moments"
 _log = logging.getLogger(__name__)
 
 
@@ -52,29 +56,51 @@ def gram(
     G: jax.Array,
     center: jax.Array | None = None,
     weights: jax.Array | None = None,
+    project: jax.Array | None = None,
+    *,
+    threads: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(G − 1cᵀ)(G − 1cᵀ)ᵀ`` by ``kernels.cc`` on ``threads`` cores, centred on ``c =
+    center [d]``, or on the weighted mean ``c = Σ_i w_i g_i`` of ``weights [n]`` (computed
+    in the kernel, block by block), or not at all; the rows' squared norms ``‖g_i‖²``
+    (uncentred) and, given ``project = v [d]``, the projections ``⟨g_i − c, v⟩`` (zeros
+    without), from the same pass. ``f32[n, d] -> (f32[n, n], f32[n], f32[n])``. Raises
+    where the kernels are not ``available``. The results do not depend on ``threads``."""
+    n = G.shape[0]
+    rows = jax.ShapeDtypeStruct((n,), G.dtype)
+    call = _ffi_call(_TARGET, (jax.ShapeDtypeStruct((n, n), G.dtype), rows, rows))
+    return call(G, _or_empty(center), _or_empty(weights), _or_empty(project), threads=int(threads))
+
+
+def row_sq_dists(
+    G: jax.Array,
+    center: jax.Array | None = None,
+    project: jax.Array | None = None,
     *,
     threads: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """``(G − 1cᵀ)(G − 1cᵀ)ᵀ`` by ``kernels.cc`` on ``threads`` cores, centred on ``c =
-    center [d]``, or on the weighted mean ``c = Σ_i w_i g_i`` of ``weights [n]`` (computed
-    in the kernel, block by block), or not at all; and the rows' squared norms ``‖g_i‖²``
-    (uncentred, from the same pass). ``f32[n, d] -> (f32[n, n], f32[n])``. Raises where
-    the kernels are not ``available``. The results do not depend on ``threads``."""
-    n = G.shape[0]
-    empty = jnp.zeros(0, G.dtype)
-    shapes = jax.ShapeDtypeStruct((n, n), G.dtype), jax.ShapeDtypeStruct((n,), G.dtype)
-    call = _ffi_call(_TARGET, shapes)
-    center = empty if center is None else center
-    weights = empty if weights is None else weights
-    return call(G, center, weights, threads=int(threads))
+    """``‖g_i − c‖²`` for every row (``‖g_i‖²`` without ``center``) and, given ``project =
+    v [d]``, ``⟨g_i − c, v⟩`` (zeros without), one pass on ``threads`` cores. ``f32[n, d]
+    -> (f32[n], f32[n])``. Raises where the kernels are not ``available``; the results do
+    not depend on ``threads``."""
+    rows = jax.ShapeDtypeStruct(G.shape[:1], G.dtype)
+    call = _ffi_call(_ROWS_TARGET, (rows, rows))
+    return call(G, _or_empty(center), _or_empty(project), threads=int(threads))
 
 
-def row_sq_dists(G: jax.Array, center: jax.Array | None = None, *, threads: int) -> jax.Array:
-    """``‖g_i − c‖²`` for every row (``‖g_i‖²`` without ``center``), one pass on
-    ``threads`` cores. ``f32[n, d] -> f32[n]``. Raises where the kernels are not
-    ``available``; the result does not depend on ``threads``."""
-    call = _ffi_call(_ROWS_TARGET, jax.ShapeDtypeStruct(G.shape[:1], G.dtype))
-    return call(G, jnp.zeros(0, G.dtype) if center is None else center, threads=int(threads))
+def moments(
+    G: jax.Array, a: jax.Array, b: jax.Array, *, threads: int
+) -> tuple[jax.Array, jax.Array]:
+    """Coordinate-wise ``μ = aᵀG`` and ``v = bᵀ(G − 1μᵀ)²`` for row weights ``a, b [n]``
+    (a mean and a variance), each block of columns read twice while in cache, on
+    ``threads`` cores. ``f32[n, d] -> (f32[d], f32[d])``. Raises where the kernels are not
+    ``available``; the results do not depend on ``threads``."""
+    column = jax.ShapeDtypeStruct(G.shape[1:], G.dtype)
+    return _ffi_call(_MOMENTS_TARGET, (column, column))(G, a, b, threads=int(threads))
+
+
+def _or_empty(v: jax.Array | None) -> jax.Array:
+    return jnp.zeros(0, jnp.float32) if v is None else v
 
 
 def _ffi_call(target: str, shapes):
@@ -96,6 +122,8 @@ def _registered() -> bool:
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.FedjaxByzGram), "cpu")
     rows = jax.ffi.pycapsule(library.FedjaxByzRowSqDists)
     jax.ffi.register_ffi_target(_ROWS_TARGET, rows, "cpu")
+    moments = jax.ffi.pycapsule(library.FedjaxByzMoments)
+    jax.ffi.register_ffi_target(_MOMENTS_TARGET, moments, "cpu")
     return True
 
 

@@ -3,14 +3,16 @@
 //
 // Gram: K = (X − 1cᵀ)(X − 1cᵀ)ᵀ, the centre c given, or the weighted mean wᵀX of the
 // rows, computed block by block while the block is in cache, or zero; the rows' squared
-// norms ‖x_i‖² (uncentred) come with it. Each chunk's share of K is summed by register
-// tiles of kR x kS dot products (8-float vectors, float32 within a cache-sized block of
-// columns, float64 across blocks); only tiles on or above the diagonal are computed.
-// RowSqDists: ‖x_i − c‖² for every row, one pass.
+// norms ‖x_i‖² (uncentred) and, given a vector v, the projections ⟨x_i − c, v⟩ come with
+// it. Each chunk's share of K is summed by register tiles of kR x kS dot products (8-float
+// vectors, float32 within a cache-sized block of columns, float64 across blocks); only
+// tiles on or above the diagonal are computed.
+// RowSqDists: ‖x_i − c‖² and, given v, ⟨x_i − c, v⟩ for every row, one pass.
+// Moments: μ = aᵀX and σ² = bᵀ(X − 1μᵀ)², coordinate-wise, for row weights a and b.
 //
-// Both cut the columns into chunks of fixed size; threads take chunks from a shared
-// counter, and the chunks' shares are added in chunk order in float64, so the results do
-// not depend on the number of threads.
+// Gram and RowSqDists cut the columns into chunks of fixed size; threads take chunks from
+// a shared counter, and the chunks' shares are added in chunk order in float64, so the
+// results do not depend on the number of threads. Moments' columns are independent.
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -64,22 +66,24 @@ inline v8 Row(const float* p, const float* m) {
   return v;
 }
 
-// Σ_{c < len} (x[c] − m[c])² (m null: Σ x[c]²), float32 in 8-float lanes, the last
-// len % 8 terms and the total in float64.
-double SqDist(const float* x, const float* m, int64_t len) {
+// Σ_{c < len} (x[c] − m[c]) v[c] (m null: m = 0; v null: v = x − m, the squared
+// distance), float32 in 8-float lanes, the last len % 8 terms and the total in float64.
+double Dot(const float* x, const float* m, const float* v, int64_t len) {
   const int64_t vec = len / 8 * 8;
   v8 acc = {};
   for (int64_t c = 0; c < vec; c += 8) {
     const v8 a = load(x + c) - (m != nullptr ? load(m + c) : v8{});
-    acc += a * a;
+    acc += a * (v != nullptr ? load(v + c) : a);
   }
   double t = hsum(acc);
   for (int64_t c = vec; c < len; ++c) {
-    const double a = double(x[c]) - (m != nullptr ? m[c] : 0.f);
-    t += a * a;
+    const float a = x[c] - (m != nullptr ? m[c] : 0.f);
+    t += double(a) * (v != nullptr ? v[c] : a);
   }
   return t;
 }
+
+double SqDist(const float* x, const float* m, int64_t len) { return Dot(x, m, nullptr, len); }
 
 // out[i + r, j + s] += Σ_{c < len} (x[i + r, c] − m[c])(x[j + s, c] − m[c]), len a
 // multiple of 8; x and m start at the block's first column, m is null unless Centred.
@@ -124,11 +128,12 @@ TileFn PickTile(int r, int s) {  // r ∈ [1, kR], s ∈ [1, kS]
 }
 
 // The share of columns [lo, hi): of K's upper triangle (and some of the lower) into out,
-// centred on m (absolute columns) or, given row weights w, on each block's Σ_i w_i x_i,
-// and of the rows' uncentred squared norms into sq.
+// centred on m (absolute columns) or, given row weights w, on each block's Σ_i w_i x_i;
+// of the rows' uncentred squared norms into sq; given v, of the rows' projections
+// ⟨x_i − centre, v⟩ into proj.
 template <bool Centred>
-void Share(const float* x, int64_t n, int64_t d, const float* m, const float* w, int64_t lo,
-           int64_t hi, double* out, double* sq) {
+void Share(const float* x, int64_t n, int64_t d, const float* m, const float* w,
+           const float* v, int64_t lo, int64_t hi, double* out, double* sq, double* proj) {
   const int64_t block = std::max<int64_t>(64, kBlockFloats / n / 8 * 8);
   std::vector<float> mean(w != nullptr ? block : 0);
   for (int64_t c0 = lo; c0 < hi; c0 += block) {
@@ -143,6 +148,8 @@ void Share(const float* x, int64_t n, int64_t d, const float* m, const float* w,
         for (int64_t c = 0; c < len; ++c) mean[c] += w[i] * xi[c];
     }
     if (w != nullptr) m0 = mean.data();
+    if (v != nullptr)
+      for (int64_t i = 0; i < n; ++i) proj[i] += Dot(x0 + i * d, m0, v + c0, len);
     for (int64_t i = 0; i < n; i += kR) {
       const int r = static_cast<int>(std::min<int64_t>(kR, n - i));
       for (int64_t j = i; j < n; j += kS) {
@@ -162,6 +169,20 @@ void Share(const float* x, int64_t n, int64_t d, const float* m, const float* w,
   }
 }
 
+// Runs fn(k) for k = 0, ..., count − 1 on up to `threads` threads, each taking the next k
+// from a shared counter.
+template <class Fn>
+void ParallelFor(int64_t count, int64_t threads, Fn fn) {
+  std::atomic<int64_t> next{0};
+  auto work = [&] {
+    for (int64_t k; (k = next.fetch_add(1)) < count;) fn(k);
+  };
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < std::min(threads, count); ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+}
+
 // Runs share(lo, hi, part) for every chunk [lo, hi) of the d columns on up to `threads`
 // threads, `part` a zeroed float64 array of `size` values, and returns the sum of the
 // parts in chunk order (so the same for any number of threads).
@@ -172,80 +193,138 @@ std::vector<double> SumOverChunks(int64_t d, int64_t size, int64_t threads, Shar
   const int64_t width = ((d + chunks - 1) / chunks + 7) / 8 * 8;
   chunks = std::max<int64_t>(1, (d + width - 1) / width);
   std::vector<double> parts(static_cast<size_t>(chunks * size), 0.0);
-  std::atomic<int64_t> next{0};
-  auto work = [&] {
-    for (int64_t c; (c = next.fetch_add(1)) < chunks;)
-      share(c * width, std::min(d, (c + 1) * width), parts.data() + c * size);
-  };
-  std::vector<std::thread> pool;
-  for (int64_t t = 1; t < std::min(threads, chunks); ++t) pool.emplace_back(work);
-  work();
-  for (auto& t : pool) t.join();
+  ParallelFor(chunks, threads, [&](int64_t c) {
+    share(c * width, std::min(d, (c + 1) * width), parts.data() + c * size);
+  });
   std::vector<double> sum(static_cast<size_t>(size), 0.0);
   for (int64_t c = 0; c < chunks; ++c)
     for (int64_t i = 0; i < size; ++i) sum[i] += parts[c * size + i];
   return sum;
 }
 
-void Gram(const float* x, int64_t n, int64_t d, const float* m, const float* w,
-          int64_t threads, float* k, float* sq) {
+void Gram(const float* x, int64_t n, int64_t d, const float* m, const float* w, const float* v,
+          int64_t threads, float* k, float* sq, float* proj) {
+  std::fill(proj, proj + n, 0.f);
   if (n == 0 || d == 0) {  // nothing to sum (and no chunk to cut)
     std::fill(k, k + n * n, 0.f);
     std::fill(sq, sq + n, 0.f);
     return;
   }
-  const auto sum = SumOverChunks(d, n * n + n, threads, [&](int64_t lo, int64_t hi, double* out) {
+  const int64_t size = n * n + 2 * n;
+  const auto sum = SumOverChunks(d, size, threads, [&](int64_t lo, int64_t hi, double* out) {
+    double* rows = out + n * n;
     if (m != nullptr || w != nullptr) {
-      Share<true>(x, n, d, m, w, lo, hi, out, out + n * n);
+      Share<true>(x, n, d, m, w, v, lo, hi, out, rows, rows + n);
     } else {
-      Share<false>(x, n, d, m, w, lo, hi, out, out + n * n);
+      Share<false>(x, n, d, m, w, v, lo, hi, out, rows, rows + n);
     }
   });
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t j = i; j < n; ++j) k[i * n + j] = k[j * n + i] = static_cast<float>(sum[i * n + j]);
     sq[i] = static_cast<float>(sum[n * n + i]);
+    if (v != nullptr) proj[i] = static_cast<float>(sum[n * n + n + i]);
   }
 }
 
-// ‖x_i − m‖² for every row (m null: ‖x_i‖²), f32 within 8-float lanes, float64 across
-// chunks.
-void RowSqDists(const float* x, int64_t n, int64_t d, const float* m, int64_t threads,
-                float* out) {
+// ‖x_i − m‖² (m null: ‖x_i‖²) and, given v, ⟨x_i − m, v⟩ for every row, f32 within
+// 8-float lanes, float64 across chunks.
+void RowSqDists(const float* x, int64_t n, int64_t d, const float* m, const float* v,
+                int64_t threads, float* sq, float* proj) {
+  std::fill(proj, proj + n, 0.f);
   if (n == 0 || d == 0) {
-    std::fill(out, out + n, 0.f);
+    std::fill(sq, sq + n, 0.f);
     return;
   }
-  const auto sum = SumOverChunks(d, n, threads, [&](int64_t lo, int64_t hi, double* part) {
-    for (int64_t i = 0; i < n; ++i)
-      part[i] += SqDist(x + i * d + lo, m != nullptr ? m + lo : nullptr, hi - lo);
+  const auto sum = SumOverChunks(d, 2 * n, threads, [&](int64_t lo, int64_t hi, double* part) {
+    const float* ml = m != nullptr ? m + lo : nullptr;
+    for (int64_t i = 0; i < n; ++i) {
+      part[i] += SqDist(x + i * d + lo, ml, hi - lo);
+      if (v != nullptr) part[n + i] += Dot(x + i * d + lo, ml, v + lo, hi - lo);
+    }
   });
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(sum[i]);
+  for (int64_t i = 0; i < n; ++i) {
+    sq[i] = static_cast<float>(sum[i]);
+    if (v != nullptr) proj[i] = static_cast<float>(sum[n + i]);
+  }
+}
+
+// μ_c = Σ_i a_i x_ic and var_c = Σ_i b_i (x_ic − μ_c)² for every column c, summed over the
+// rows in order in float32 while a cache-sized block of columns is read twice; the
+// columns are independent, so threads split them freely.
+void Moments(const float* x, int64_t n, int64_t d, const float* a, const float* b,
+             int64_t threads, float* mu, float* var) {
+  const int64_t block = std::max<int64_t>(64, kBlockFloats / std::max<int64_t>(n, 1) / 8 * 8);
+  ParallelFor((d + block - 1) / block, threads, [&](int64_t k) {
+    const int64_t c0 = k * block, len = std::min(block, d - c0);
+    float* m = mu + c0;
+    float* s = var + c0;
+    std::fill(m, m + len, 0.f);
+    std::fill(s, s + len, 0.f);
+    for (int64_t i = 0; i < n; ++i) {
+      const float* xi = x + i * d + c0;
+      for (int64_t c = 0; c < len; ++c) m[c] += a[i] * xi[c];
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const float* xi = x + i * d + c0;
+      for (int64_t c = 0; c < len; ++c) {
+        const float t = xi[c] - m[c];
+        s[c] += b[i] * (t * t);
+      }
+    }
+  });
+}
+
+// The data of an optional vector argument: null when empty; `ok` false unless it is
+// empty or has `size` elements.
+const float* Optional(ffi::Buffer<ffi::F32>& b, int64_t size, bool& ok) {
+  const size_t count = b.element_count();
+  ok = ok && (count == 0 || count == static_cast<size_t>(size));
+  return count != 0 ? b.typed_data() : nullptr;
 }
 
 ffi::Error GramImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> center,
-                    ffi::Buffer<ffi::F32> weights, ffi::ResultBuffer<ffi::F32> k,
-                    ffi::ResultBuffer<ffi::F32> sq, int64_t threads) {
+                    ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::F32> project,
+                    ffi::ResultBuffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> sq,
+                    ffi::ResultBuffer<ffi::F32> proj, int64_t threads) {
   const auto dims = x.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("gram: X must be [n, d]");
   const int64_t n = dims[0], d = dims[1];
-  const size_t nc = center.element_count(), nw = weights.element_count();
-  if ((nc != 0 && nc != static_cast<size_t>(d)) || (nw != 0 && nw != static_cast<size_t>(n)) ||
-      (nc != 0 && nw != 0))
-    return ffi::Error::InvalidArgument("gram: a centre [d], or row weights [n], or neither");
-  Gram(x.typed_data(), n, d, nc ? center.typed_data() : nullptr,
-       nw ? weights.typed_data() : nullptr, std::max<int64_t>(1, threads), k->typed_data(), sq->typed_data());
+  bool ok = true;
+  const float* m = Optional(center, d, ok);
+  const float* w = Optional(weights, n, ok);
+  const float* v = Optional(project, d, ok);
+  if (!ok || (m != nullptr && w != nullptr))
+    return ffi::Error::InvalidArgument(
+        "gram: a centre [d], or row weights [n], or neither; a vector [d] or none");
+  Gram(x.typed_data(), n, d, m, w, v, std::max<int64_t>(1, threads), k->typed_data(),
+       sq->typed_data(), proj->typed_data());
   return ffi::Error::Success();
 }
 
 ffi::Error RowSqDistsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> center,
-                          ffi::ResultBuffer<ffi::F32> out, int64_t threads) {
+                          ffi::Buffer<ffi::F32> project, ffi::ResultBuffer<ffi::F32> sq,
+                          ffi::ResultBuffer<ffi::F32> proj, int64_t threads) {
   const auto dims = x.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("row_sq_dists: X must be [n, d]");
-  const size_t nc = center.element_count();
-  if (nc != 0 && nc != static_cast<size_t>(dims[1]))
-    return ffi::Error::InvalidArgument("row_sq_dists: the centre must be [d] or empty");
-  RowSqDists(x.typed_data(), dims[0], dims[1], nc ? center.typed_data() : nullptr,
-             std::max<int64_t>(1, threads), out->typed_data());
+  bool ok = true;
+  const float* m = Optional(center, dims[1], ok);
+  const float* v = Optional(project, dims[1], ok);
+  if (!ok) return ffi::Error::InvalidArgument("row_sq_dists: a centre and a vector [d], or none");
+  RowSqDists(x.typed_data(), dims[0], dims[1], m, v, std::max<int64_t>(1, threads),
+             sq->typed_data(), proj->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error MomentsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                       ffi::ResultBuffer<ffi::F32> mu, ffi::ResultBuffer<ffi::F32> var,
+                       int64_t threads) {
+  const auto dims = x.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("moments: X must be [n, d]");
+  const size_t n = static_cast<size_t>(dims[0]);
+  if (a.element_count() != n || b.element_count() != n)
+    return ffi::Error::InvalidArgument("moments: the row weights must be [n]");
+  Moments(x.typed_data(), dims[0], dims[1], a.typed_data(), b.typed_data(),
+          std::max<int64_t>(1, threads), mu->typed_data(), var->typed_data());
   return ffi::Error::Success();
 }
 
@@ -256,6 +335,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxByzGram, GramImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("threads"));
@@ -264,5 +345,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxByzRowSqDists, RowSqDistsImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxByzMoments, MomentsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("threads"));
