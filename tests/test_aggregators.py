@@ -354,6 +354,35 @@ def test_bucketing_then_nnm_then_krum():
     chex.assert_trees_all_equal_structs(state, rule.init(d))
 
 
+@pytest.mark.parametrize("b", [7, 1000])
+def test_dnc_behind_pre_aggregators_matches_oracle(b):
+    """DnC behind a pre-aggregator reads only its sampled columns of the mapped rows and
+    weights the input rows (``Aggregator.sampled_weights``): the oracle on the mapped
+    rows, weights that rebuild the aggregate, and no ``[m, d]`` mapped matrix when
+    ``b < d``."""
+    n, d, f = 12, 40, 2
+    G = updates(n, d, f)
+    perm = np.asarray(jax.random.permutation(jax.random.fold_in(KEY, 0), n))
+    coords = [np.asarray(spectral.sample_coordinates(jax.random.fold_in(KEY, 0), d, b))]
+    coords = coords if b < d else [np.arange(d)]
+    mapped = {
+        "bucketing": oracle.bucketing(G, perm, 2),
+        "nnm": oracle.nnm(G, f),
+        "arc": oracle.arc(G, f),
+        "clip": oracle.clip(G, 2.0),
+    }
+    for name, Y in mapped.items():
+        out, aux = run(f"{name}+dnc", G, f, b=b)
+        assert_close(out, oracle.dnc(Y, f, coords)[0], G)
+        if name in ("bucketing", "nnm"):  # attribution: the mixing (rescalings: identity)
+            w = np.asarray(aux["weights"], np.float64)
+            np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-5)
+            np.testing.assert_allclose(w @ G, out, rtol=1e-5, atol=1e-5 * np.abs(G).max())
+    rule = get("bucketing+dnc", b=b)
+    jaxpr = str(jax.make_jaxpr(rule.update)(G, rule.init(d), AggregatorContext.create(f)))
+    assert (f"f32[{n // 2},{d}]" in jaxpr) == (b >= d)
+
+
 def test_nnm_before_gram_rule_does_not_form_mixed_rows():
     """No ``[n, d]`` product (the mixed rows ``W G``) in the fused composite's program;
     the unfused composition, checked the same way, has one."""

@@ -60,6 +60,11 @@ class Aggregator(NamedTuple):
       reports_sq_norms: ``update`` also returns the rows' squared norms ``‖g_i‖²`` in
         ``aux["sq_norms"]``, from a pass it makes anyway (``gram_rule``'s Gram product);
         ``guard_nonfinite`` then checks the rows from them, not with a pass of its own.
+      sampled_weights: set by a stateless rule whose aggregate is ``Σ_i w_i g_i`` with
+        ``w`` a function of a few of the matrix's columns (DnC):
+        ``(columns, d, ctx) -> w[n]``, ``columns(idx)`` giving the columns ``idx`` of the
+        ``[n, d]`` matrix (all of them for None). ``compose`` then runs it behind a
+        pre-aggregator with a ``row_map`` without writing the pre-aggregated rows.
     """
 
     init: Callable[[int], State]
@@ -67,6 +72,7 @@ class Aggregator(NamedTuple):
     gram_weights: Callable[[jax.Array, AggregatorContext], jax.Array] | None = None
     columns: Callable[..., jax.Array] | None = None
     reports_sq_norms: bool = False
+    sampled_weights: Callable[..., jax.Array] | None = None
 
 
 class PreAggregator(NamedTuple):
@@ -188,10 +194,16 @@ def compose(*stages: PreAggregator | Aggregator) -> Aggregator:
     many rows) the map runs one block of columns at a time (``ops.scan_columns``), the
     rule on each block while it is in cache.
     Here at 25 x 500k, NNM+median 40 -> 32 ms, ARC+trimmed mean 20 -> 7 ms.
+    And a rule that weights rows from a few sampled columns (``sampled_weights``: DnC)
+    behind a ``row_map`` reads only those columns of the pre-aggregated rows ``M G``
+    (``M = apply(I)``, as the map is linear) and the aggregate is ``(wM) G``, one pass
+    (bucketing+DnC at 50 x 1M: 102 -> 15 ms here).
     """
     *pres, rule = stages
     fused = bool(pres) and pres[-1].gram_mixing is not None and rule.gram_weights is not None
-    columnwise = bool(pres) and pres[-1].row_map is not None and rule.columns is not None
+    mapped = bool(pres) and pres[-1].row_map is not None
+    columnwise = mapped and rule.columns is not None
+    sampled = mapped and rule.sampled_weights is not None
 
     def init(d):
         return tuple(s.init(d) for s in stages)
@@ -203,7 +215,7 @@ def compose(*stages: PreAggregator | Aggregator) -> Aggregator:
         n = G.shape[0]
         mixing = jnp.eye(n, dtype=G.dtype)
         new_state = []
-        last = len(pres) - (fused or columnwise)
+        last = len(pres) - (fused or columnwise or sampled)
         for i, (pre, s) in enumerate(zip(pres[:last], state, strict=False)):
             G, s, M = pre.update(G, s, stage_ctx(i))
             mixing = M @ mixing
@@ -213,6 +225,16 @@ def compose(*stages: PreAggregator | Aggregator) -> Aggregator:
             W = pres[-1].gram_mixing(K, stage_ctx(len(pres) - 1))  # [m, n]
             w = rule.gram_weights(mixed_gram(K, W), ctx) @ W  # [n]
             return ops.weighted_sum(w, G), (*new_state, *state[-2:]), {"weights": w @ mixing}
+        if sampled:  # likewise stateless
+            apply, attribution = pres[-1].row_map(G, stage_ctx(len(pres) - 1))
+            M = apply(jnp.eye(G.shape[0], dtype=G.dtype))  # [m, n]: apply(B) = M B
+
+            def columns(idx):
+                return apply(G if idx is None else G[:, idx])
+
+            w = rule.sampled_weights(columns, G.shape[1], ctx)  # [m]
+            out = ops.weighted_sum(jnp.matmul(w, M, precision=_HI), G)
+            return out, (*new_state, *state[-2:]), {"weights": w @ attribution @ mixing}
         if columnwise:  # likewise stateless
             pre = pres[-1]
             apply, _ = pre.row_map(G, stage_ctx(len(pres) - 1))

@@ -56,7 +56,8 @@ def dnc(b: int = 1000, niters: int = 1, c: ArrayLike = 1.0) -> Aggregator:
     coordinates and keep the ``n − ⌊c·f⌋`` rows with the lowest scores. The output is
     the mean of the rows kept in every iteration. Defaults ``c = 1, niters = 1,
     b = 1000`` (STRIKE paper, Table 4; the DnC paper uses ``b = 10000, niters = 5``).
-    ``aux["weights"]`` is uniform over the kept rows.
+    ``aux["weights"]`` is uniform over the kept rows. Behind a pre-aggregator it reads
+    only the sampled columns of the pre-aggregated rows (``Aggregator.sampled_weights``).
 
     Args:
       b: sub-sampled dimension (static).
@@ -64,17 +65,21 @@ def dnc(b: int = 1000, niters: int = 1, c: ArrayLike = 1.0) -> Aggregator:
       c: filtering fraction (traced).
     """
 
-    def fn(G, ctx):
-        n, d = G.shape
-        keep_n = n - jnp.floor(c * ctx.f).astype(jnp.int32)
-        good = jnp.ones(n, bool)
+    def weights(columns, d, ctx):  # columns(idx) -> the columns idx of [n, d]
+        drop = jnp.floor(c * ctx.f).astype(jnp.int32)
+        good = None
         for t in range(niters):
-            X = G if b >= d else G[:, sample_coordinates(jax.random.fold_in(ctx.key, t), d, b)]
-            good &= ops.smallest_mask(top_direction_scores(X), keep_n)
-        w = good / jnp.maximum(good.sum(), 1).astype(G.dtype)
+            key = jax.random.fold_in(ctx.key, t)
+            X = columns(None if b >= d else sample_coordinates(key, d, b))
+            keep = ops.smallest_mask(top_direction_scores(X), X.shape[0] - drop)
+            good = keep if good is None else good & keep
+        return good / jnp.maximum(good.sum(), 1).astype(X.dtype)
+
+    def fn(G, ctx):
+        w = weights(lambda idx: G if idx is None else G[:, idx], G.shape[1], ctx)
         return ops.weighted_sum(w, G), w
 
-    return stateless(fn)
+    return stateless(fn)._replace(sampled_weights=weights)
 
 
 def caf(max_iter: int = 1000) -> Aggregator:
