@@ -2,11 +2,12 @@
 
 Times, at (n, d) = (25, 500k), (50, 1M), (100, 100k) with f = n/5 Byzantine clients on
 skewed random updates, every registered attack (``fb.attack``, jitted, warm), the yardstick
-of issue 3 (computing μ_H and σ_H once, with the library's blocked kernel, the one the
-attacks use) and the floors the attacks cannot go below on this machine (a fresh [n, d]
-output, f·d normal draws, one Gram matrix, the server's rule), ByzFL's and ByzPy's attacks
-on the same honest rows (torch, float32) and, for the SignGuard paper's code and Blades,
-which are not installable here, the figures measured on this machine and quoted in issue 3.
+of issue 3 (computing μ_H and σ_H once, with the library's own ``ops.masked_mean_std``,
+the one the attacks use: on CPU the native moments kernel) and the floors the attacks
+cannot go below on this machine (a fresh [n, d] output, f·d normal draws, one Gram
+matrix, the server's rule), ByzFL's and ByzPy's attacks on the same honest rows (torch,
+float32) and, for the SignGuard paper's code and Blades, which are not installable here,
+the figures measured on this machine and quoted in issue 3.
 
 Run in the benchmark environment (jax + torch + byzfl + byzpy + this package):
 
@@ -381,8 +382,9 @@ def write(args, sizes, base, ours, placed, split, refs, corr, load, pages):
         "## The yardstick and the floors",
         "",
         "Issue 3's yardstick is computing μ_H and σ_H once; it is timed with the library's "
-        "blocked kernel, the one the attacks use (the unblocked formulation, which "
-        "materialises the [n, d] temporary (G − μ)², is shown for comparison). The other "
+        "`ops.masked_mean_std`, the one the attacks use (on this CPU the native moments "
+        "kernel, on both cores; the unblocked formulation, which materialises the [n, d] "
+        "temporary (G − μ)², is shown for comparison). The other "
         "rows are costs some attacks cannot avoid. In parentheses: the ratio to the "
         "yardstick.",
         "",
@@ -617,12 +619,13 @@ def write_notes(lines, sizes, base, ours):
         "- **Pairwise distances** (`minmax`, `strike`, `mimic`, `fang (rule=krum)`) need "
         "one Gram matrix, n²d multiply-adds against the yardstick's few nd: "
         + ", ".join(f"{ratio(GRAM, s)} the yardstick at n={s[0]}" for s in sizes)
-        + ". It is computed in the same blocked pass as μ and σ, centred on μ for float32 "
-        "accuracy, and gives the search its quadratic coefficients (the centred Gram "
-        "matrix's diagonal and one projection ⟨x_i, p⟩). `mimic` adds 40 squarings of the "
-        "n × n matrix (its top eigenvector), `strike` a coordinate-wise median over the "
-        "honest rows (a sorting network) and a second pass over its subset S; `minsum` "
-        "needs no Gram matrix.",
+        + ". The native Gram kernel computes it after the moments, centred on μ for float32 "
+        "accuracy, with the projections ⟨x_i, p⟩ on the side: the search's quadratic "
+        "coefficients (the Gram matrix's diagonal and those projections). `mimic` adds "
+        "40 squarings of the n × n matrix (its top eigenvector), `strike` a "
+        "coordinate-wise median over the honest rows (a sorting network) and the passes "
+        "over its subset S; `minsum` "
+        "needs no Gram matrix (the row pass gives ‖x_i‖² and the projections).",
         "- **The server's rule.** `fang` computes the rule's unattacked aggregate ĝ (Fang et "
         "al.'s full knowledge) before attacking: "
         + ", ".join(f"{ratio(rule, s)} for {RULE} at n={s[0]}" for s in sizes)
