@@ -297,6 +297,18 @@ def test_composites_route_keywords_and_weights():
     assert_close(out, oracle.trmean(oracle.arc(G, f), f)[0], G)
 
 
+def pre_aggregated(G, f):
+    """Each pre-aggregator's oracle output, with the key ``run`` gives the first stage of
+    a composite and the default knobs (``clip``'s radius 2)."""
+    perm = np.asarray(jax.random.permutation(jax.random.fold_in(KEY, 0), len(G)))
+    return {
+        "bucketing": oracle.bucketing(G, perm, 2),
+        "nnm": oracle.nnm(G, f),
+        "arc": oracle.arc(G, f),
+        "clip": oracle.clip(G, 2.0),
+    }
+
+
 @pytest.mark.parametrize("rule", ["median", "trmean", "meamed", "rbtm"])
 def test_coordinate_rules_behind_pre_aggregators_match_oracle(rule):
     """A coordinate-wise rule behind a pre-aggregator runs on the mapped rows one column
@@ -304,14 +316,7 @@ def test_coordinate_rules_behind_pre_aggregators_match_oracle(rule):
     n, f = 13, 2
     d = 2 * ops.column_block(n, 10**6) + 5
     G = updates(n, d, f)
-    perm = np.asarray(jax.random.permutation(jax.random.fold_in(KEY, 0), n))
-    mapped = {
-        "bucketing": oracle.bucketing(G, perm, 2),
-        "nnm": oracle.nnm(G, f),
-        "arc": oracle.arc(G, f),
-        "clip": oracle.clip(G, 2.0),
-    }
-    for name, Y in mapped.items():
+    for name, Y in pre_aggregated(G, f).items():
         out, aux = run(f"{name}+{rule}", G, f)
         if rule == "rbtm":
             m = len(Y)
@@ -362,16 +367,9 @@ def test_dnc_behind_pre_aggregators_matches_oracle(b):
     ``b < d``."""
     n, d, f = 12, 40, 2
     G = updates(n, d, f)
-    perm = np.asarray(jax.random.permutation(jax.random.fold_in(KEY, 0), n))
     coords = [np.asarray(spectral.sample_coordinates(jax.random.fold_in(KEY, 0), d, b))]
     coords = coords if b < d else [np.arange(d)]
-    mapped = {
-        "bucketing": oracle.bucketing(G, perm, 2),
-        "nnm": oracle.nnm(G, f),
-        "arc": oracle.arc(G, f),
-        "clip": oracle.clip(G, 2.0),
-    }
-    for name, Y in mapped.items():
+    for name, Y in pre_aggregated(G, f).items():
         out, aux = run(f"{name}+dnc", G, f, b=b)
         assert_close(out, oracle.dnc(Y, f, coords)[0], G)
         if name in ("bucketing", "nnm"):  # attribution: the mixing (rescalings: identity)
