@@ -625,7 +625,9 @@ def test_rules_reject_an_overflowing_row_from_the_norms_they_report(name):
         out, aux = run(name, H, f)
         np.testing.assert_array_equal(np.flatnonzero(aux["nonfinite"]), rows)
         zeroed = np.where(np.isin(np.arange(n), rows)[:, None], 0.0, H).astype(np.float32)
-        np.testing.assert_array_equal(out, run(name, zeroed, f)[0])
+        # to rounding: without the native kernels XLA may fuse the guard's zeroing into
+        # the blocked Gram product, and geomed and CAF iterate on it
+        assert_close(out, run(name, zeroed, f)[0], zeroed)
 
 
 def test_concrete_f_is_validated_whatever_its_type():
