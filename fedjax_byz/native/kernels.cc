@@ -66,24 +66,48 @@ inline v8 Row(const float* p, const float* m) {
   return v;
 }
 
-// Σ_{c < len} (x[c] − m[c]) v[c] (m null: m = 0; v null: v = x − m, the squared
-// distance), float32 in 8-float lanes, the last len % 8 terms and the total in float64.
-double Dot(const float* x, const float* m, const float* v, int64_t len) {
+// For the R rows x, x + d, ...: sq[r] += Σ_{c < len} (x_r[c] − m[c])² and
+// proj[r] += Σ_c (x_r[c] − m[c]) v[c] (m null: m = 0; sq or v null: that sum skipped), in
+// one read of the rows, each vector of m and v loaded once for all R; float32 in 8-float
+// lanes, the last len % 8 terms and the totals in float64.
+template <int R>
+void RowGroup(const float* x, int64_t d, const float* m, const float* v, int64_t len,
+              double* sq, double* proj) {
   const int64_t vec = len / 8 * 8;
-  v8 acc = {};
+  v8 s[R] = {}, p[R] = {};
   for (int64_t c = 0; c < vec; c += 8) {
-    const v8 a = load(x + c) - (m != nullptr ? load(m + c) : v8{});
-    acc += a * (v != nullptr ? load(v + c) : a);
+    const v8 mc = m != nullptr ? load(m + c) : v8{};
+    const v8 vc = v != nullptr ? load(v + c) : v8{};
+    for (int r = 0; r < R; ++r) {
+      const v8 a = load(x + r * d + c) - mc;
+      if (sq != nullptr) s[r] += a * a;
+      if (v != nullptr) p[r] += a * vc;
+    }
   }
-  double t = hsum(acc);
-  for (int64_t c = vec; c < len; ++c) {
-    const float a = x[c] - (m != nullptr ? m[c] : 0.f);
-    t += double(a) * (v != nullptr ? v[c] : a);
+  for (int r = 0; r < R; ++r) {
+    double ts = hsum(s[r]), tp = hsum(p[r]);
+    for (int64_t c = vec; c < len; ++c) {
+      const float a = x[r * d + c] - (m != nullptr ? m[c] : 0.f);
+      ts += double(a) * a;
+      if (v != nullptr) tp += double(a) * v[c];
+    }
+    if (sq != nullptr) sq[r] += ts;
+    if (v != nullptr) proj[r] += tp;
   }
-  return t;
 }
 
-double SqDist(const float* x, const float* m, int64_t len) { return Dot(x, m, nullptr, len); }
+// RowGroup over all n rows of x (row stride d), four at a time.
+void Rows(const float* x, int64_t n, int64_t d, const float* m, const float* v, int64_t len,
+          double* sq, double* proj) {
+  using Fn = void (*)(const float*, int64_t, const float*, const float*, int64_t, double*,
+                      double*);
+  constexpr Fn kGroup[] = {RowGroup<1>, RowGroup<2>, RowGroup<3>, RowGroup<4>};
+  for (int64_t i = 0; i < n; i += 4) {
+    const int rows = static_cast<int>(std::min<int64_t>(4, n - i));
+    kGroup[rows - 1](x + i * d, d, m, v, len, sq != nullptr ? sq + i : nullptr,
+                     proj != nullptr ? proj + i : nullptr);
+  }
+}
 
 // out[i + r, j + s] += Σ_{c < len} (x[i + r, c] − m[c])(x[j + s, c] − m[c]), len a
 // multiple of 8; x and m start at the block's first column, m is null unless Centred.
@@ -141,15 +165,13 @@ void Share(const float* x, int64_t n, int64_t d, const float* m, const float* w,
     const float* x0 = x + c0;
     const float* m0 = m != nullptr ? m + c0 : nullptr;
     std::fill(mean.begin(), mean.end(), 0.f);
-    for (int64_t i = 0; i < n; ++i) {  // squared norms and the block's weighted mean
-      const float* xi = x0 + i * d;
-      sq[i] += SqDist(xi, nullptr, len);
-      if (w != nullptr)
-        for (int64_t c = 0; c < len; ++c) mean[c] += w[i] * xi[c];
+    Rows(x0, n, d, nullptr, nullptr, len, sq, nullptr);  // squared norms
+    if (w != nullptr) {  // the block's weighted mean
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t c = 0; c < len; ++c) mean[c] += w[i] * x0[i * d + c];
+      m0 = mean.data();
     }
-    if (w != nullptr) m0 = mean.data();
-    if (v != nullptr)
-      for (int64_t i = 0; i < n; ++i) proj[i] += Dot(x0 + i * d, m0, v + c0, len);
+    if (v != nullptr) Rows(x0, n, d, m0, v + c0, len, nullptr, proj);
     for (int64_t i = 0; i < n; i += kR) {
       const int r = static_cast<int>(std::min<int64_t>(kR, n - i));
       for (int64_t j = i; j < n; j += kS) {
@@ -237,10 +259,8 @@ void RowSqDists(const float* x, int64_t n, int64_t d, const float* m, const floa
   }
   const auto sum = SumOverChunks(d, 2 * n, threads, [&](int64_t lo, int64_t hi, double* part) {
     const float* ml = m != nullptr ? m + lo : nullptr;
-    for (int64_t i = 0; i < n; ++i) {
-      part[i] += SqDist(x + i * d + lo, ml, hi - lo);
-      if (v != nullptr) part[n + i] += Dot(x + i * d + lo, ml, v + lo, hi - lo);
-    }
+    Rows(x + lo, n, d, ml, v != nullptr ? v + lo : nullptr, hi - lo, part,
+         v != nullptr ? part + n : nullptr);
   });
   for (int64_t i = 0; i < n; ++i) {
     sq[i] = static_cast<float>(sum[i]);
