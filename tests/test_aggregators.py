@@ -535,6 +535,30 @@ def test_every_rule_rejects_nonfinite_rows(name):
         np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["mean", "cclip", "krum", "median", "nnm+median", "bucketing+dnc"])
+def test_eager_and_traced_guards_agree(name):
+    """The eager ``aggregate`` runs the rule, then the guarded rerun only when a row
+    needs it (two programs, ``base.guard_parts``); under ``jit`` it is one program with
+    the rerun in a branch. Both reject the same rows and return the same aggregate, and
+    the eager first program holds no copy of the matrix (the rerun's zeroed rows, which
+    XLA's CPU runtime would allocate on every call)."""
+    n, d, f = 11, 20_000, 2
+    traced = jax.jit(lambda G: fb.aggregate(name, G, f=f, key=KEY, return_aux=True))
+    G = updates(n, d, f)
+    for bad in ([], [6], [1, 8]):
+        H = G.copy()
+        H[bad, 3] = np.nan
+        (out, aux), (ref, ref_aux) = run(name, H, f), traced(H)
+        np.testing.assert_array_equal(np.flatnonzero(aux["nonfinite"]), bad)
+        np.testing.assert_array_equal(aux["nonfinite"], ref_aux["nonfinite"])
+        np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+    static, numeric = fb.aggregators.prepare(name, {}, n, f)
+    programs = fb.aggregators._jitted(name, static)
+    assert programs["first"]._cache_size() and programs["checked"]._cache_size()  # ran
+    compiled = programs["first"].lower(jnp.asarray(G), jnp.int32(f), KEY, numeric).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < G.nbytes
+
+
 COORDINATE_ONLY = ["mean", "median", "trmean", "meamed", "rbtm", "bucketing+median"]
 
 

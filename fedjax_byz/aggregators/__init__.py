@@ -32,6 +32,7 @@ from fedjax_byz.aggregators.base import (
     PreAggregator,
     compose,
     guard_nonfinite,
+    guard_parts,
     no_weights,
     stateless,
     switch,
@@ -165,13 +166,19 @@ def get(name: str, **params: Any) -> Aggregator:
     rules, only when the rows' squared norms their Gram pass reports flag a row: one
     pass over the matrix fewer in clean rounds).
     """
+    rule, guard = _unguarded(name, **params)
+    return guard_nonfinite(rule, **guard)
+
+
+def _unguarded(name: str, **params: Any) -> tuple[Aggregator, dict[str, bool]]:
+    """The rule ``get`` builds, before ``guard_nonfinite``, and the guard's options."""
     entries = stages(name)
     built = [e.factory(**p) for e, p in zip(entries, route_params(entries, params), strict=True)]
     squares = any(e.meta.get("squares", True) for e in entries)
     if len(built) == 1:
         propagates = entries[0].meta.get("propagates_nonfinite", False)
-        return guard_nonfinite(built[0], propagates=propagates, squares=squares)
-    return guard_nonfinite(compose(*built), squares=squares)
+        return built[0], {"propagates": propagates, "squares": squares}
+    return compose(*built), {"propagates": False, "squares": squares}
 
 
 def _min_rows(max_f) -> int:
@@ -337,13 +344,28 @@ def _default_key() -> jax.Array:
 
 @functools.lru_cache(maxsize=32)  # each keeps its compiled programs (see sim.run.MAX_PROGRAMS)
 def _jitted(name: str, static: tuple[tuple[str, Any], ...]):
-    def run(G, f, key, numeric):
-        agg = get(name, **dict(static), **numeric)
-        ctx = AggregatorContext.create(f, key)
-        out, _, aux = agg.update(G, agg.init(G.shape[1]), ctx)
-        return out, aux
+    """``aggregate``'s programs ``(G, f, key, numeric) -> ...``: ``first`` and ``checked``
+    (``base.guard_parts``) for concrete inputs, and the guarded rule in one program for
+    traced ones. Each compiles on its first call."""
 
-    return jax.jit(run)
+    def program(part):
+        def run(G, f, key, numeric):
+            rule, guard = _unguarded(name, **dict(static), **numeric)
+            ctx = AggregatorContext.create(f, key)
+            state = rule.init(G.shape[1])
+            if part == "guarded":
+                out, _, aux = guard_nonfinite(rule, **guard).update(G, state, ctx)
+                return out, aux
+            first, checked = guard_parts(rule, **guard)
+            if part == "first":
+                (out, _, aux), suspect = first(G, state, ctx)
+                return out, aux, suspect
+            out, _, aux = checked(G, state, ctx)
+            return out, aux
+
+        return jax.jit(run)
+
+    return {part: program(part) for part in ("first", "checked", "guarded")}
 
 
 def aggregate(name: str, updates, *, f, key=None, return_aux: bool = False, **hparams):
@@ -361,11 +383,20 @@ def aggregate(name: str, updates, *, f, key=None, return_aux: bool = False, **hp
       **hparams: override the paper defaults (e.g. ``tau=5.0`` for ``cclip``).
 
     Returns:
-      The aggregate, ``f32[d]`` or one pytree like a single client's update.
+      The aggregate, ``f32[d]`` or one pytree like a single client's update. With
+      concrete inputs the call waits for it: it runs the rule, and the guarded rerun
+      (``guard_nonfinite``) only when the host sees that a row needs it; under ``jit``
+      both are one program.
     """
     G, unravel = client_matrix(updates)
     static, numeric = prepare(name, hparams, G.shape[0], concrete_f(f))
     key = _default_key() if key is None else key
-    out, aux = _jitted(name, static)(G, f, key, numeric)
+    programs = _jitted(name, static)
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((G, f, key, numeric))):
+        out, aux = programs["guarded"](G, f, key, numeric)
+    else:  # the zeroed copy of a guarded rerun only where a row needs it (guard_parts)
+        out, aux, suspect = programs["first"](G, f, key, numeric)
+        if suspect:
+            out, aux = programs["checked"](G, f, key, numeric)
     out = unravel(out)
     return (out, aux) if return_aux else out
