@@ -559,6 +559,31 @@ def test_eager_and_traced_guards_agree(name):
     assert compiled.memory_analysis().temp_size_in_bytes < G.nbytes
 
 
+@pytest.mark.parametrize("name", ["cclip", "krum", "median", "nnm+median"])
+def test_guard_stays_a_branch_under_vmap(name):
+    """Under ``vmap`` (a sweep) the guard's predicate is taken for the whole batch
+    (``any_in_batch``), so its rerun stays a branch, not a select that runs it for every
+    element; each element still gets its own rows' guarded aggregate, in nested vmaps
+    too."""
+    n, d, f = 11, 64, 2
+    agg = get(name)
+    ctx = AggregatorContext.create(f, KEY)
+
+    def one(G):
+        return agg.update(G, agg.init(d), ctx)[0]
+
+    Gs = np.stack([updates(n, d, f, seed=s) for s in range(4)])
+    Gs[2, 5, 1] = np.inf
+    batched = jax.jit(jax.vmap(one))
+    assert "conditional" in batched.lower(Gs).compile().as_text()
+    ref = np.stack([one(G) for G in Gs])
+    np.testing.assert_allclose(batched(Gs), ref, rtol=1e-5, atol=1e-5)
+    nested = jax.jit(jax.vmap(jax.vmap(one)))(Gs.reshape(2, 2, n, d)).reshape(4, d)
+    np.testing.assert_allclose(nested, ref, rtol=1e-5, atol=1e-5)
+    clean = np.stack([one(G) for G in np.delete(Gs, 2, 0)])
+    np.testing.assert_allclose(np.delete(batched(Gs), 2, 0), clean, rtol=1e-5, atol=1e-5)
+
+
 COORDINATE_ONLY = ["mean", "median", "trmean", "meamed", "rbtm", "bucketing+median"]
 
 

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.custom_batching import custom_vmap
 
 from fedjax_byz import ops
 
@@ -310,6 +311,24 @@ def overflowing(sq: jax.Array) -> jax.Array:
     return ~(sq <= jnp.finfo(sq.dtype).max / (4 * sq.shape[0]))
 
 
+@custom_vmap
+def any_in_batch(pred: jax.Array) -> jax.Array:
+    """``pred`` (a bool scalar); under ``vmap``, True for the whole batch when it holds
+    for any element, and not batched.
+
+    A batched predicate turns ``lax.cond`` into a select that computes both branches for
+    every element (5-6x the rule's cost for the guard in a vmapped sweep of 4 configs
+    here); on this one the branch stays a branch, taken for the whole batch or by none.
+    """
+    return pred
+
+
+@any_in_batch.def_vmap
+def _any_in_batch_vmap(axis_size, in_batched, pred):
+    del axis_size, in_batched
+    return any_in_batch(pred.any()), False  # any_in_batch again: for an enclosing vmap
+
+
 def guard_nonfinite(
     rule: Aggregator, *, propagates: bool = False, squares: bool = True
 ) -> Aggregator:
@@ -348,7 +367,7 @@ def guard_nonfinite(
         if not (propagates or rule.reports_sq_norms):
             return checked(G, state, ctx)
         clean, suspect = first(G, state, ctx)
-        return jax.lax.cond(suspect, lambda: checked(G, state, ctx), lambda: clean)
+        return jax.lax.cond(any_in_batch(suspect), lambda: checked(G, state, ctx), lambda: clean)
 
     return Aggregator(rule.init, update)
 
@@ -382,7 +401,7 @@ def guard_parts(
     def checked(G, state, ctx):
         bad = rejected(G)
         out, state, aux, _ = jax.lax.cond(
-            bad.any(),
+            any_in_batch(bad.any()),
             lambda G, state: run(jnp.where(bad[:, None], 0.0, G), state, ctx),
             lambda G, state: run(G, state, ctx),
             G,
