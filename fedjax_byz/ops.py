@@ -9,6 +9,7 @@ and on a GPU the product is just as good.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.flatten_util
@@ -339,12 +340,21 @@ def _native_moments(G, columns, weights, *, threads):
     return native.moments(G, a, b, threads=threads)
 
 
-def _native(kernel, G: jax.Array, columns=(), rows=None, *, summed: bool = True):
+def _native_moment_products(G, columns, weights, *, direction, gram, threads):
+    (reference,), (a, b) = columns, weights
+    f, sign, scale = direction
+    return native.moment_products(
+        G, a, b, reference, factor=f, sign=sign, scale=scale, gram=gram, threads=threads
+    )
+
+
+def _native(kernel, G: jax.Array, columns=(), rows=None, *, summed: bool | tuple = True):
     """``kernel(G, columns, rows, threads=...)`` on all cores, or on each CPU device's own
     columns (``sim.sharding.column_devices``). ``columns``: ``[d]`` vectors (or None) split
     with the columns; ``rows``: vectors kept whole on every device, or None. Its results
     are sums over the columns of ``G`` (``summed``: added up over the devices), or
-    ``[d]`` vectors (assembled from the devices' columns)."""
+    ``[d]`` vectors (assembled from the devices' columns); a tuple says which, result by
+    result."""
     from fedjax_byz.sim.sharding import CLIENTS, column_devices, cpu_cores  # sim imports ops
 
     mesh = column_devices(G.shape[1])
@@ -352,17 +362,18 @@ def _native(kernel, G: jax.Array, columns=(), rows=None, *, summed: bool = True)
         return kernel(G, columns, rows, threads=cpu_cores())
     threads = max(1, cpu_cores() // mesh.shape[CLIENTS])
     P = jax.sharding.PartitionSpec
+    out = jax.eval_shape(lambda: kernel(G, columns, rows, threads=1))
+    flags = summed if isinstance(summed, tuple) else (summed,) * len(out)
 
     def local(G, columns, rows):
         out = kernel(G, columns, rows, threads=threads)
-        return jax.lax.psum(out, CLIENTS) if summed else out
+        return tuple(jax.lax.psum(o, CLIENTS) if s else o for o, s in zip(out, flags, strict=True))
 
-    out = jax.eval_shape(lambda: kernel(G, columns, rows, threads=1))
     return jax.shard_map(
         local,
         mesh=mesh,
         in_specs=(P(None, CLIENTS), P(CLIENTS), P()),
-        out_specs=jax.tree.map(lambda _: P() if summed else P(CLIENTS), out),
+        out_specs=tuple(P() if s else P(CLIENTS) for s in flags),
         check_vma=False,
     )(G, columns, rows)
 
@@ -712,3 +723,52 @@ def masked_mean_std(G: jax.Array, mask: jax.Array, ddof: int = 1) -> tuple[jax.A
         return (mu, sigma), carry
 
     return scan_columns(fn, G, wide=True)[0]
+
+
+class Direction(NamedTuple):
+    """A coordinate-wise direction made from the moments of some rows,
+
+        u = scale · F ⊙ sign(μ − r),   F = 1 (``"one"``), μ (``"mean"``) or σ (``"std"``),
+
+    the sign only where ``sign`` (``r`` a reference vector, zero without one): the search
+    attacks' perturbations (Min-Max's −σ, −μ, −sign(μ); STRIKE's sign(ḡ_S − ḡ) ⊙ σ_S)."""
+
+    factor: str = "std"
+    sign: bool = False
+    scale: float = 1.0
+
+    def __call__(self, mu: jax.Array, sigma: jax.Array, reference: jax.Array | None = None):
+        F = {"one": jnp.ones_like(mu), "mean": mu, "std": sigma}[self.factor]
+        if self.sign:
+            F = F * jnp.sign(mu if reference is None else mu - reference)
+        return self.scale * F
+
+
+def moment_products(
+    G: jax.Array,
+    mask: jax.Array,
+    direction: Direction,
+    reference: jax.Array | None = None,
+    *,
+    ddof: int = 1,
+    gram_matrix: bool = True,
+):
+    """``masked_mean_std`` and then ``centred_products`` on the mean and a direction: ``μ``,
+    ``u = direction(μ, σ, reference)``, and for ``x_i = g_i − μ`` the projections
+    ``⟨x_i, u⟩`` with ``X Xᵀ`` (``gram_matrix``) or ``‖x_i‖²``. ``-> ([d], [d], [n], [n, n]
+    | [n])``.
+
+    On CPU, for float32, one native kernel reads ``G`` once: each block of columns gets
+    its moments, its direction and its share of the products while it is in cache (the
+    two calls read it twice). Otherwise the two calls.
+    """
+    if native.available(G.dtype):
+        kernel = functools.partial(_native_moment_products, direction=direction, gram=gram_matrix)
+        weights = _moment_weights(mask, G.dtype, ddof)
+        mu, u, second, xu = _native(
+            kernel, G, (reference,), weights, summed=(False, False, True, True)
+        )
+        return mu, u, xu, second
+    mu, sigma = masked_mean_std(G, mask, ddof)
+    u = direction(mu, sigma, reference)
+    return mu, u, *centred_products(G, mu, u, gram_matrix=gram_matrix)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,13 +99,63 @@ def test_moments_match_float64(n, d):
     np.testing.assert_allclose(var, want, rtol=1e-4, atol=1e-6 * want.max(initial=0))
 
 
+DIRECTIONS = {  # name: (factor, sign, scale), u = scale · F ⊙ sign(μ − r)
+    "-std": ("std", False, -1.0),
+    "-mean": ("mean", False, -1.0),
+    "-sign": ("one", True, -1.0),
+    "skew": ("std", True, 1.0),
+}
+
+
+@pytest.mark.parametrize("n, d", SHAPES)
+@pytest.mark.parametrize("direction", list(DIRECTIONS))
+@pytest.mark.parametrize("gram", [False, True])
+def test_moment_products_match_float64(n, d, direction, gram):
+    G = skewed(n, d)
+    rows = np.arange(n) % 3 != 0 if n > 1 else np.ones(n, bool)
+    k = rows.sum()
+    a, b = (rows / max(k, 1)).astype(np.float32), (rows / max(k - 1, 1)).astype(np.float32)
+    factor, sign, scale = DIRECTIONS[direction]
+    r = G[-1] if direction == "skew" else None
+    kernel = functools.partial(
+        native.moment_products, factor=factor, sign=sign, scale=scale, gram=gram, threads=2
+    )
+    mu, u, second, xu = jax.jit(kernel)(G, a, b, r)
+    H = np.asarray(G, np.float64)[rows]
+    np.testing.assert_array_less(np.abs(mu - H.mean(0)), 1e-6 * np.abs(H).mean(0) + 1e-30)
+    sigma = np.sqrt(((H - H.mean(0)) ** 2).sum(0) / max(k - 1, 1))
+    F = {"one": np.ones(d), "mean": H.mean(0), "std": sigma}[factor]
+    # the sign from the kernel's own μ: float64's may differ where μ ≈ r
+    want_u = (
+        scale
+        * F
+        * (np.sign(np.asarray(mu, np.float64) - (0.0 if r is None else r)) if sign else 1.0)
+    )
+    np.testing.assert_allclose(u, want_u, rtol=1e-4, atol=1e-6 * np.abs(want_u).max(initial=0))
+    want = exact_gram(G, mu)
+    if gram:
+        scale_K = np.sqrt(np.outer(np.diag(want), np.diag(want))).max() or 1.0
+        np.testing.assert_allclose(second, want, rtol=0, atol=2e-6 * scale_K)
+        np.testing.assert_array_equal(second, second.T)
+    else:
+        np.testing.assert_allclose(second, np.diag(want), rtol=1e-6)
+    assert_projections_close(xu, G, mu, u)
+
+
 def test_empty_matrices_give_zeros():
     for n, d in [(3, 0), (0, 5), (0, 0)]:
         G = np.zeros((n, d), np.float32)
         v = np.ones(d, np.float32)
         K, sq, proj = jax.jit(lambda G, v: native.gram(G, project=v, threads=2))(G, v)
         rows, rows_proj = jax.jit(lambda G, v: native.row_sq_dists(G, v, v, threads=2))(G, v)
-        mu, var = native.moments(G, np.ones(n, np.float32), np.ones(n, np.float32), threads=2)
+        ones = np.ones(n, np.float32)
+        mu, var = native.moments(G, ones, ones, threads=2)
+        for gram in (False, True):
+            out = native.moment_products(
+                G, ones, ones, factor="std", sign=False, scale=1.0, gram=gram, threads=2
+            )
+            np.testing.assert_array_equal(out[2], np.zeros((n, n) if gram else n))
+            np.testing.assert_array_equal(out[3], np.zeros(n))
         np.testing.assert_array_equal(K, np.zeros((n, n)))
         for zeros in (sq, proj, rows, rows_proj):
             np.testing.assert_array_equal(zeros, np.zeros(n))
@@ -126,6 +178,13 @@ def test_kernels_do_not_depend_on_the_thread_count():
     np.testing.assert_array_equal(
         run(native.moments, 1, a=a, b=b), run(native.moments, 3, a=a, b=b)
     )
+    products = [
+        run(native.moment_products, t, a=a, b=b, factor="std", sign=True, scale=1.0, gram=g)
+        for g in (False, True)
+        for t in (1, 3)
+    ]
+    np.testing.assert_array_equal(products[0], products[1])
+    np.testing.assert_array_equal(products[2], products[3])
     weighted = [run(native.gram, t, weights=G[:, 0]) for t in (1, 3)]
     np.testing.assert_array_equal(*weighted)
     np.testing.assert_array_equal(K[0], K[1])
@@ -188,6 +247,26 @@ def test_masked_mean_std_is_native_and_agrees_with_xla(monkeypatch):
     for got in (with_kernel, without):
         np.testing.assert_array_less(np.abs(got[0] - H.mean(0)), 1e-6 * np.abs(H).mean(0))
         np.testing.assert_allclose(got[1], H.std(0, ddof=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("gram", [False, True])
+def test_moment_products_are_one_native_call_and_agree_with_xla(monkeypatch, gram):
+    G = jnp.asarray(skewed(9, 5000))
+    mask = jnp.arange(9) % 4 != 1
+    direction = ops.Direction("std", sign=True)
+
+    def run():  # traced afresh: jit caches traces per function
+        fn = jax.jit(lambda G, r: ops.moment_products(G, mask, direction, r, gram_matrix=gram))
+        return fn, fn.lower(G, G[0]).as_text()
+
+    fn, hlo = run()
+    assert hlo.count("stablehlo.custom_call") == 1 and native._PRODUCTS_TARGET in hlo
+    with_kernel = fn(G, G[0])
+    monkeypatch.setattr(native, "available", lambda dtype: False)
+    fn, hlo = run()
+    assert native._PRODUCTS_TARGET not in hlo
+    for got, want in zip(with_kernel, fn(G, G[0]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_direct_calls_refuse_when_the_kernels_are_unavailable(monkeypatch):

@@ -33,7 +33,7 @@ FAMILIES = ("median", "trmean", "krum", "multikrum", "geomed", "monna", "cge", "
 # Column passes (ops.scan_columns) run per device when 8 divides d (304), and on the
 # replicated matrix otherwise (301); the attacks that make such passes come along. The
 # replicated fallback is one code path for every pass, so a few cases cover it.
-ATTACKS = ("minmax", "strike", "mimic", "fang")
+ATTACKS = ("minmax", "minsum", "strike", "mimic", "fang")
 FALLBACK = ("trmean", "dnc b=64", "minmax", "window_sum")
 
 RULES_SCRIPT = r"""

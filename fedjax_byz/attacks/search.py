@@ -7,10 +7,9 @@ constraint. Squared distances to the rows are quadratics in γ,
     ‖m₀ + γ p − g_i‖² = a γ² + b_i γ + c_i,   a = ‖p‖², b_i = −2⟨x_i, p⟩, c_i = ‖x_i‖²,
     x_i = g_i − m₀,
 
-so their coefficients and μ, σ are computed together in one column-blocked pass over the
-matrix, and the pairwise distances from one Gram matrix of the centred rows
-(``centred_pass``); every step of the search then costs O(n) and never touches the
-``[n, d]`` matrix.
+so their coefficients, μ and σ, and the pairwise distances (from the Gram matrix of the
+centred rows) are computed together, in one read of the matrix on CPU (``centred_pass``);
+every step of the search then costs O(n) and never touches the ``[n, d]`` matrix.
 """
 
 from __future__ import annotations
@@ -63,26 +62,23 @@ class CentredPass(NamedTuple):
 def centred_pass(
     G: jax.Array,
     rows: jax.Array,
-    direction: Callable[..., jax.Array],
-    vectors: tuple[jax.Array, ...] = (),
+    direction: ops.Direction,
+    reference: jax.Array | None = None,
     *,
     unit: bool = False,
     gram: bool = True,
 ) -> CentredPass:
-    """Everything a search needs, in two passes over ``G``: the moments, then the
-    projections with the Gram matrix or the squared norms (``ops.centred_products``).
+    """Everything a search needs, in one read of ``G`` on CPU (``ops.moment_products``).
 
-    With ``μ_R``, ``σ_R`` the mean and standard deviation (ddof=1) of the rows ``rows``
-    (``ops.masked_mean_std``), ``x_i = g_i − μ_R`` and the coordinate-wise direction ``u =
-    direction(μ_R, σ_R, *vectors)`` (``p = u/‖u‖`` when ``unit``, else ``p = u``): ``‖u‖²``,
-    ``⟨x_i, u⟩`` and, with ``gram``, ``X Xᵀ`` (whose diagonal is ``‖x_i‖²``), else
-    ``‖x_i‖²``. Centring on ``μ_R`` keeps these float32 sums accurate when the updates share
-    a large common component.
+    With ``μ_R``, ``σ_R`` the mean and standard deviation (ddof=1) of the rows ``rows``,
+    ``x_i = g_i − μ_R`` and the coordinate-wise direction ``u = direction(μ_R, σ_R,
+    reference)`` (``p = u/‖u‖`` when ``unit``, else ``p = u``): ``‖u‖²``, ``⟨x_i, u⟩`` and,
+    with ``gram``, ``X Xᵀ`` (whose diagonal is ``‖x_i‖²``), else ``‖x_i‖²``. Centring on
+    ``μ_R`` keeps these float32 sums accurate when the updates share a large common
+    component.
     """
-    mu, sigma = ops.masked_mean_std(G, rows)
-    u = direction(mu, sigma, *vectors)
+    mu, u, xu, second = ops.moment_products(G, rows, direction, reference, gram_matrix=gram)
     uu = jnp.vdot(u, u)
-    xu, second = ops.centred_products(G, mu, u, gram_matrix=gram)
     scale = lax.rsqrt(jnp.maximum(uu, jnp.finfo(G.dtype).tiny)) if unit else 1.0
     q = Quadratic(scale * scale * uu, -2.0 * scale * xu, jnp.diagonal(second) if gram else second)
     return CentredPass(mu, scale * u, q, second if gram else None)
@@ -125,14 +121,14 @@ def largest_feasible(
     return lo
 
 
-def perturbation(direction: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """Shejwalkar & Houmansadr's ∇p as a coordinate-wise ``(μ, σ) -> u``: ``−σ`` ("std"),
-    ``−μ`` ("unit", normalised afterwards: ``−μ/‖μ‖``) or ``−sign(μ)`` ("sign")."""
-    if direction == "std":
-        return lambda mu, sigma: -sigma
-    if direction == "unit":
-        return lambda mu, sigma: -mu
-    return lambda mu, sigma: -jnp.sign(mu)
+def perturbation(direction: str) -> ops.Direction:
+    """Shejwalkar & Houmansadr's ∇p as a coordinate-wise direction from (μ, σ): ``−σ``
+    ("std"), ``−μ`` ("unit", normalised afterwards: ``−μ/‖μ‖``) or ``−sign(μ)`` ("sign")."""
+    return {
+        "std": ops.Direction("std", scale=-1.0),
+        "unit": ops.Direction("mean", scale=-1.0),
+        "sign": ops.Direction("one", sign=True, scale=-1.0),
+    }[direction]
 
 
 def _check(direction: str, knowledge: str) -> None:

@@ -4,7 +4,6 @@ github.com/YuchenLiu-a/byzantine_skew; ``shared/papers/strike-gradient-skew.txt`
 from __future__ import annotations
 
 import jax.numpy as jnp
-from jax import lax
 from jax.typing import ArrayLike
 
 from fedjax_byz import ops
@@ -18,20 +17,17 @@ def skewed_rows(G, honest, f):
 
     ``u = g_med − ḡ`` (Eq. 6, ``g_med`` the coordinate-wise median of H),
     ``p_i = ⟨g_i, u/‖u‖⟩`` (Eq. 7); S is the ``n − 2f`` honest rows with the largest
-    ``p_i`` (Eq. 8; at least one). ``ḡ``, ``g_med`` and ``⟨g_i − ḡ, u⟩`` (which ranks the
-    rows like ``p_i`` and avoids cancellation) come from one column-blocked pass, as every
-    term is a sum over coordinates of coordinate-wise statistics. Ties go to the lower
-    index. ``-> ([d], bool[n])``.
+    ``p_i`` (Eq. 8; at least one), ranked by ``⟨g_i − ḡ, u⟩``, which orders the rows as
+    ``p_i`` does and avoids cancellation. Ties go to the lower index. ``-> ([d], bool[n])``.
     """
-
-    def fn(B, vs, proj):
-        mu, _, X = ops.masked_moments(B, honest)
-        u = ops.masked_median(B, honest) - mu
-        return (mu,), proj + jnp.matmul(X, u, precision=lax.Precision.HIGHEST)
-
-    (mu,), proj = ops.scan_columns(fn, G, init=jnp.zeros(G.shape[0], G.dtype))
+    mu, _ = ops.masked_mean_std(G, honest)
+    u = ops.masked_median(G, honest) - mu
+    proj, _ = ops.centred_products(G, mu, u, gram_matrix=False)
     k = jnp.maximum(G.shape[0] - 2 * f, 1)
     return mu, ops.smallest_mask(jnp.where(honest, -proj, jnp.inf), k)
+
+
+SKEW = ops.Direction("std", sign=True)  # s = sign(ḡ_S − ḡ) ⊙ σ_S (Eq. 12), ḡ the reference
 
 
 def strike(nu: ArrayLike = 1.0, *, tol: ArrayLike = 1e-5) -> Attack:
@@ -72,7 +68,7 @@ def strike_family(tol: ArrayLike = 1e-5) -> Family:
 
     def family(key, G, ctx):
         mu, S = skewed_rows(G, ctx.honest, ctx.f)
-        cp = centred_pass(G, S, lambda mu_S, sigma_S, mu: jnp.sign(mu_S - mu) * sigma_S, (mu,))
+        cp = centred_pass(G, S, SKEW, mu)
         bound = diameter_sq(cp.gram, S)
         q = cp.quadratic
 

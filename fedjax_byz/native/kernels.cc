@@ -9,13 +9,17 @@
 // tiles on or above the diagonal are computed.
 // RowSqDists: ‖x_i − c‖² and, given v, ⟨x_i − c, v⟩ for every row, one pass.
 // Moments: μ = aᵀX and σ² = bᵀ(X − 1μᵀ)², coordinate-wise, for row weights a and b.
+// MomentProducts: Moments, a direction u made from them coordinate-wise, and Gram's (or
+// RowSqDists') products centred on μ and projected on u, each block of columns read once.
 //
-// Gram and RowSqDists cut the columns into chunks of fixed size; threads take chunks from
-// a shared counter, and the chunks' shares are added in chunk order in float64, so the
-// results do not depend on the number of threads. Moments' columns are independent.
+// Gram, RowSqDists and MomentProducts cut the columns into chunks of fixed size; threads
+// take chunks from a shared counter, and the chunks' shares are added in chunk order in
+// float64, so the results do not depend on the number of threads. Moments' columns are
+// independent.
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <thread>
@@ -43,6 +47,11 @@ constexpr int64_t kChunks = 16;        // fewest chunks, where d has 1024 column
 constexpr int64_t kMinChunk = 1024;    // so that the threads' shares differ by little
 constexpr int64_t kBlockFloats = 131072;  // n x block floats per cache block (512 KiB)
 constexpr int64_t kPartsBytes = int64_t{64} << 20;  // cap on the chunks' float64 shares
+
+// Columns per cache block for n rows: a multiple of 8, at least 64.
+inline int64_t BlockColumns(int64_t n) {
+  return std::max<int64_t>(64, kBlockFloats / std::max<int64_t>(n, 1) / 8 * 8);
+}
 
 inline v8 load(const float* p) {
   v8 v;
@@ -151,45 +160,89 @@ TileFn PickTile(int r, int s) {  // r ∈ [1, kR], s ∈ [1, kS]
   return table[r - 1][s - 1];
 }
 
-// The share of columns [lo, hi): of K's upper triangle (and some of the lower) into out,
-// centred on m (absolute columns) or, given row weights w, on each block's Σ_i w_i x_i;
-// of the rows' uncentred squared norms into sq; given v, of the rows' projections
-// ⟨x_i − centre, v⟩ into proj.
+// K's upper triangle (and some of the lower) over the `len` columns of the block x0 into
+// out, centred on m0 (the block's own columns) where Centred.
 template <bool Centred>
-void Share(const float* x, int64_t n, int64_t d, const float* m, const float* w,
-           const float* v, int64_t lo, int64_t hi, double* out, double* sq, double* proj) {
-  const int64_t block = std::max<int64_t>(64, kBlockFloats / n / 8 * 8);
-  std::vector<float> mean(w != nullptr ? block : 0);
+void Tiles(const float* x0, int64_t n, int64_t d, const float* m0, int64_t len, double* out) {
+  const int64_t vec = len / 8 * 8;
+  for (int64_t i = 0; i < n; i += kR) {
+    const int r = static_cast<int>(std::min<int64_t>(kR, n - i));
+    for (int64_t j = i; j < n; j += kS) {
+      const int s = static_cast<int>(std::min<int64_t>(kS, n - j));
+      PickTile<Centred>(r, s)(x0, d, m0, i, j, vec, out, n);
+    }
+  }
+  for (int64_t i = 0; i < n; ++i)  // the last columns, fewer than 8
+    for (int64_t j = i; j < n; ++j) {
+      double t = 0;
+      for (int64_t c = vec; c < len; ++c) {
+        const float mc = Centred ? m0[c] : 0.f;
+        t += double(x0[i * d + c] - mc) * double(x0[j * d + c] - mc);
+      }
+      out[i * n + j] += t;
+    }
+}
+
+// mean[c] = Σ_i w_i x0[i, c] for the block's `len` columns, summed over the rows in order.
+void BlockMean(const float* __restrict x0, int64_t n, int64_t d, const float* __restrict w,
+               int64_t len, float* __restrict mean) {
+  std::fill(mean, mean + len, 0.f);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < len; ++c) mean[c] += w[i] * x0[i * d + c];
+}
+
+// var[c] = Σ_i w_i (x0[i, c] − mean[c])², summed over the rows in order.
+void BlockVar(const float* __restrict x0, int64_t n, int64_t d, const float* __restrict w,
+              const float* __restrict mean, int64_t len, float* __restrict var) {
+  std::fill(var, var + len, 0.f);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < len; ++c) {
+      const float t = x0[i * d + c] - mean[c];
+      var[c] += w[i] * (t * t);
+    }
+}
+
+// A block's centre and projection vector (each null for none), from its first column.
+struct Centre {
+  const float* m;
+  const float* v;
+};
+
+// The share of columns [lo, hi), a cache-sized block at a time, each block's centre and
+// projection vector from prepare(x0, c0, len). With `gram`: of K (Tiles, centred where
+// the block has a centre) into out, of the rows' uncentred squared norms into sq (unless
+// null) and of the projections ⟨x_i − centre, v⟩ into proj; without: of the rows'
+// squared distances to the centre into sq and of the projections into proj (one read).
+template <class Prepare>
+void Share(const float* x, int64_t n, int64_t d, int64_t lo, int64_t hi, bool gram,
+           Prepare prepare, double* out, double* sq, double* proj) {
+  const int64_t block = BlockColumns(n);
   for (int64_t c0 = lo; c0 < hi; c0 += block) {
-    const int64_t len = std::min(block, hi - c0), vec = len / 8 * 8;
+    const int64_t len = std::min(block, hi - c0);
     const float* x0 = x + c0;
-    const float* m0 = m != nullptr ? m + c0 : nullptr;
-    std::fill(mean.begin(), mean.end(), 0.f);
-    Rows(x0, n, d, nullptr, nullptr, len, sq, nullptr);  // squared norms
-    if (w != nullptr) {  // the block's weighted mean
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t c = 0; c < len; ++c) mean[c] += w[i] * x0[i * d + c];
-      m0 = mean.data();
+    const Centre at = prepare(x0, c0, len);
+    if (!gram) {
+      Rows(x0, n, d, at.m, at.v, len, sq, at.v != nullptr ? proj : nullptr);
+      continue;
     }
-    if (v != nullptr) Rows(x0, n, d, m0, v + c0, len, nullptr, proj);
-    for (int64_t i = 0; i < n; i += kR) {
-      const int r = static_cast<int>(std::min<int64_t>(kR, n - i));
-      for (int64_t j = i; j < n; j += kS) {
-        const int s = static_cast<int>(std::min<int64_t>(kS, n - j));
-        PickTile<Centred>(r, s)(x0, d, m0, i, j, vec, out, n);
-      }
+    if (sq != nullptr) Rows(x0, n, d, nullptr, nullptr, len, sq, nullptr);
+    if (at.v != nullptr) Rows(x0, n, d, at.m, at.v, len, nullptr, proj);
+    if (at.m != nullptr) {
+      Tiles<true>(x0, n, d, at.m, len, out);
+    } else {
+      Tiles<false>(x0, n, d, nullptr, len, out);
     }
-    for (int64_t i = 0; i < n; ++i)  // the last columns, fewer than 8
-      for (int64_t j = i; j < n; ++j) {
-        double t = 0;
-        for (int64_t c = vec; c < len; ++c) {
-          const float mc = Centred ? m0[c] : 0.f;
-          t += double(x0[i * d + c] - mc) * double(x0[j * d + c] - mc);
-        }
-        out[i * n + j] += t;
-      }
   }
 }
+
+// The coordinate-wise direction u = scale · F ⊙ sign(μ − r) (the sign where `sign`, r
+// zero where null), F = 1, μ or σ: how the search attacks perturb the mean.
+struct Direction {
+  int64_t factor;  // 0: F = 1, 1: F = μ, 2: F = σ
+  bool sign;
+  float scale;
+  const float* ref;  // absolute columns, or null
+};
 
 // Runs fn(k) for k = 0, ..., count − 1 on up to `threads` threads, each taking the next k
 // from a shared counter.
@@ -233,13 +286,15 @@ void Gram(const float* x, int64_t n, int64_t d, const float* m, const float* w, 
     return;
   }
   const int64_t size = n * n + 2 * n;
+  const int64_t block = BlockColumns(n);
   const auto sum = SumOverChunks(d, size, threads, [&](int64_t lo, int64_t hi, double* out) {
-    double* rows = out + n * n;
-    if (m != nullptr || w != nullptr) {
-      Share<true>(x, n, d, m, w, v, lo, hi, out, rows, rows + n);
-    } else {
-      Share<false>(x, n, d, m, w, v, lo, hi, out, rows, rows + n);
-    }
+    std::vector<float> mean(w != nullptr ? block : 0);
+    auto prepare = [&](const float* x0, int64_t c0, int64_t len) {
+      if (w != nullptr) BlockMean(x0, n, d, w, len, mean.data());
+      const float* m0 = w != nullptr ? mean.data() : m != nullptr ? m + c0 : nullptr;
+      return Centre{m0, v != nullptr ? v + c0 : nullptr};
+    };
+    Share(x, n, d, lo, hi, true, prepare, out, out + n * n, out + n * n + n);
   });
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t j = i; j < n; ++j) k[i * n + j] = k[j * n + i] = static_cast<float>(sum[i * n + j]);
@@ -273,25 +328,57 @@ void RowSqDists(const float* x, int64_t n, int64_t d, const float* m, const floa
 // columns are independent, so threads split them freely.
 void Moments(const float* x, int64_t n, int64_t d, const float* a, const float* b,
              int64_t threads, float* mu, float* var) {
-  const int64_t block = std::max<int64_t>(64, kBlockFloats / std::max<int64_t>(n, 1) / 8 * 8);
+  const int64_t block = BlockColumns(n);
   ParallelFor((d + block - 1) / block, threads, [&](int64_t k) {
     const int64_t c0 = k * block, len = std::min(block, d - c0);
-    float* m = mu + c0;
-    float* s = var + c0;
-    std::fill(m, m + len, 0.f);
-    std::fill(s, s + len, 0.f);
-    for (int64_t i = 0; i < n; ++i) {
-      const float* xi = x + i * d + c0;
-      for (int64_t c = 0; c < len; ++c) m[c] += a[i] * xi[c];
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      const float* xi = x + i * d + c0;
-      for (int64_t c = 0; c < len; ++c) {
-        const float t = xi[c] - m[c];
-        s[c] += b[i] * (t * t);
-      }
-    }
+    BlockMean(x + c0, n, d, a, len, mu + c0);
+    BlockVar(x + c0, n, d, b, mu + c0, len, var + c0);
   });
+}
+
+// Moments and the products of the search attacks, in one read of X: for every block of
+// columns, while it is in cache, μ and var as Moments does, σ = √var, the direction u
+// (Direction), and the block's share of ⟨x_i − μ, u⟩ and of K = (X − 1μᵀ)(X − 1μᵀ)ᵀ
+// (`gram`) or of ‖x_i − μ‖². μ and u are written column by column, the sums added over
+// chunks as in Gram.
+void MomentProducts(const float* x, int64_t n, int64_t d, const float* a, const float* b,
+                    Direction dir, bool gram, int64_t threads, float* mu, float* u,
+                    float* second, float* proj) {
+  const int64_t size = (gram ? n * n : n) + n;
+  if (n == 0 || d == 0) {
+    std::fill(second, second + size - n, 0.f);
+    std::fill(proj, proj + n, 0.f);
+    return;
+  }
+  const int64_t block = BlockColumns(n);
+  const auto sum = SumOverChunks(d, size, threads, [&](int64_t lo, int64_t hi, double* out) {
+    std::vector<float> var(block);
+    auto prepare = [&](const float* x0, int64_t c0, int64_t len) {
+      float* m0 = mu + c0;
+      float* u0 = u + c0;
+      BlockMean(x0, n, d, a, len, m0);
+      if (dir.factor == 2) BlockVar(x0, n, d, b, m0, len, var.data());
+      for (int64_t c = 0; c < len; ++c) {
+        float f = dir.factor == 0 ? 1.f : dir.factor == 1 ? m0[c] : std::sqrt(var[c]);
+        if (dir.sign) {
+          const float t = m0[c] - (dir.ref != nullptr ? dir.ref[c0 + c] : 0.f);
+          f *= static_cast<float>((t > 0.f) - (t < 0.f));
+        }
+        u0[c] = dir.scale * f;
+      }
+      return Centre{m0, u0};
+    };
+    Share(x, n, d, lo, hi, gram, prepare, out, gram ? nullptr : out, out + size - n);
+  });
+  for (int64_t i = 0; i < n; ++i) {
+    if (gram) {
+      for (int64_t j = i; j < n; ++j)
+        second[i * n + j] = second[j * n + i] = static_cast<float>(sum[i * n + j]);
+    } else {
+      second[i] = static_cast<float>(sum[i]);
+    }
+    proj[i] = static_cast<float>(sum[size - n + i]);
+  }
 }
 
 // The data of an optional vector argument: null when empty; `ok` false unless it is
@@ -348,6 +435,27 @@ ffi::Error MomentsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a, ffi::Bu
   return ffi::Error::Success();
 }
 
+ffi::Error MomentProductsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
+                              ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> ref,
+                              ffi::ResultBuffer<ffi::F32> mu, ffi::ResultBuffer<ffi::F32> u,
+                              ffi::ResultBuffer<ffi::F32> second,
+                              ffi::ResultBuffer<ffi::F32> proj, int64_t threads, bool gram,
+                              int64_t factor, bool sign, float scale) {
+  const auto dims = x.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("moment_products: X must be [n, d]");
+  const int64_t n = dims[0], d = dims[1];
+  bool ok = a.element_count() == static_cast<size_t>(n) &&
+            b.element_count() == static_cast<size_t>(n) && factor >= 0 && factor <= 2;
+  const Direction dir{factor, sign, scale, Optional(ref, d, ok)};
+  if (!ok)
+    return ffi::Error::InvalidArgument(
+        "moment_products: row weights [n], a reference [d] or none, factor 0, 1 or 2");
+  MomentProducts(x.typed_data(), n, d, a.typed_data(), b.typed_data(), dir, gram,
+                 std::max<int64_t>(1, threads), mu->typed_data(), u->typed_data(),
+                 second->typed_data(), proj->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxByzGram, GramImpl,
@@ -378,3 +486,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxByzMoments, MomentsImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxByzMomentProducts, MomentProductsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads")
+                                  .Attr<bool>("gram")
+                                  .Attr<int64_t>("factor")
+                                  .Attr<bool>("sign")
+                                  .Attr<float>("scale"));
