@@ -728,20 +728,21 @@ def masked_mean_std(G: jax.Array, mask: jax.Array, ddof: int = 1) -> tuple[jax.A
 class Direction(NamedTuple):
     """A coordinate-wise direction made from the moments of some rows,
 
-        u = scale · F ⊙ sign(μ − r),   F = 1 (``"one"``), μ (``"mean"``) or σ (``"std"``),
+        u = scale · F ⊙ sign(μ − r),   F = 1 (``"one"``), μ (``"mean"``), σ (``"std"``)
+                                          or μ − r (``"offset"``),
 
     the sign only where ``sign`` (``r`` a reference vector, zero without one): the search
-    attacks' perturbations (Min-Max's −σ, −μ, −sign(μ); STRIKE's sign(ḡ_S − ḡ) ⊙ σ_S)."""
+    attacks' directions (Min-Max's −σ, −μ, −sign(μ); STRIKE's g_med − ḡ and
+    sign(ḡ_S − ḡ) ⊙ σ_S)."""
 
     factor: str = "std"
     sign: bool = False
     scale: float = 1.0
 
     def __call__(self, mu: jax.Array, sigma: jax.Array, reference: jax.Array | None = None):
-        F = {"one": jnp.ones_like(mu), "mean": mu, "std": sigma}[self.factor]
-        if self.sign:
-            F = F * jnp.sign(mu if reference is None else mu - reference)
-        return self.scale * F
+        t = mu if reference is None else mu - reference
+        F = {"one": jnp.ones_like(mu), "mean": mu, "std": sigma, "offset": t}[self.factor]
+        return self.scale * (F * jnp.sign(t) if self.sign else F)
 
 
 def moment_products(

@@ -104,6 +104,7 @@ DIRECTIONS = {  # name: (factor, sign, scale), u = scale · F ⊙ sign(μ − r)
     "-mean": ("mean", False, -1.0),
     "-sign": ("one", True, -1.0),
     "skew": ("std", True, 1.0),
+    "toward r": ("offset", False, -1.0),
 }
 
 
@@ -116,7 +117,7 @@ def test_moment_products_match_float64(n, d, direction, gram):
     k = rows.sum()
     a, b = (rows / max(k, 1)).astype(np.float32), (rows / max(k - 1, 1)).astype(np.float32)
     factor, sign, scale = DIRECTIONS[direction]
-    r = G[-1] if direction == "skew" else None
+    r = G[-1] if direction in ("skew", "toward r") else None
     kernel = functools.partial(
         native.moment_products, factor=factor, sign=sign, scale=scale, gram=gram, threads=2
     )
@@ -124,13 +125,10 @@ def test_moment_products_match_float64(n, d, direction, gram):
     H = np.asarray(G, np.float64)[rows]
     np.testing.assert_array_less(np.abs(mu - H.mean(0)), 1e-6 * np.abs(H).mean(0) + 1e-30)
     sigma = np.sqrt(((H - H.mean(0)) ** 2).sum(0) / max(k - 1, 1))
-    F = {"one": np.ones(d), "mean": H.mean(0), "std": sigma}[factor]
-    # the sign from the kernel's own μ: float64's may differ where μ ≈ r
-    want_u = (
-        scale
-        * F
-        * (np.sign(np.asarray(mu, np.float64) - (0.0 if r is None else r)) if sign else 1.0)
-    )
+    # t = μ − r from the kernel's own μ: float64's may differ in sign where μ ≈ r
+    t = np.asarray(mu, np.float64) - (0.0 if r is None else r)
+    F = {"one": np.ones(d), "mean": H.mean(0), "std": sigma, "offset": t}[factor]
+    want_u = scale * F * (np.sign(t) if sign else 1.0)
     np.testing.assert_allclose(u, want_u, rtol=1e-4, atol=1e-6 * np.abs(want_u).max(initial=0))
     want = exact_gram(G, mu)
     if gram:

@@ -10,6 +10,11 @@ from fedjax_byz import ops
 from fedjax_byz.attacks.base import Attack, Family, at_strength
 from fedjax_byz.attacks.search import centred_pass, diameter_sq, largest_feasible
 
+# The directions, as ops.Direction with the reference r: u = g_med − ḡ (Eq. 6, r = g_med)
+# and s = sign(ḡ_S − ḡ) ⊙ σ_S (Eq. 12, r = ḡ).
+TOWARD_MEDIAN = ops.Direction("offset", scale=-1.0)
+SKEW = ops.Direction("std", sign=True)
+
 
 def skewed_rows(G, honest, f):
     """Stage 1 (Eqs. 6–8): ``ḡ = μ_H`` and the ``n − 2f`` honest rows farthest along
@@ -18,16 +23,14 @@ def skewed_rows(G, honest, f):
     ``u = g_med − ḡ`` (Eq. 6, ``g_med`` the coordinate-wise median of H),
     ``p_i = ⟨g_i, u/‖u‖⟩`` (Eq. 7); S is the ``n − 2f`` honest rows with the largest
     ``p_i`` (Eq. 8; at least one), ranked by ``⟨g_i − ḡ, u⟩``, which orders the rows as
-    ``p_i`` does and avoids cancellation. Ties go to the lower index. ``-> ([d], bool[n])``.
+    ``p_i`` does and avoids cancellation; ``ḡ``, ``u`` and these from one read of the matrix
+    after the median's (``ops.moment_products``). Ties go to the lower index.
+    ``-> ([d], bool[n])``.
     """
-    mu, _ = ops.masked_mean_std(G, honest)
-    u = ops.masked_median(G, honest) - mu
-    proj, _ = ops.centred_products(G, mu, u, gram_matrix=False)
+    g_med = ops.masked_median(G, honest)
+    mu, _, proj, _ = ops.moment_products(G, honest, TOWARD_MEDIAN, g_med, gram_matrix=False)
     k = jnp.maximum(G.shape[0] - 2 * f, 1)
     return mu, ops.smallest_mask(jnp.where(honest, -proj, jnp.inf), k)
-
-
-SKEW = ops.Direction("std", sign=True)  # s = sign(ḡ_S − ḡ) ⊙ σ_S (Eq. 12), ḡ the reference
 
 
 def strike(nu: ArrayLike = 1.0, *, tol: ArrayLike = 1e-5) -> Attack:

@@ -47,7 +47,7 @@ _TARGET = "fedjax_byz_gram"
 _ROWS_TARGET = "fedjax_byz_row_sq_dists"
 _MOMENTS_TARGET = "fedjax_byz_moments"
 _PRODUCTS_TARGET = "fedjax_byz_moment_products"
-FACTORS = ("one", "mean", "std")  # the direction's factor F, as the kernel numbers it
+FACTORS = ("one", "mean", "std", "offset")  # the direction's F, as the kernel numbers it
 _log = logging.getLogger(__name__)
 
 
@@ -116,8 +116,8 @@ def moment_products(
     threads: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """``moments`` and the products of the search attacks in one read of ``G``: ``μ = aᵀG``,
-    ``σ = √(bᵀ(G − 1μᵀ)²)``, the direction ``u = scale · F ⊙ sign(μ − r)`` (F = 1, μ or σ
-    by ``factor``; the sign only with ``sign``, ``r = reference`` or zero), and for ``x_i =
+    ``σ = √(bᵀ(G − 1μᵀ)²)``, the direction ``u = scale · F ⊙ sign(μ − r)`` (F = 1, μ, σ or
+    μ − r by ``factor``; the sign only with ``sign``; ``r = reference`` or zero), and for ``x_i =
     g_i − μ`` the projections ``⟨x_i, u⟩`` with ``X Xᵀ`` (``gram``) or ``‖x_i‖²``, each
     block of columns read while in cache. ``f32[n, d] -> (f32[d], f32[d], f32[n, n] |
     f32[n], f32[n])``. Raises where the kernels are not ``available``; the results do not

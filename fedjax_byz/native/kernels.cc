@@ -236,9 +236,9 @@ void Share(const float* x, int64_t n, int64_t d, int64_t lo, int64_t hi, bool gr
 }
 
 // The coordinate-wise direction u = scale · F ⊙ sign(μ − r) (the sign where `sign`, r
-// zero where null), F = 1, μ or σ: how the search attacks perturb the mean.
+// zero where null), F = 1, μ, σ or μ − r: how the search attacks perturb the mean.
 struct Direction {
-  int64_t factor;  // 0: F = 1, 1: F = μ, 2: F = σ
+  int64_t factor;  // 0: F = 1, 1: F = μ, 2: F = σ, 3: F = μ − r
   bool sign;
   float scale;
   const float* ref;  // absolute columns, or null
@@ -359,11 +359,10 @@ void MomentProducts(const float* x, int64_t n, int64_t d, const float* a, const 
       BlockMean(x0, n, d, a, len, m0);
       if (dir.factor == 2) BlockVar(x0, n, d, b, m0, len, var.data());
       for (int64_t c = 0; c < len; ++c) {
-        float f = dir.factor == 0 ? 1.f : dir.factor == 1 ? m0[c] : std::sqrt(var[c]);
-        if (dir.sign) {
-          const float t = m0[c] - (dir.ref != nullptr ? dir.ref[c0 + c] : 0.f);
-          f *= static_cast<float>((t > 0.f) - (t < 0.f));
-        }
+        const float t = m0[c] - (dir.ref != nullptr ? dir.ref[c0 + c] : 0.f);
+        const float factors[] = {1.f, m0[c], dir.factor == 2 ? std::sqrt(var[c]) : 0.f, t};
+        float f = factors[dir.factor];
+        if (dir.sign) f *= static_cast<float>((t > 0.f) - (t < 0.f));
         u0[c] = dir.scale * f;
       }
       return Centre{m0, u0};
@@ -445,11 +444,11 @@ ffi::Error MomentProductsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
   if (dims.size() != 2) return ffi::Error::InvalidArgument("moment_products: X must be [n, d]");
   const int64_t n = dims[0], d = dims[1];
   bool ok = a.element_count() == static_cast<size_t>(n) &&
-            b.element_count() == static_cast<size_t>(n) && factor >= 0 && factor <= 2;
+            b.element_count() == static_cast<size_t>(n) && factor >= 0 && factor <= 3;
   const Direction dir{factor, sign, scale, Optional(ref, d, ok)};
   if (!ok)
     return ffi::Error::InvalidArgument(
-        "moment_products: row weights [n], a reference [d] or none, factor 0, 1 or 2");
+        "moment_products: row weights [n], a reference [d] or none, factor 0 to 3");
   MomentProducts(x.typed_data(), n, d, a.typed_data(), b.typed_data(), dir, gram,
                  std::max<int64_t>(1, threads), mu->typed_data(), u->typed_data(),
                  second->typed_data(), proj->typed_data());
