@@ -189,11 +189,33 @@ def test_kernels_do_not_depend_on_the_thread_count():
     np.testing.assert_array_equal(K[0], K[2])
 
 
-def test_gram_under_vmap():
-    Gs = np.stack([skewed(6, 300, seed=s) for s in range(3)])
-    K = jax.jit(jax.vmap(lambda G: native.gram(G, weights=jnp.full(6, 1 / 6), threads=2)[0]))(Gs)
-    for G, k in zip(Gs, K, strict=True):
-        np.testing.assert_allclose(k, exact_gram(G, G.mean(0)), rtol=1e-5, atol=1e-3)
+KERNELS = {  # name: kernel(G, per-matrix vector [d], per-matrix row weights [n]) -> tuple
+    "gram centred": lambda G, c, w: native.gram(G, c, project=c[::-1], threads=2),
+    "gram weighted": lambda G, c, w: native.gram(G, weights=w, threads=2),
+    "row_sq_dists": lambda G, c, w: native.row_sq_dists(G, c, c[::-1], threads=2),
+    "moments": lambda G, c, w: native.moments(G, w, 2 * w, threads=2),
+    "moment_products": lambda G, c, w: native.moment_products(
+        G, w, 2 * w, c, factor="std", sign=True, scale=1.0, gram=True, threads=2
+    ),
+}
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_kernels_under_vmap_loop_over_the_batch(kernel):
+    """Under (nested) vmap one call loops over the batch in the kernel: every element's
+    results equal the kernel's on that element alone, for batched and shared arguments."""
+    Gs = np.stack([[skewed(6, 300, seed=3 * i + j) for j in range(3)] for i in range(2)])
+    cs = Gs[..., 0, :] + 0.5  # [2, 3, d], one per matrix
+    w = np.linspace(0.05, 0.3, 6).astype(np.float32)  # shared
+    fn = KERNELS[kernel]
+    batched = jax.jit(jax.vmap(jax.vmap(fn, (0, 0, None)), (0, 0, None)))
+    assert "custom_call" in batched.lower(Gs, cs, w).as_text()
+    assert "while" not in batched.lower(Gs, cs, w).as_text()  # no sequential loop
+    out = batched(Gs, cs, w)
+    for i, j in np.ndindex(2, 3):
+        one = jax.jit(fn)(Gs[i, j], cs[i, j], w)
+        for got, want in zip(out, one, strict=True):
+            np.testing.assert_array_equal(got[i, j], want)
 
 
 @pytest.mark.parametrize(

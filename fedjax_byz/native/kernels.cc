@@ -12,6 +12,9 @@
 // MomentProducts: Moments, a direction u made from them coordinate-wise, and Gram's (or
 // RowSqDists') products centred on μ and projected on u, each block of columns read once.
 //
+// Each handler takes a batch X [..., n, d] (vmap's leading dimensions, every argument
+// broadcast to them) and runs its kernel on the matrices one after another.
+//
 // Gram, RowSqDists and MomentProducts cut the columns into chunks of fixed size; threads
 // take chunks from a shared counter, and the chunks' shares are added in chunk order in
 // float64, so the results do not depend on the number of threads. Moments' columns are
@@ -380,57 +383,87 @@ void MomentProducts(const float* x, int64_t n, int64_t d, const float* a, const 
   }
 }
 
-// The data of an optional vector argument: null when empty; `ok` false unless it is
-// empty or has `size` elements.
-const float* Optional(ffi::Buffer<ffi::F32>& b, int64_t size, bool& ok) {
-  const size_t count = b.element_count();
-  ok = ok && (count == 0 || count == static_cast<size_t>(size));
-  return count != 0 ? b.typed_data() : nullptr;
+// A batch of matrices X [..., n, d] (leading dimensions from vmap, which broadcasts every
+// argument to them): how many, and each one's n and d.
+struct Batch {
+  int64_t count, n, d;
+};
+
+bool ReadBatch(ffi::Buffer<ffi::F32>& x, Batch& batch) {
+  const auto dims = x.dimensions();
+  if (dims.size() < 2) return false;
+  batch = {1, dims[dims.size() - 2], dims[dims.size() - 1]};
+  for (size_t i = 0; i + 2 < dims.size(); ++i) batch.count *= dims[i];
+  return true;
+}
+
+// An argument of `size` values per matrix: its data, or null for an optional one given
+// empty; `ok` false unless it has `size` values per matrix (or is empty and optional).
+// Element b of the batch starts at Part(data, b, size).
+const float* Vector(ffi::Buffer<ffi::F32>& v, int64_t size, const Batch& batch, bool optional,
+                    bool& ok) {
+  const size_t count = v.element_count();
+  if (optional && count == 0) return nullptr;
+  ok = ok && count == static_cast<size_t>(size * batch.count);
+  return v.typed_data();
+}
+
+template <class T>
+T* Part(T* data, int64_t b, int64_t size) {
+  return data != nullptr ? data + b * size : nullptr;
 }
 
 ffi::Error GramImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> center,
                     ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::F32> project,
                     ffi::ResultBuffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> sq,
                     ffi::ResultBuffer<ffi::F32> proj, int64_t threads) {
-  const auto dims = x.dimensions();
-  if (dims.size() != 2) return ffi::Error::InvalidArgument("gram: X must be [n, d]");
-  const int64_t n = dims[0], d = dims[1];
+  Batch B;
+  if (!ReadBatch(x, B)) return ffi::Error::InvalidArgument("gram: X must be [..., n, d]");
+  const int64_t n = B.n, d = B.d;
   bool ok = true;
-  const float* m = Optional(center, d, ok);
-  const float* w = Optional(weights, n, ok);
-  const float* v = Optional(project, d, ok);
+  const float* m = Vector(center, d, B, true, ok);
+  const float* w = Vector(weights, n, B, true, ok);
+  const float* v = Vector(project, d, B, true, ok);
   if (!ok || (m != nullptr && w != nullptr))
     return ffi::Error::InvalidArgument(
         "gram: a centre [d], or row weights [n], or neither; a vector [d] or none");
-  Gram(x.typed_data(), n, d, m, w, v, std::max<int64_t>(1, threads), k->typed_data(),
-       sq->typed_data(), proj->typed_data());
+  for (int64_t b = 0; b < B.count; ++b)
+    Gram(x.typed_data() + b * n * d, n, d, Part(m, b, d), Part(w, b, n), Part(v, b, d),
+         std::max<int64_t>(1, threads), k->typed_data() + b * n * n, sq->typed_data() + b * n,
+         proj->typed_data() + b * n);
   return ffi::Error::Success();
 }
 
 ffi::Error RowSqDistsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> center,
                           ffi::Buffer<ffi::F32> project, ffi::ResultBuffer<ffi::F32> sq,
                           ffi::ResultBuffer<ffi::F32> proj, int64_t threads) {
-  const auto dims = x.dimensions();
-  if (dims.size() != 2) return ffi::Error::InvalidArgument("row_sq_dists: X must be [n, d]");
+  Batch B;
+  if (!ReadBatch(x, B)) return ffi::Error::InvalidArgument("row_sq_dists: X must be [..., n, d]");
+  const int64_t n = B.n, d = B.d;
   bool ok = true;
-  const float* m = Optional(center, dims[1], ok);
-  const float* v = Optional(project, dims[1], ok);
+  const float* m = Vector(center, d, B, true, ok);
+  const float* v = Vector(project, d, B, true, ok);
   if (!ok) return ffi::Error::InvalidArgument("row_sq_dists: a centre and a vector [d], or none");
-  RowSqDists(x.typed_data(), dims[0], dims[1], m, v, std::max<int64_t>(1, threads),
-             sq->typed_data(), proj->typed_data());
+  for (int64_t b = 0; b < B.count; ++b)
+    RowSqDists(x.typed_data() + b * n * d, n, d, Part(m, b, d), Part(v, b, d),
+               std::max<int64_t>(1, threads), sq->typed_data() + b * n,
+               proj->typed_data() + b * n);
   return ffi::Error::Success();
 }
 
 ffi::Error MomentsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                        ffi::ResultBuffer<ffi::F32> mu, ffi::ResultBuffer<ffi::F32> var,
                        int64_t threads) {
-  const auto dims = x.dimensions();
-  if (dims.size() != 2) return ffi::Error::InvalidArgument("moments: X must be [n, d]");
-  const size_t n = static_cast<size_t>(dims[0]);
-  if (a.element_count() != n || b.element_count() != n)
-    return ffi::Error::InvalidArgument("moments: the row weights must be [n]");
-  Moments(x.typed_data(), dims[0], dims[1], a.typed_data(), b.typed_data(),
-          std::max<int64_t>(1, threads), mu->typed_data(), var->typed_data());
+  Batch B;
+  if (!ReadBatch(x, B)) return ffi::Error::InvalidArgument("moments: X must be [..., n, d]");
+  const int64_t n = B.n, d = B.d;
+  bool ok = true;
+  const float* wa = Vector(a, n, B, false, ok);
+  const float* wb = Vector(b, n, B, false, ok);
+  if (!ok) return ffi::Error::InvalidArgument("moments: the row weights must be [n]");
+  for (int64_t e = 0; e < B.count; ++e)
+    Moments(x.typed_data() + e * n * d, n, d, wa + e * n, wb + e * n,
+            std::max<int64_t>(1, threads), mu->typed_data() + e * d, var->typed_data() + e * d);
   return ffi::Error::Success();
 }
 
@@ -440,18 +473,24 @@ ffi::Error MomentProductsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
                               ffi::ResultBuffer<ffi::F32> second,
                               ffi::ResultBuffer<ffi::F32> proj, int64_t threads, bool gram,
                               int64_t factor, bool sign, float scale) {
-  const auto dims = x.dimensions();
-  if (dims.size() != 2) return ffi::Error::InvalidArgument("moment_products: X must be [n, d]");
-  const int64_t n = dims[0], d = dims[1];
-  bool ok = a.element_count() == static_cast<size_t>(n) &&
-            b.element_count() == static_cast<size_t>(n) && factor >= 0 && factor <= 3;
-  const Direction dir{factor, sign, scale, Optional(ref, d, ok)};
+  Batch B;
+  if (!ReadBatch(x, B))
+    return ffi::Error::InvalidArgument("moment_products: X must be [..., n, d]");
+  const int64_t n = B.n, d = B.d;
+  bool ok = factor >= 0 && factor <= 3;
+  const float* wa = Vector(a, n, B, false, ok);
+  const float* wb = Vector(b, n, B, false, ok);
+  const float* r = Vector(ref, d, B, true, ok);
   if (!ok)
     return ffi::Error::InvalidArgument(
         "moment_products: row weights [n], a reference [d] or none, factor 0 to 3");
-  MomentProducts(x.typed_data(), n, d, a.typed_data(), b.typed_data(), dir, gram,
-                 std::max<int64_t>(1, threads), mu->typed_data(), u->typed_data(),
-                 second->typed_data(), proj->typed_data());
+  const int64_t size = gram ? n * n : n;
+  for (int64_t e = 0; e < B.count; ++e)
+    MomentProducts(x.typed_data() + e * n * d, n, d, wa + e * n, wb + e * n,
+                   Direction{factor, sign, scale, Part(r, e, d)}, gram,
+                   std::max<int64_t>(1, threads), mu->typed_data() + e * d,
+                   u->typed_data() + e * d, second->typed_data() + e * size,
+                   proj->typed_data() + e * n);
   return ffi::Error::Success();
 }
 
