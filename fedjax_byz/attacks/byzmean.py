@@ -8,7 +8,7 @@ from jax.typing import ArrayLike
 
 from fedjax_byz import ops
 from fedjax_byz.attacks.base import Attack, AttackContext, Family, at_strength, replace_byzantine
-from fedjax_byz.attacks.statistical import lie_family
+from fedjax_byz.attacks.statistical import check_knowledge, known_rows, lie_craft, mean_std
 
 
 def _rows_around(t: jax.Array, honest_sum: jax.Array, n: int, ctx: AttackContext) -> jax.Array:
@@ -59,26 +59,20 @@ def byzmean(z: ArrayLike | None = None, *, knowledge: str = "omniscient") -> Att
     return at_strength(byzmean_family(knowledge), z)
 
 
-def known_honest_sum(G: jax.Array, ctx: AttackContext, knowledge: str) -> jax.Array:
-    """``Σ_{i∈H} g_i`` as the attacker knows it: exact when omniscient; with only the
-    Byzantine clients' own honest updates, ``|H|·μ_B`` (their mean standing in for the
-    honest clients'). ``-> [d]``."""
-    if knowledge == "omniscient":
-        return ops.weighted_sum(ctx.honest, G)
-    w = ctx.byz.astype(G.dtype)
-    return ops.weighted_sum(w * (ctx.honest.sum() / jnp.maximum(w.sum(), 1.0)), G)
-
-
 def byzmean_family(knowledge: str = "omniscient") -> Family:
-    """ByzMean around ALIE as a ``Family``: ``μ_R``, ``σ_R`` and ``Σ_{i∈H} g_i`` once, then
-    ``z ->`` the Eq. 8 rows around ``t = μ_R − z·σ_R`` (``known_honest_sum``: with
-    ``knowledge="byzantine"`` the honest sum is estimated, so the mean is ``t`` only
-    approximately)."""
-    lie_craft = lie_family(knowledge)
+    """ByzMean around ALIE as a ``Family``: ``μ_R`` and ``σ_R`` once (one read of the
+    matrix), then ``z ->`` the Eq. 8 rows around ``t = μ_R − z·σ_R``.
+
+    The honest sum of Eq. 8 is ``|H|·μ_R``: ``Σ_{i∈H} g_i`` itself when omniscient (up to
+    rounding); with ``knowledge="byzantine"`` an estimate, the Byzantine clients' own mean
+    standing in for the honest clients', so the mean is ``t`` only approximately.
+    """
+    check_knowledge(knowledge)
 
     def family(key, G, ctx):
-        target = lie_craft(key, G, ctx)
-        honest_sum = known_honest_sum(G, ctx, knowledge)
+        mu, sigma = mean_std(G, known_rows(ctx, knowledge))
+        target = lie_craft(mu, sigma, G.shape[0], ctx.f)
+        honest_sum = ctx.honest.sum().astype(G.dtype) * mu
         return lambda z: _rows_around(target(z), honest_sum, G.shape[0], ctx)
 
     return family

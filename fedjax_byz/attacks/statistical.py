@@ -16,7 +16,7 @@ from jax.scipy.special import ndtri
 from jax.typing import ArrayLike
 
 from fedjax_byz import ops
-from fedjax_byz.attacks.base import Attack, AttackContext, Family, at_strength
+from fedjax_byz.attacks.base import Attack, AttackContext, Craft, Family, at_strength
 from fedjax_byz.registry import ConfigError
 
 KNOWLEDGE = ("omniscient", "byzantine")
@@ -83,14 +83,18 @@ def lie_family(knowledge: str = "omniscient") -> Family:
     check_knowledge(knowledge)
 
     def family(key, G, ctx):
-        mu, sigma = mean_std(G, known_rows(ctx, knowledge))
-
-        def craft(z):
-            return mu - (lie_default_z(G.shape[0], ctx.f) if z is None else z) * sigma
-
-        return craft
+        return lie_craft(*mean_std(G, known_rows(ctx, knowledge)), G.shape[0], ctx.f)
 
     return family
+
+
+def lie_craft(mu: jax.Array, sigma: jax.Array, n: int, f: ArrayLike) -> Craft:
+    """``z -> μ_R − z·σ_R`` from the moments (z None: ``lie_default_z(n, f)``)."""
+
+    def craft(z):
+        return mu - (lie_default_z(n, f) if z is None else z) * sigma
+
+    return craft
 
 
 def ipm(eps: ArrayLike = 0.1, *, knowledge: str = "omniscient") -> Attack:
