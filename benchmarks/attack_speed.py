@@ -619,13 +619,14 @@ def write_notes(lines, sizes, base, ours):
         "- **Pairwise distances** (`minmax`, `strike`, `mimic`, `fang (rule=krum)`) need "
         "one Gram matrix, n²d multiply-adds against the yardstick's few nd: "
         + ", ".join(f"{ratio(GRAM, s)} the yardstick at n={s[0]}" for s in sizes)
-        + ". The native Gram kernel computes it after the moments, centred on μ for float32 "
-        "accuracy, with the projections ⟨x_i, p⟩ on the side: the search's quadratic "
-        "coefficients (the Gram matrix's diagonal and those projections). `mimic` adds "
-        "40 squarings of the n × n matrix (its top eigenvector), `strike` a "
-        "coordinate-wise median over the honest rows (a sorting network) and the passes "
-        "over its subset S; `minsum` "
-        "needs no Gram matrix (the row pass gives ‖x_i‖² and the projections).",
+        + ". For `minmax` and `strike`'s second stage the native moment-products kernel "
+        "computes it in the same read of the matrix as the moments, centred on μ for "
+        "float32 accuracy, with the projections ⟨x_i, p⟩ on the side: the search's "
+        "quadratic coefficients (the Gram matrix's diagonal and those projections). "
+        "`mimic` adds 40 squarings of the n × n matrix (its top eigenvector), `strike` "
+        "first a coordinate-wise median over the honest rows (a sorting network) and a "
+        "read for the moments and the projections that choose its subset S; `minsum` "
+        "needs no Gram matrix (its one read gives ‖x_i‖² and the projections).",
         "- **The server's rule.** `fang` computes the rule's unattacked aggregate ĝ (Fang et "
         "al.'s full knowledge) before attacking: "
         + ", ".join(f"{ratio(rule, s)} for {RULE} at n={s[0]}" for s in sizes)
