@@ -494,49 +494,36 @@ ffi::Error MomentProductsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
   return ffi::Error::Success();
 }
 
+// `binding` with Args float32 buffer arguments, then Rets (at least one) float32 buffer
+// results. (Each step returns a new binding, which cannot be copied or moved.)
+template <int Args, int Rets, class Binding>
+auto Buffers(Binding&& binding) {
+  static_assert(Rets > 0);
+  if constexpr (Args > 0) {
+    return Buffers<Args - 1, Rets>(std::move(binding).template Arg<ffi::Buffer<ffi::F32>>());
+  } else if constexpr (Rets > 1) {
+    return Buffers<0, Rets - 1>(std::move(binding).template Ret<ffi::Buffer<ffi::F32>>());
+  } else {
+    return std::move(binding).template Ret<ffi::Buffer<ffi::F32>>();
+  }
+}
+
 }  // namespace
 
+// (The parentheses keep the template arguments' commas from the macro.)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxByzGram, GramImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("threads"));
+                              (Buffers<4, 3>(ffi::Ffi::Bind()).Attr<int64_t>("threads")));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxByzRowSqDists, RowSqDistsImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("threads"));
+                              (Buffers<3, 2>(ffi::Ffi::Bind()).Attr<int64_t>("threads")));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxByzMoments, MomentsImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("threads"));
+                              (Buffers<3, 2>(ffi::Ffi::Bind()).Attr<int64_t>("threads")));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxByzMomentProducts, MomentProductsImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("threads")
-                                  .Attr<bool>("gram")
-                                  .Attr<int64_t>("factor")
-                                  .Attr<bool>("sign")
-                                  .Attr<float>("scale"));
+                              (Buffers<4, 4>(ffi::Ffi::Bind())
+                                   .Attr<int64_t>("threads")
+                                   .Attr<bool>("gram")
+                                   .Attr<int64_t>("factor")
+                                   .Attr<bool>("sign")
+                                   .Attr<float>("scale")));
