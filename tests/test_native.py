@@ -289,6 +289,25 @@ def test_moment_products_are_one_native_call_and_agree_with_xla(monkeypatch, gra
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+def test_moment_products_direction_is_ops_direction_bit_for_bit():
+    """The kernel's u is ``ops.Direction`` on the kernel's own moments, to the bit, with
+    a NaN in a column and in the reference (sign(NaN) is NaN, as XLA's) and zeros."""
+    G = skewed(6, 40)
+    G[2, 5] = np.nan
+    G[:, 9] = 1.0  # σ = 0, μ − r = 0 below
+    r = G[0].copy()
+    r[7] = np.nan
+    mask = jnp.ones(6, bool)
+    mu, sigma = ops.masked_mean_std(jnp.asarray(G), mask)
+    for factor, sign, scale in DIRECTIONS.values():
+        direction = ops.Direction(factor, sign, scale)
+        got = jax.jit(ops.moment_products, static_argnums=2, static_argnames="gram_matrix")(
+            G, mask, direction, r, gram_matrix=False
+        )
+        np.testing.assert_array_equal(got[0], mu)
+        np.testing.assert_array_equal(got[1], direction(mu, sigma, r))
+
+
 def test_direct_calls_refuse_when_the_kernels_are_unavailable(monkeypatch):
     """A direct call checks that the kernels are registered: where they cannot load, it
     says so instead of failing at run time with XLA's missing-handler error."""

@@ -365,7 +365,7 @@ void MomentProducts(const float* x, int64_t n, int64_t d, const float* a, const 
         const float t = m0[c] - (dir.ref != nullptr ? dir.ref[c0 + c] : 0.f);
         const float factors[] = {1.f, m0[c], dir.factor == 2 ? std::sqrt(var[c]) : 0.f, t};
         float f = factors[dir.factor];
-        if (dir.sign) f *= static_cast<float>((t > 0.f) - (t < 0.f));
+        if (dir.sign) f *= t > 0.f ? 1.f : t < 0.f ? -1.f : t;  // XLA's sign: ±0, NaN kept
         u0[c] = dir.scale * f;
       }
       return Centre{m0, u0};
