@@ -684,21 +684,6 @@ def _scan_blocks(fn, G: jax.Array, vectors: tuple, init, wide: bool):
     return outs, carry
 
 
-def masked_moments(
-    B: jax.Array, mask: jax.Array, ddof: int = 1
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(μ, σ, B − μ)`` over the rows where ``mask``: coordinate-wise mean, standard
-    deviation (``ddof=1`` by default) and the centred rows (all rows). ``-> [c], [c], [n, c]``.
-
-    A kernel for one block of ``scan_columns``; ``masked_mean_std`` runs it over a matrix.
-    """
-    a, b = _moment_weights(mask, B.dtype, ddof)
-    mu = weighted_sum(a, B)
-    X = B - mu[None, :]
-    sigma = jnp.sqrt(weighted_sum(b, X * X))
-    return mu, sigma, X
-
-
 def _moment_weights(mask: jax.Array, dtype, ddof: int) -> tuple[jax.Array, jax.Array]:
     """The row weights of the masked mean and variance: ``mask/k``, ``mask/(k − ddof)``."""
     w = mask.astype(dtype)
@@ -711,16 +696,17 @@ def masked_mean_std(G: jax.Array, mask: jax.Array, ddof: int = 1) -> tuple[jax.A
 
     Same values as ``masked_mean`` and ``masked_std`` (up to rounding), without the
     ``[n, d]`` temporary ``(G − μ)²``: on CPU, for float32, the native kernel on every
-    core; otherwise ``masked_moments`` over column blocks. ``-> [d], [d]``.
+    core; otherwise ``μ = aᵀB`` and ``σ² = bᵀ(B − μ)²`` block by block (``scan_columns``).
+    ``-> [d], [d]``.
     """
+    a, b = _moment_weights(mask, G.dtype, ddof)
     if native.available(G.dtype):
-        weights = _moment_weights(mask, G.dtype, ddof)
-        mu, var = _native(_native_moments, G, (), weights, summed=False)
+        mu, var = _native(_native_moments, G, (), (a, b), summed=False)
         return mu, jnp.sqrt(var)
 
     def fn(B, vs, carry):
-        mu, sigma, _ = masked_moments(B, mask, ddof)
-        return (mu, sigma), carry
+        mu = weighted_sum(a, B)
+        return (mu, jnp.sqrt(weighted_sum(b, jnp.square(B - mu[None, :])))), carry
 
     return scan_columns(fn, G, wide=True)[0]
 

@@ -35,7 +35,7 @@ def _honest_range(G: jax.Array, honest: jax.Array, g_hat: jax.Array | None):
     honest rows, in one column-blocked pass. ``-> [d] x 3``."""
 
     def fn(B, vs, carry):
-        direction = vs[0] if vs else ops.masked_moments(B, honest)[0]
+        direction = vs[0] if vs else ops.masked_mean(B, honest)
         hi = jnp.max(jnp.where(honest[:, None], B, -jnp.inf), axis=0)
         lo = jnp.min(jnp.where(honest[:, None], B, jnp.inf), axis=0)
         return (direction, hi, lo), carry

@@ -52,6 +52,12 @@ _TARGET = "fedjax_byz_gram"
 _ROWS_TARGET = "fedjax_byz_row_sq_dists"
 _MOMENTS_TARGET = "fedjax_byz_moments"
 _PRODUCTS_TARGET = "fedjax_byz_moment_products"
+_HANDLERS = {  # FFI target: the handler's symbol in kernels.cc
+    _TARGET: "FedjaxByzGram",
+    _ROWS_TARGET: "FedjaxByzRowSqDists",
+    _MOMENTS_TARGET: "FedjaxByzMoments",
+    _PRODUCTS_TARGET: "FedjaxByzMomentProducts",
+}
 FACTORS = ("one", "mean", "std", "offset")  # the direction's F, as the kernel numbers it
 _log = logging.getLogger(__name__)
 
@@ -157,13 +163,8 @@ def _registered() -> bool:
         detail = getattr(error, "stderr", "") or error
         _log.warning("fedjax_byz: native kernels unavailable, using XLA's operations: %s", detail)
         return False
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.FedjaxByzGram), "cpu")
-    rows = jax.ffi.pycapsule(library.FedjaxByzRowSqDists)
-    jax.ffi.register_ffi_target(_ROWS_TARGET, rows, "cpu")
-    moments = jax.ffi.pycapsule(library.FedjaxByzMoments)
-    jax.ffi.register_ffi_target(_MOMENTS_TARGET, moments, "cpu")
-    products = jax.ffi.pycapsule(library.FedjaxByzMomentProducts)
-    jax.ffi.register_ffi_target(_PRODUCTS_TARGET, products, "cpu")
+    for target, symbol in _HANDLERS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), "cpu")
     return True
 
 

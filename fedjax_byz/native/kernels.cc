@@ -280,6 +280,12 @@ std::vector<double> SumOverChunks(int64_t d, int64_t size, int64_t threads, Shar
   return sum;
 }
 
+// K [n, n] in float32 from the upper triangle of the float64 sums s (row-major n x n).
+void Symmetric(const double* s, int64_t n, float* k) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = i; j < n; ++j) k[i * n + j] = k[j * n + i] = static_cast<float>(s[i * n + j]);
+}
+
 void Gram(const float* x, int64_t n, int64_t d, const float* m, const float* w, const float* v,
           int64_t threads, float* k, float* sq, float* proj) {
   std::fill(proj, proj + n, 0.f);
@@ -299,8 +305,8 @@ void Gram(const float* x, int64_t n, int64_t d, const float* m, const float* w, 
     };
     Share(x, n, d, lo, hi, true, prepare, out, out + n * n, out + n * n + n);
   });
+  Symmetric(sum.data(), n, k);
   for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = i; j < n; ++j) k[i * n + j] = k[j * n + i] = static_cast<float>(sum[i * n + j]);
     sq[i] = static_cast<float>(sum[n * n + i]);
     if (v != nullptr) proj[i] = static_cast<float>(sum[n * n + n + i]);
   }
@@ -372,13 +378,9 @@ void MomentProducts(const float* x, int64_t n, int64_t d, const float* a, const 
     };
     Share(x, n, d, lo, hi, gram, prepare, out, gram ? nullptr : out, out + size - n);
   });
+  if (gram) Symmetric(sum.data(), n, second);
   for (int64_t i = 0; i < n; ++i) {
-    if (gram) {
-      for (int64_t j = i; j < n; ++j)
-        second[i * n + j] = second[j * n + i] = static_cast<float>(sum[i * n + j]);
-    } else {
-      second[i] = static_cast<float>(sum[i]);
-    }
+    if (!gram) second[i] = static_cast<float>(sum[i]);
     proj[i] = static_cast<float>(sum[size - n + i]);
   }
 }
