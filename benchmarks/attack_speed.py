@@ -32,7 +32,7 @@ import cores
 import jax
 import jax.numpy as jnp
 import numpy as np
-from machine import FRESH_BLOCKS, HUGE_PAGES_ENV, cpu_name, page_faults, version
+from machine import FRESH_BLOCKS, cpu_name, page_faults, version
 
 import fedjax_byz as fb
 from fedjax_byz import ops
@@ -290,13 +290,12 @@ def measure_ours(sizes, repeats: int, full: bool, mesh=None):
     return base, ours, placed, split, refs, corr, faults
 
 
-def measure_with_huge_pages(args) -> tuple[dict, dict, dict]:
-    """``measure_ours`` in a child process started with ``HUGE_PAGES_ENV`` (glibc reads
-    it at start): ``(base, ours, faults)``."""
+def measure_reusing_memory(args) -> tuple[dict, dict, dict]:
+    """``measure_ours`` in a child process that calls ``fb.reuse_host_memory()`` before
+    JAX starts: ``(base, ours, faults)``."""
     cmd = [sys.executable, __file__, "--child", "--sizes", args.sizes]
     cmd += ["--repeats", str(args.repeats)]
-    env = {**os.environ, **HUGE_PAGES_ENV}
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     res = json.loads(out.splitlines()[-1])
 
     def parse(by_size):
@@ -315,6 +314,7 @@ def main():
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     if args.child:
+        fb.reuse_host_memory()
         base, ours, *_, faults = measure_ours(sizes, args.repeats, full=False)
 
         def dump(by_size):
@@ -331,9 +331,9 @@ def main():
     load = [os.getloadavg()]
     base, ours, placed, split, refs, corr, faults = measure_ours(sizes, args.repeats, True, mesh)
     load.append(os.getloadavg())
-    huge = measure_with_huge_pages(args)
+    reused = measure_reusing_memory(args)
     load.append(os.getloadavg())
-    write(args, sizes, base, ours, placed, split, refs, corr, load, (faults, huge))
+    write(args, sizes, base, ours, placed, split, refs, corr, load, (faults, reused))
 
 
 def cell(t: dict, s, scale: float | None = None) -> str:
@@ -369,7 +369,7 @@ def write(args, sizes, base, ours, placed, split, refs, corr, load, pages):
         f"Machine: {cpu_name()}, {os.cpu_count()} CPU cores "
         "shared with other jobs, no accelerator; load average (1, 5, 15 min) "
         f"{loadavg(load[0])} at the start, {loadavg(load[1])} after the main run and "
-        f"{loadavg(load[2])} after the run with 2 MiB pages. "
+        f"{loadavg(load[2])} after the run reusing freed memory. "
         f"jax {jax.__version__}, numpy {np.__version__}, torch {version('torch')}, "
         f"byzfl {version('byzfl')}, byzpy {version('byzpy')}. f = n/5 Byzantine clients; "
         "updates are skewed random (a dense off-centre cluster plus Student-t stragglers). "
@@ -423,27 +423,27 @@ def write(args, sizes, base, ours, placed, split, refs, corr, load, pages):
         lines.append(f"| {label} | `{corr[label]}` | " + " | ".join(cells) + " |")
     if small == SIZES[0]:
         write_quoted(lines, ours, small)
-    faults, (hp_base, hp_ours, hp_faults) = pages
-    write_targets(lines, sizes, yard, ours, placed, split, refs, small, (hp_base, hp_ours))
+    faults, (re_base, re_ours, re_faults) = pages
+    write_targets(lines, sizes, yard, ours, placed, split, refs, small, (re_base, re_ours))
     write_vmap(lines, sizes, ours)
     lines += [
         "",
-        "## The same with 2 MiB pages",
+        "## The same with `fb.reuse_host_memory()`",
         "",
         "Every call of a jitted function on XLA's CPU backend allocates its output and its "
         f"large temporaries afresh; {FRESH_BLOCKS} Below, the yardstick, the floors and "
-        "the attacks measured in a child process started with "
-        + ", ".join(f"`{k}={v}`" for k, v in HUGE_PAGES_ENV.items())
-        + ", which makes glibc ask for 2 MiB pages: minor page faults per call of `zero` "
+        "the attacks measured in a child process that calls `fb.reuse_host_memory()` "
+        "before JAX starts (glibc then keeps freed blocks in its heap and hands them out "
+        "again): minor page faults per call of `zero` "
         + ", ".join(
-            f"{faults[s]:,} → {hp_faults[s]:,} at n={s[0]}" for s in sizes if s in hp_faults
+            f"{faults[s]:,} → {re_faults[s]:,} at n={s[0]}" for s in sizes if s in re_faults
         )
-        + " (each remaining fault still zeroes its page). Any program can be started so.",
+        + ". Any program can make that call.",
         "",
     ]
-    table(lines, sizes, hp_base, hp_base[YARDSTICK], fmt="{}")
+    table(lines, sizes, re_base, re_base[YARDSTICK], fmt="{}")
     lines.append("")
-    table(lines, sizes, hp_ours, hp_base[YARDSTICK])
+    table(lines, sizes, re_ours, re_base[YARDSTICK])
     write_notes(lines, sizes, base, ours)
     with open(args.out, "w") as fh:
         fh.write("\n".join(lines) + "\n")
@@ -510,7 +510,7 @@ def within_line(label: str, ours: dict, yard: dict, sizes) -> str:
     )
 
 
-def write_targets(lines, sizes, yard, ours, placed, split, refs, small, huge):
+def write_targets(lines, sizes, yard, ours, placed, split, refs, small, reused):
     lines += ["", "## Targets of issue 3", ""]
     for name, secs in (("minmax", 0.88), ("minsum", 7.3)):
         if small != SIZES[0]:
@@ -538,7 +538,7 @@ def write_targets(lines, sizes, yard, ours, placed, split, refs, small, huge):
     floor = ours["zero"]
     _, over = within(ours, yard, sizes)
     _, placed_over = within(placed, yard, sizes)
-    hp_base, hp_ours = huge
+    re_base, re_ours = reused
     lines += [
         "- Every attack within 3× of computing μ_H and σ_H once (the `adaptive-*` wrappers "
         "run the server's rule once per grid point by design and are compared with ByzFL "
@@ -564,7 +564,9 @@ def write_targets(lines, sizes, yard, ours, placed, split, refs, small, huge):
             )
         )
     lines += [
-        within_line("with 2 MiB pages (last section)", hp_ours, hp_base[YARDSTICK], sizes),
+        within_line(
+            "with `fb.reuse_host_memory()` (last section)", re_ours, re_base[YARDSTICK], sizes
+        ),
         "  - why the others cannot get closer: the notes.",
     ]
 
@@ -604,8 +606,9 @@ def write_notes(lines, sizes, base, ours):
         "donate its input, so every call writes a fresh [n, d] buffer; on this machine "
         "(glibc malloc, 4 KiB pages, transparent huge pages on `madvise` only) that buffer "
         "is a new mapping faulted in page by page, which costs more than computing μ_H and "
-        "σ_H (`zero` above; `none` returns the input unchanged, an XLA copy); with 2 MiB "
-        "pages (last section) it costs little more than a copy. Inside a simulated round the "
+        "σ_H (`zero` above; `none` returns the input unchanged, an XLA copy); with freed "
+        "blocks reused (`fb.reuse_host_memory()`, last section) it costs little more than a "
+        "copy. Inside a simulated round the "
         "clients' matrix is dead once attacked and XLA writes the Byzantine rows into its "
         "buffer (the in-place section): the attacks that craft rows one by one read each "
         "row from the matrix being written, not from their input, so that no copy is "

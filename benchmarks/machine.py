@@ -12,13 +12,6 @@ import resource
 
 import jax
 
-# glibc (2.35 and later) started with this tunable backs the blocks it maps with
-# transparent huge pages (``madvise``): 2 MiB pages, faulted in 512 times fewer. It maps
-# every block above its mmap threshold (at most 32 MiB; an environment value above that
-# is ignored) and every block above 64 MiB that a thread other than the main one asks
-# for (XLA's CPU runtime allocates from such threads), afresh at each call.
-HUGE_PAGES_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-
 
 def cpu_name() -> str:
     """The CPU model (``/proc/cpuinfo``'s model name), else the platform's processor."""

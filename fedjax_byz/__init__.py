@@ -3,6 +3,7 @@
 from fedjax_byz import aggregators, attacks, data, models, sim
 from fedjax_byz.aggregators import aggregate
 from fedjax_byz.attacks import attack
+from fedjax_byz.host_memory import reuse_host_memory
 from fedjax_byz.registry import ConfigError
 from fedjax_byz.sim import simulate
 from fedjax_byz.sim.sharding import use_cpu_cores
@@ -17,6 +18,7 @@ __all__ = [
     "data",
     "load_results",
     "models",
+    "reuse_host_memory",
     "sim",
     "simulate",
     "sweep",
