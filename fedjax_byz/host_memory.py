@@ -26,10 +26,15 @@ def reuse_host_memory() -> bool:
     Sets three ``mallopt`` parameters: no mapped blocks (``M_MMAP_MAX = 0``: every block
     comes from the heap), one arena (``M_ARENA_MAX = 1``: XLA's threads share the main
     heap, whose size has no cap), and no trimming of the heap's top below 2 GiB
-    (``M_TRIM_THRESHOLD``). The process's resident memory then stays near its peak. It
-    acts on the whole process and cannot be undone; call it once at start, before JAX's
-    first operation (a thread that has allocated already keeps its own arena). A compiled
-    simulation allocates its buffers once per chunk of rounds and gains little.
+    (``M_TRIM_THRESHOLD``). Memory freed is then kept by the process, not returned to the
+    system. A freed block is handed out again once it fits: XLA asks for aligned blocks,
+    whose small leftovers glibc keeps aside for a while, so the first calls may still
+    take fresh pages (``fb.attack("lie", ...)`` at 25 x 500k: from the third call on, for
+    100 MiB more resident memory; a function whose only buffer is its 64 MiB output:
+    after a dozen calls, holding a dozen such blocks). It acts on the whole process and
+    cannot be undone; call it once at start, before JAX's first operation (a thread that
+    has allocated already keeps its own arena). A compiled simulation allocates its
+    buffers once per chunk of rounds and gains little.
 
     Returns whether it took effect: ``False`` where the C library is not glibc.
     """

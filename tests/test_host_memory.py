@@ -23,7 +23,7 @@ import jax, jax.numpy as jnp
 double = jax.jit(lambda x: 2 * x)
 x = jnp.ones((16, 1 << 20), jnp.float32)
 faults = []
-for _ in range(6):
+for _ in range(24):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     jax.block_until_ready(double(x))
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -45,7 +45,8 @@ def _faults(mode: str) -> dict:
 def test_reused_blocks_are_not_faulted_in_again():
     out = _faults("reuse")
     assert out["took"] is True
-    # The first call faults its blocks in; later calls get them back from the heap.
+    # The first call faults its blocks in; later calls get them back from the heap, once
+    # glibc has merged the small leftovers of aligned blocks (a dozen calls at most here).
     assert min(out["faults"][1:]) < PAGES // 20, out["faults"]
 
 
