@@ -6,23 +6,45 @@ every results file names its CPU model; ratios compare only within one file.
 
 from __future__ import annotations
 
+import glob
 import importlib.metadata
 import platform
 import resource
+from pathlib import Path
 
 import jax
 
 
 def cpu_name() -> str:
-    """The CPU model (``/proc/cpuinfo``'s model name), else the platform's processor."""
+    """The CPU model (``/proc/cpuinfo``'s model name) with its widest vector instructions
+    and its L2 and L3 sizes (one model name can cover CPUs of different generations),
+    else the platform's processor."""
+    info = {}
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in info:
+        return platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    return ", ".join([info["model name"], *filter(None, [vector]), *cache_sizes()])
+
+
+def cache_sizes() -> list[str]:
+    """The first core's L2 and L3 caches as ``"L2 512K"``, from sysfs (empty if absent)."""
+    sizes = []
+    for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            level, size = (Path(index, name).read_text().strip() for name in ("level", "size"))
+        except OSError:
+            continue
+        if level in ("2", "3"):
+            sizes.append(f"L{level} {size}")
+    return sizes
 
 
 def version(pkg: str) -> str:
