@@ -20,8 +20,9 @@ def reuse_host_memory() -> bool:
     and above 64 MiB for any thread but the main one, which is where XLA allocates)
     afresh and unmaps it when freed, so the kernel faults the pages in and zeroes them,
     4 KiB at a time, at every call: ``fb.attack("zero", ...)``, which only writes its
-    output, took 124 ms at n = 50, d = 1M on a 2-core AMD EPYC, of which about 100 ms
-    were its 48,829 page faults; 21–28 ms after this call, with none.
+    output, took 140.8 ms at n = 50, d = 1M on a 2-core AMD EPYC (Zen 3) with 48,829 page
+    faults a call, and 24.5 ms with none after this call
+    (``benchmarks/results/attack_speed.md``).
 
     Sets three ``mallopt`` parameters: no mapped blocks (``M_MMAP_MAX = 0``: every block
     comes from the heap), one arena (``M_ARENA_MAX = 1``: XLA's threads share the main
