@@ -28,8 +28,6 @@ import json
 import os
 import platform
 import signal
-import subprocess
-import sys
 import time
 
 import cores
@@ -37,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from machine import FRESH_BLOCKS, cpu_name, page_faults, version
+from machine import FRESH_BLOCKS, by_size, child_result, cpu_name, page_faults, version
 
 import fedjax_byz as fb
 from fedjax_byz.sim import sharding
@@ -309,10 +307,7 @@ def measure_ours_only(sizes, rules) -> dict:
 def measure_reusing_memory(args) -> dict:
     """``measure_ours_only`` in a child process that calls ``fb.reuse_host_memory()``
     before JAX starts, keyed by ``(n, d)``."""
-    cmd = [sys.executable, __file__, "--child", "--sizes", args.sizes]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    res = json.loads(out.splitlines()[-1])
-    return {tuple(map(int, k.split("x"))): v for k, v in res.items()}
+    return by_size(child_result(__file__, "--sizes", args.sizes))
 
 
 def split_call(rule: str, f: int, G: np.ndarray, mesh):

@@ -24,15 +24,13 @@ import datetime
 import functools
 import json
 import os
-import subprocess
-import sys
 import time
 
 import cores
 import jax
 import jax.numpy as jnp
 import numpy as np
-from machine import FRESH_BLOCKS, cpu_name, page_faults, version
+from machine import FRESH_BLOCKS, by_size, child_result, cpu_name, page_faults, version
 
 import fedjax_byz as fb
 from fedjax_byz import ops
@@ -293,16 +291,9 @@ def measure_ours(sizes, repeats: int, full: bool, mesh=None):
 def measure_reusing_memory(args) -> tuple[dict, dict, dict]:
     """``measure_ours`` in a child process that calls ``fb.reuse_host_memory()`` before
     JAX starts: ``(base, ours, faults)``."""
-    cmd = [sys.executable, __file__, "--child", "--sizes", args.sizes]
-    cmd += ["--repeats", str(args.repeats)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    res = json.loads(out.splitlines()[-1])
-
-    def parse(by_size):
-        return {tuple(map(int, s.split("x"))): t for s, t in by_size.items()}
-
-    base, ours = ({k: parse(v) for k, v in res[t].items()} for t in ("base", "ours"))
-    return base, ours, parse(res["faults"])
+    res = child_result(__file__, "--sizes", args.sizes, "--repeats", str(args.repeats))
+    base, ours = ({k: by_size(v) for k, v in res[t].items()} for t in ("base", "ours"))
+    return base, ours, by_size(res["faults"])
 
 
 def main():

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import glob
 import importlib.metadata
+import json
 import platform
 import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -72,6 +75,20 @@ FRESH_BLOCKS = (
     f"faults their pages in and zeroes them at every call, 4 KiB at a time ({huge_pages()} "
     "here)."
 )
+
+
+def child_result(script: str, *args: str) -> dict:
+    """The JSON object that ``script --child *args`` prints last, in a fresh Python
+    process: the benchmarks' child runs call ``fb.reuse_host_memory()`` before JAX starts,
+    which only a fresh process allows."""
+    cmd = [sys.executable, script, "--child", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def by_size(table: dict) -> dict:
+    """A child's table keyed by ``"NxD"`` strings, keyed by ``(n, d)`` again."""
+    return {tuple(map(int, key.split("x"))): value for key, value in table.items()}
 
 
 def page_faults(fn) -> int:
