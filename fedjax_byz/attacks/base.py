@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax.typing import ArrayLike
 
+from fedjax_byz import prng
+
 State = Any
 
 
@@ -164,11 +166,13 @@ def byzantine_rows(key: jax.Array, G: jax.Array, byz: jax.Array, row: Row) -> ja
     ``row`` is evaluated for the Byzantine rows only (a loop over the ``f = Σ byz`` of
     them, each written in place), so a random attack draws ``f·d`` numbers instead of
     ``n·d``, and one ``[d]`` row at a time (on CPU a single ``[f, d]`` draw was 4× slower
-    per number). Row ``i``'s key depends only on ``key`` and ``i``. ``g_i`` is read from
-    the matrix being written (row ``i`` is untouched until its turn), so when ``G``'s
-    buffer is dead afterwards (inside a round) XLA writes into it without copying it first.
-    ``-> [n, d]``.
+    per number). Row ``i``'s key depends only on ``key`` and ``i``; its draws are those of
+    ``key``'s generator, fused into one pass where it is Threefry (``prng.fused``). ``g_i``
+    is read from the matrix being written (row ``i`` is untouched until its turn), so when
+    ``G``'s buffer is dead afterwards (inside a round) XLA writes into it without copying it
+    first. ``-> [n, d]``.
     """
+    key = prng.fused(key)
     return _each_byzantine_row(G, byz, lambda i, g: row(jax.random.fold_in(key, i), g))
 
 
