@@ -66,12 +66,10 @@ inline double hsum(v8 v) {  // a tree, so the adds need not wait on each other
   return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
 }
 
-// The 8 floats at p, less those at m where Centred, in a register: pinned there on x86 so
-// that the compiler does not fold the load into each of the multiply-adds that read it.
-template <bool Centred>
-inline v8 Row(const float* p, const float* m) {
+// The 8 floats at p in a register: pinned there on x86 so that the compiler does not fold
+// the load into each of the multiply-adds that read it.
+inline v8 Row(const float* p) {
   v8 v = load(p);
-  if constexpr (Centred) v -= load(m);
 #ifdef __x86_64__
   asm("" : "+v"(v));
 #endif
@@ -121,22 +119,20 @@ void Rows(const float* x, int64_t n, int64_t d, const float* m, const float* v, 
   }
 }
 
-// out[i + r, j + s] += Σ_{c < len} (x[i + r, c] − m[c])(x[j + s, c] − m[c]), len a
-// multiple of 8; x and m start at the block's first column, m is null unless Centred.
-// Each row's vector is loaded once per step and kept in a register (Row), so a step is
-// R + S loads for R·S multiply-adds.
-template <int R, int S, bool Centred>
-void Tile(const float* x, int64_t d, const float* m, int64_t i, int64_t j, int64_t len,
-          double* out, int64_t n) {
+// out[i + r, j + s] += Σ_{c < len} x[i + r, c] x[j + s, c], len a multiple of 8, x at
+// the block's first column (row stride d). Each row's vector is loaded once per step and
+// kept in a register (Row), so a step is R + S loads for R·S multiply-adds.
+template <int R, int S>
+void Tile(const float* x, int64_t d, int64_t i, int64_t j, int64_t len, double* out,
+          int64_t n) {
   v8 acc[R][S] = {};
   const float* xi = x + i * d;
   const float* xj = x + j * d;
   for (int64_t c = 0; c < len; c += 8) {
     v8 b[S];
-    const float* mc = Centred ? m + c : nullptr;
-    for (int s = 0; s < S; ++s) b[s] = Row<Centred>(xj + s * d + c, mc);
+    for (int s = 0; s < S; ++s) b[s] = Row(xj + s * d + c);
     for (int r = 0; r < R; ++r) {
-      const v8 a = Row<Centred>(xi + r * d + c, mc);
+      const v8 a = Row(xi + r * d + c);
       for (int s = 0; s < S; ++s) acc[r][s] += a * b[s];
     }
   }
@@ -144,46 +140,51 @@ void Tile(const float* x, int64_t d, const float* m, int64_t i, int64_t j, int64
     for (int s = 0; s < S; ++s) out[(i + r) * n + j + s] += hsum(acc[r][s]);
 }
 
-using TileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t,
-                        double*, int64_t);
+using TileFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, double*, int64_t);
 
-template <bool Centred, int R, int... S>
+template <int R, int... S>
 constexpr std::array<TileFn, kS> TileRow(std::integer_sequence<int, S...>) {
-  return {Tile<R, S + 1, Centred>...};
+  return {Tile<R, S + 1>...};
 }
 
-template <bool Centred, int... R>
+template <int... R>
 constexpr std::array<std::array<TileFn, kS>, kR> TileTable(std::integer_sequence<int, R...>) {
-  return {TileRow<Centred, R + 1>(std::make_integer_sequence<int, kS>{})...};
+  return {TileRow<R + 1>(std::make_integer_sequence<int, kS>{})...};
 }
 
-template <bool Centred>
 TileFn PickTile(int r, int s) {  // r ∈ [1, kR], s ∈ [1, kS]
-  static constexpr auto table = TileTable<Centred>(std::make_integer_sequence<int, kR>{});
+  static constexpr auto table = TileTable(std::make_integer_sequence<int, kR>{});
   return table[r - 1][s - 1];
 }
 
-// K's upper triangle (and some of the lower) over the `len` columns of the block x0 into
-// out, centred on m0 (the block's own columns) where Centred.
-template <bool Centred>
-void Tiles(const float* x0, int64_t n, int64_t d, const float* m0, int64_t len, double* out) {
+// K's upper triangle (and some of the lower) over the `len` columns of the block x0 (row
+// stride d) into out.
+void Tiles(const float* x0, int64_t n, int64_t d, int64_t len, double* out) {
   const int64_t vec = len / 8 * 8;
   for (int64_t i = 0; i < n; i += kR) {
     const int r = static_cast<int>(std::min<int64_t>(kR, n - i));
     for (int64_t j = i; j < n; j += kS) {
       const int s = static_cast<int>(std::min<int64_t>(kS, n - j));
-      PickTile<Centred>(r, s)(x0, d, m0, i, j, vec, out, n);
+      PickTile(r, s)(x0, d, i, j, vec, out, n);
     }
   }
   for (int64_t i = 0; i < n; ++i)  // the last columns, fewer than 8
     for (int64_t j = i; j < n; ++j) {
       double t = 0;
-      for (int64_t c = vec; c < len; ++c) {
-        const float mc = Centred ? m0[c] : 0.f;
-        t += double(x0[i * d + c] - mc) * double(x0[j * d + c] - mc);
-      }
+      for (int64_t c = vec; c < len; ++c) t += double(x0[i * d + c]) * double(x0[j * d + c]);
       out[i * n + j] += t;
     }
+}
+
+// The block x0 [n, len] (row stride d) less its centre m0 [len], as a contiguous [n, len]
+// in this thread's buffer: the centred Gram matrix's tiles then read it as they read an
+// uncentred block, and each value is centred once rather than in every tile that loads it.
+const float* Centred(const float* x0, int64_t n, int64_t d, const float* m0, int64_t len) {
+  thread_local std::vector<float> buffer;
+  buffer.resize(std::max<size_t>(buffer.size(), n * len));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < len; ++c) buffer[i * len + c] = x0[i * d + c] - m0[c];
+  return buffer.data();
 }
 
 // mean[c] = Σ_i w_i x0[i, c] for the block's `len` columns, summed over the rows in order.
@@ -231,9 +232,9 @@ void Share(const float* x, int64_t n, int64_t d, int64_t lo, int64_t hi, bool gr
     if (sq != nullptr) Rows(x0, n, d, nullptr, nullptr, len, sq, nullptr);
     if (at.v != nullptr) Rows(x0, n, d, at.m, at.v, len, nullptr, proj);
     if (at.m != nullptr) {
-      Tiles<true>(x0, n, d, at.m, len, out);
+      Tiles(Centred(x0, n, d, at.m, len), n, len, len, out);
     } else {
-      Tiles<false>(x0, n, d, nullptr, len, out);
+      Tiles(x0, n, d, len, out);
     }
   }
 }
