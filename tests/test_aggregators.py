@@ -858,6 +858,21 @@ def test_sorting_network_sorts(n, consumer_ops):
     np.testing.assert_array_equal(got, w[: valid.sum()] @ np.sort(x[valid], 0))
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 257])  # 257: past the count, by argsort
+def test_ranks_follow_the_stable_argsort(n):
+    rng = np.random.default_rng(n)
+    x = rng.integers(-3, 4, (5, n)).astype(np.float32)  # many ties
+    x[0, rng.random(n) < 0.3] = np.nan
+    x[1, rng.random(n) < 0.3] = np.inf
+    x[1, rng.random(n) < 0.3] = -np.inf
+    x[2] = np.where(rng.random(n) < 0.5, 0.0, -0.0)  # equal, as argsort takes them
+    x[3] = rng.standard_normal(n)
+    expected = np.argsort(np.argsort(x, axis=1, kind="stable"), axis=1, kind="stable")
+    np.testing.assert_array_equal(jax.jit(jax.vmap(ops.ranks))(x), expected)
+    k = jnp.int32(n // 3)  # traced
+    np.testing.assert_array_equal(ops.smallest_mask(x[3], k), expected[3] < n // 3)
+
+
 def test_shift_ranks():
     n, kmin, count = 9, 4, 3
     S = [jnp.full((1, 2), float(r)) for r in range(n)]

@@ -36,9 +36,9 @@ def krum_scores(D: jax.Array, f: ArrayLike, valid: jax.Array | None = None) -> j
     n = D.shape[0]
     valid = jnp.ones(n, bool) if valid is None else valid
     pair = valid[:, None] & valid[None, :] & ~jnp.eye(n, dtype=bool)
-    Ds = jnp.sort(jnp.where(pair, D, jnp.inf), axis=1)
-    k = valid.sum() - f - 2
-    scores = jnp.where(jnp.arange(n) < k, Ds, 0.0).sum(axis=1)
+    D = jnp.where(pair, D, jnp.inf)
+    nearest = jax.vmap(ops.smallest_mask, (0, None))(D, valid.sum() - f - 2)  # [n, n]
+    scores = jnp.where(nearest, D, 0.0).sum(axis=1)
     return jnp.where(valid, scores, jnp.inf)
 
 
