@@ -541,8 +541,9 @@ def test_eager_and_traced_guards_agree(name):
     needs it (two programs, ``base.guard_parts``); under ``jit`` it is one program with
     the rerun in a branch. Both reject the same rows and return the same aggregate, and
     the eager first program holds no copy of the matrix (the rerun's zeroed rows, which
-    XLA's CPU runtime would allocate on every call)."""
-    n, d, f = 11, 20_000, 2
+    XLA's CPU runtime would allocate on every call). ``d`` is wide enough that a composite's
+    column block (``ops.scan_columns``) is smaller than the matrix."""
+    n, d, f = 11, 400_000, 2
     traced = jax.jit(lambda G: fb.aggregate(name, G, f=f, key=KEY, return_aux=True))
     G = updates(n, d, f)
     for bad in ([], [6], [1, 8]):
