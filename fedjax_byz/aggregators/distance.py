@@ -92,20 +92,22 @@ def bulyan() -> Aggregator:
         D = ops.pairwise_sq_dists(G)
         theta = n - 2 * f
         # Every row's distances sorted once; each round masks the chosen rows in that
-        # order (O(n²) a round instead of a sort, O(n² log n)).
+        # order (O(n²) a round instead of a sort, O(n² log n)) and counts them along it
+        # by a product with a triangle of ones (XLA's CPU cumsum was 2x slower).
         order = jnp.argsort(D, axis=1)
         Ds = jnp.take_along_axis(D, order, axis=1)
         other = order != jnp.arange(n)[:, None]
+        upto = jnp.triu(jnp.ones((n, n), D.dtype))  # [l, j]: 1 where l <= j
 
-        def pick(t, chosen):
+        def pick(_, chosen):
             left = ~chosen
             near = left[order] & other & left[:, None]
-            near &= jnp.cumsum(near, axis=1) <= left.sum() - f - 2
+            count = jnp.matmul(near.astype(D.dtype), upto, precision=jax.lax.Precision.HIGHEST)
+            near &= count <= (left.sum() - f - 2).astype(D.dtype)
             scores = jnp.where(left, jnp.where(near, Ds, 0.0).sum(axis=1), jnp.inf)
-            best = jnp.argmin(scores)
-            return jnp.where(t < theta, chosen.at[best].set(True), chosen)
+            return chosen.at[jnp.argmin(scores)].set(True)
 
-        chosen = jax.lax.fori_loop(0, n, pick, jnp.zeros(n, bool))
+        chosen = jax.lax.fori_loop(0, theta, pick, jnp.zeros(n, bool))
         fmax = (n - 3) // 4
         rest = ~chosen  # 2f rows: f pushed to −inf, f to +inf, the median stays put
         below = rest & (jnp.cumsum(rest) <= f)
