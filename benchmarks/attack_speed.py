@@ -33,7 +33,7 @@ import numpy as np
 from machine import FRESH_BLOCKS, by_size, child_result, cpu_name, page_faults, version
 
 import fedjax_byz as fb
-from fedjax_byz import ops
+from fedjax_byz import ops, prng
 from fedjax_byz.sim import sharding
 
 SIZES = [(25, 500_000), (50, 1_000_000), (100, 100_000)]
@@ -68,8 +68,9 @@ def timeit(fn, repeats: int, budget: float = 2.0) -> float:
 
 
 def normal_rows(key: jax.Array, f: int, d: int) -> jax.Array:
-    """f rows of d normals drawn as the random attacks draw them (one key per row), summed
-    so that no [f, d] buffer is returned."""
+    """f rows of d normals drawn as the random attacks draw them (one key per row, the hash
+    written out: ``prng.fused``), summed so that no [f, d] buffer is returned."""
+    key = prng.fused(key)
 
     def row(i, acc):
         return acc + jnp.sum(jax.random.normal(jax.random.fold_in(key, i), (d,)))
@@ -607,9 +608,10 @@ def write_notes(lines, sizes, base, ours):
         "- **Random attacks** (`gaussian`, `noise`, `fang` with trmean/median) need f·d "
         "random numbers at least (they draw no more): "
         + ", ".join(f"{ratio(NORMALS, s)} the yardstick at n={s[0]}" for s in sizes)
-        + " with JAX's default threefry generator, one row at a time (on this CPU a single "
-        "`jax.random.normal(key, (f, d))` draw was 4× slower, and the `philox4x32`, "
-        "`threefry4x32` and `rbg` generators were no faster per row).",
+        + " with JAX's default threefry generator, one row at a time, its hash written out "
+        "so that XLA fuses it (`prng.fused`: the same numbers; JAX's own CPU lowering, a "
+        "`while` loop over the arrays, took about twice as long here). Most of what is "
+        "left is `erfinv`, JAX's transform of uniform to normal numbers.",
         "- **Pairwise distances** (`minmax`, `strike`, `mimic`, `fang (rule=krum)`) need "
         "one Gram matrix, n²d multiply-adds against the yardstick's few nd: "
         + ", ".join(f"{ratio(GRAM, s)} the yardstick at n={s[0]}" for s in sizes)
