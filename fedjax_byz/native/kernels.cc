@@ -38,8 +38,9 @@ namespace {
 
 // Vectors as wide as the CPU's registers: 16 floats with AVX-512, else 8. On an Intel Xeon
 // whose cores multiply-add twice as many floats a cycle in 512-bit vectors, the centred
-// Gram matrix at 100 x 100k went 6.3 -> 5.7 ms (it waits on the L2 cache more than on the
-// arithmetic). The sums' rounding depends on the width, not on the number of threads.
+// Gram matrix at 100 x 100k went 6.3 -> 5.7 ms (not 2x: there a tile's step waits on its
+// R + S vector loads more than on its multiply-adds). The sums' rounding depends on the
+// width, not on the number of threads.
 #ifdef __AVX512F__
 constexpr int kLanes = 16;
 #else
