@@ -325,3 +325,122 @@ def test_build_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
     stamp = path.stat().st_mtime_ns
     assert native._build() == path and path.stat().st_mtime_ns == stamp  # not rebuilt
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+
+
+def sorted_columns(G, valid=None, fill=None):
+    """Each column's values in increasing order, rows outside ``valid`` replaced by ``fill``."""
+    G = np.asarray(G, np.float64)
+    if valid is not None:
+        G = np.where(np.asarray(valid)[:, None] > 0, G, np.asarray(fill)[:, None])
+    return np.sort(G, axis=0)
+
+
+def closest_mean_loop(G, k, valid=None, fill=None):
+    """Per column, the mean of the k values closest to the median, ties in distance to
+    the smaller value: the values ranked by (distance, value) one by one (float64)."""
+    S = sorted_columns(G, valid, fill)
+    n = S.shape[0]
+    out = []
+    for col in S.T:
+        m = (col[(n - 1) // 2] + col[n // 2]) / 2
+        out.append(np.mean(sorted(col, key=lambda v: (abs(v - m), v))[:k]))
+    return np.array(out)
+
+
+# Rows below, at and past one register group of 16 and Batcher's powers of two; columns
+# below one vector, with a tail, and over several thread tasks.
+SORT_SHAPES = [(1, 5), (2, 17), (5, 64), (16, 65), (17, 300), (33, 129), (100, 2051)]
+
+
+@pytest.mark.parametrize("n, d", SORT_SHAPES)
+@pytest.mark.parametrize("replaced", [False, True])
+def test_sorted_sum_picks_every_rank(n, d, replaced):
+    """One-hot rank weights return each order statistic exactly, on values with ties,
+    with rows replaced by ±inf; random weights give the weighted sum of the ranks."""
+    rng = np.random.default_rng(n * d)
+    G = rng.integers(-3, 4, (n, d)).astype(np.float32) + rng.standard_normal((n, d)).astype(
+        np.float32
+    ) * (rng.random((n, d)) < 0.5)
+    valid = fill = None
+    if replaced:
+        valid = (rng.random(n) < 0.7).astype(np.float32)
+        fill = np.where(rng.random(n) < 0.5, -np.inf, np.inf).astype(np.float32)
+    S = sorted_columns(G, valid, fill)
+    run = jax.jit(lambda G, w: native.sorted_sum(G, w, valid, fill, threads=2))
+    for r in sorted({0, (n - 1) // 2, n // 2, n - 1, rng.integers(n)}):
+        np.testing.assert_array_equal(run(G, np.eye(n, dtype=np.float32)[r]), S[r])
+    w = rng.random(n).astype(np.float32) * (np.isfinite(S).all(1))
+    terms = w[:, None] * np.where(w[:, None] > 0, S, 0)
+    assert np.all(np.abs(run(G, w) - terms.sum(0)) <= 1e-6 * np.abs(terms).sum(0))
+
+
+@pytest.mark.parametrize("n, d", SORT_SHAPES)
+def test_closest_mean_is_the_window_nearest_the_median(n, d):
+    rng = np.random.default_rng(n + d)
+    G = rng.integers(-4, 5, (n, d)).astype(np.float32) * 0.5  # many ties in distance
+    G[:, ::3] += rng.standard_t(2, (n, len(range(0, d, 3)))).astype(np.float32)
+    for k in sorted({1, (n + 1) // 2, n - 1 or 1, n}):
+        got = native.closest_mean(G, jnp.float32([k]), starts=n - k, threads=2)
+        np.testing.assert_allclose(got, closest_mean_loop(G, k), rtol=1e-6, atol=1e-6)
+
+
+def test_closest_mean_with_replaced_rows_is_bulyans_window():
+    """Bulyan's form: f rows at −inf, f at +inf, the window among the others."""
+    n, d, f = 23, 500, 4
+    rng = np.random.default_rng(0)
+    G = rng.standard_normal((n, d)).astype(np.float32)
+    valid = np.ones(n, np.float32)
+    valid[rng.choice(n, 2 * f, replace=False)] = 0
+    fill = np.where(np.cumsum(valid == 0) <= f, -np.inf, np.inf).astype(np.float32)
+    k = n - 4 * f
+    got = native.closest_mean(G, jnp.float32([k]), valid, fill, starts=3 * f, threads=2)
+    np.testing.assert_allclose(got, closest_mean_loop(G[valid > 0], k), rtol=1e-6, atol=1e-6)
+
+
+def test_sorting_kernels_under_vmap_and_threads():
+    Gs = np.stack([skewed(37, 700, seed=i) for i in range(3)])
+    ks = jnp.float32([[10], [20], [37]])
+    valid = np.ones((3, 37), np.float32)
+    valid[:, 5] = 0
+    fill = np.full((3, 37), np.inf, np.float32)
+    w = np.zeros(37, np.float32)
+    w[18] = 1
+
+    def run(threads):
+        closest = jax.vmap(lambda G, k: native.closest_mean(G, k, starts=20, threads=threads))
+        summed = jax.vmap(lambda G, v, f: native.sorted_sum(G, w, v, f, threads=threads))
+        return closest(Gs, ks), summed(Gs, valid, fill)
+
+    batched = run(2)
+    for i in range(3):
+        np.testing.assert_array_equal(
+            batched[0][i], native.closest_mean(Gs[i], ks[i], starts=20, threads=2)
+        )
+        np.testing.assert_array_equal(batched[1][i], sorted_columns(Gs[i], valid[i], fill[i])[18])
+    for a, b in zip(batched, run(1), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("rule", ["meamed", "rbtm", "bulyan"])
+def test_large_sorts_are_native_and_agree_with_xla(monkeypatch, rule):
+    """Past ``ops._NATIVE_OPS`` (n = 100 here) the rules sort on the native kernel, and
+    give XLA's network's result."""
+    from fedjax_byz.aggregators import get
+    from fedjax_byz.aggregators.base import AggregatorContext
+
+    G = jnp.asarray(skewed(100, 300))
+    f = 24 if rule == "bulyan" else 20
+
+    def run():  # traced afresh
+        agg = get(rule)
+        fn = jax.jit(
+            lambda G: agg.update(G, agg.init(300), AggregatorContext.create(f, jax.random.key(1)))[0]
+        )
+        return fn(G), fn.lower(G).as_text()
+
+    out, hlo = run()
+    assert native._SORTED_SUM_TARGET in hlo or native._CLOSEST_TARGET in hlo
+    monkeypatch.setattr(native, "available", lambda dtype: False)
+    xla, hlo = run()
+    assert native._SORTED_SUM_TARGET not in hlo and native._CLOSEST_TARGET not in hlo
+    np.testing.assert_allclose(out, xla, rtol=1e-6, atol=1e-7)

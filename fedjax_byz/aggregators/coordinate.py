@@ -8,11 +8,13 @@ network fused into one pass over the matrix). They keep values, not rows, so the
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_byz import ops
+from fedjax_byz import native, ops
 from fedjax_byz.aggregators.base import Aggregator, coordinate_rule, stateless
 
 
@@ -93,7 +95,7 @@ def _plan(n: int, window_ops: int, masked: bool) -> str:
     (``jnp.sort`` once), from the estimated jaxpr operations of the fused loop: the
     sorting network as min/max, the row reads and masks, and ``window_ops``
     (``_window_ops``)."""
-    loop = 2 * len(ops.sorting_network(n)) + 2 * n + window_ops
+    loop = ops.network_ops(n) + window_ops
     if loop + (6 * n if masked else 0) <= (_MASKED_BUDGET if masked else _FUSED_BUDGET):
         return "fused"
     return "materialized" if loop <= _FUSED_BUDGET else "sort"
@@ -124,10 +126,12 @@ def closest_mean(
     stays at ``lo, hi``, windows reaching ``−inf`` always slide on and windows reaching
     ``+inf`` never do.
 
-    One fused pass over ``G`` when it fits XLA's CPU loop budget (``_plan``): with
-    per-row masks, or on the masked matrix written once (Bulyan from n ≈ 80); past
-    about n = 105 the columns are sorted once by ``jnp.sort`` instead (slower, never
-    off the cliff).
+    On the native kernel (``native.closest_mean``) where XLA's loop would be large
+    (``ops.sorts_natively``: Meamed from n ≈ 90, Bulyan from n ≈ 70), where ``k`` is a
+    number at run time and needs no shifter. Otherwise one fused pass over ``G`` when it
+    fits XLA's CPU loop budget (``_plan``): with per-row masks, or on the masked matrix
+    written once; past about n = 105 the columns are sorted once by ``jnp.sort`` instead
+    (slower, never off the cliff).
 
     Args:
       G: ``[n, d]`` matrix.
@@ -142,6 +146,12 @@ def closest_mean(
     """
     n = G.shape[0]
     k = jnp.maximum(k, kmin)
+    window_ops = _window_ops(n, kmin, starts, step) + fused_ops
+    loop = ops.network_ops(n, valid is not None) + window_ops
+    if ops.sorts_natively(G, loop, fused_ops):
+        rows = (jnp.asarray(k, jnp.float32)[None], *ops.replaced_rows(n, valid, below))
+        kernel = functools.partial(_native_closest_mean, starts=starts)
+        return ops._native(kernel, G, (), rows, summed=False)[0]
 
     def count(S):
         two_m = ops.two_sum(S[(n - 1) // 2], S[n // 2])
@@ -157,7 +167,6 @@ def closest_mean(
             out = out + jnp.where((r >= c) & (r < c + k), v, 0.0)
         return (out / k.astype(out.dtype))[0]
 
-    window_ops = _window_ops(n, kmin, starts, step) + fused_ops
     plan = _plan(n, window_ops, valid is not None)
     if plan == "fused":
         S = ops.sorted_rows(G, valid, below, consumer_ops=window_ops)
@@ -170,6 +179,11 @@ def closest_mean(
     else:
         S = ops.sorted_rows(G, consumer_ops=window_ops)
     return window(S, count(S))
+
+
+def _native_closest_mean(G, columns, rows, *, starts, threads):
+    k, valid, fill = rows
+    return (native.closest_mean(G, k, valid, fill, starts=starts, threads=threads),)
 
 
 def meamed() -> Aggregator:

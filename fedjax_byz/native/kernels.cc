@@ -11,14 +11,16 @@
 // Moments: μ = aᵀX and σ² = bᵀ(X − 1μᵀ)², coordinate-wise, for row weights a and b.
 // MomentProducts: Moments, a direction u made from them coordinate-wise, and Gram's (or
 // RowSqDists') products centred on μ and projected on u, each block of columns read once.
+// SortedSum, ClosestMean: each column's values sorted by a sorting network, then a
+// weighted sum of the ranks, or the mean of the k values closest to the median.
 //
 // Each handler takes a batch X [..., n, d] (vmap's leading dimensions, every argument
 // broadcast to them) and runs its kernel on the matrices one after another.
 //
 // Gram, RowSqDists and MomentProducts cut the columns into chunks of fixed size; threads
 // take chunks from a shared counter, and the chunks' shares are added in chunk order in
-// float64, so the results do not depend on the number of threads. Moments' columns are
-// independent.
+// float64, so the results do not depend on the number of threads. The other kernels'
+// columns are independent.
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -406,6 +408,142 @@ void MomentProducts(const float* x, int64_t n, int64_t d, const float* a, const 
   }
 }
 
+// Batcher's odd-even merge sorting network for n inputs (ops.sorting_network, the same
+// pairs in the same order): applying the comparators (a, b), a < b, in order sorts any n
+// values. Only its merges of two runs of p rows, from <= p < to, are listed; those with
+// p < to compare rows within aligned groups of `to` rows.
+constexpr std::vector<std::pair<int32_t, int32_t>> SortingNetwork(int64_t n, int64_t from = 1,
+                                                                  int64_t to = INT64_MAX) {
+  std::vector<std::pair<int32_t, int32_t>> pairs;
+  for (int64_t p = from; p < std::min(n, to); p *= 2)
+    for (int64_t k = p; k >= 1; k /= 2)
+      for (int64_t j = k % p; j < n - k; j += 2 * k)
+        for (int64_t i = 0; i < std::min(k, n - j - k); ++i)
+          if ((i + j) / (2 * p) == (i + j + k) / (2 * p))
+            pairs.emplace_back(static_cast<int32_t>(i + j), static_cast<int32_t>(i + j + k));
+  return pairs;
+}
+
+// Rows sorted within aligned groups of kGroup in registers before the rest of the network.
+constexpr int kGroup = 16;
+constexpr auto kGroupNetwork = [] {
+  std::array<std::pair<int32_t, int32_t>, SortingNetwork(kGroup).size()> pairs{};
+  std::ranges::copy(SortingNetwork(kGroup), pairs.begin());
+  return pairs;
+}();
+
+constexpr int kSortVectors = 4;  // column vectors sorted together: 1, 2, 8 were slower here
+constexpr int64_t kSortTask = 64;  // column vectors per thread task
+
+// A comparator as compare-and-select (ops.sorted_rows' form: equal values and NaN swap).
+inline void Compare(vf& a, vf& b) {
+  const vf p = a, q = b;
+  const auto lower = p < q;
+  a = lower ? p : q;
+  b = lower ? q : p;
+}
+
+// out[c] = reduce(S)[c] for every column c, S [n] the column's values in increasing order
+// (S_0 <= ... <= S_{n−1}): kSortVectors x kLanes columns at a time, the rows' vectors are
+// sorted by compare-and-select comparators (ops.sorted_rows' exact form: ties and NaN
+// swap) in a buffer of n x kSortVectors vectors that stays in L1. Rows with valid[i] == 0
+// (valid non-null) are replaced by fill[i] first. The columns are independent, so threads
+// split them freely.
+template <class Reduce>
+void SortedColumns(const float* x, int64_t n, int64_t d, const float* valid, const float* fill,
+                   int64_t threads, float* out, Reduce reduce) {
+  constexpr int V = kSortVectors;
+  const int64_t groups = n / kGroup;  // full groups, sorted in registers
+  const auto pairs = SortingNetwork(n, kGroup);
+  const auto tail = SortingNetwork(n, 1, kGroup);  // the partial group's are among these
+  const int64_t vectors = (d + kLanes - 1) / kLanes;
+  ParallelFor((vectors + kSortTask - 1) / kSortTask, threads, [&](int64_t task) {
+    std::vector<vf> S(n * V);
+    const int64_t end = std::min(vectors, (task + 1) * kSortTask);
+    for (int64_t t = task * kSortTask; t < end; t += V) {
+      const int64_t c = t * kLanes, len = std::min<int64_t>(V * kLanes, d - c);
+      for (int64_t i = 0; i < n; ++i) {
+        vf* row = S.data() + i * V;
+        if (valid != nullptr && valid[i] == 0.f) {
+          for (int v = 0; v < V; ++v) row[v] = vf{} + fill[i];
+        } else if (len == V * kLanes) {
+          for (int v = 0; v < V; ++v) row[v] = load(x + i * d + c + v * kLanes);
+        } else {
+          for (int v = 0; v < V; ++v) row[v] = vf{};
+          std::memcpy(row, x + i * d + c, sizeof(float) * len);
+        }
+      }
+      for (int64_t g = 0; g < groups; ++g)
+        for (int v = 0; v < V; ++v) {
+          vf R[kGroup];
+          for (int i = 0; i < kGroup; ++i) R[i] = S[(g * kGroup + i) * V + v];
+#pragma GCC unroll 256
+          for (const auto [a, b] : kGroupNetwork) Compare(R[a], R[b]);
+          for (int i = 0; i < kGroup; ++i) S[(g * kGroup + i) * V + v] = R[i];
+        }
+      for (const auto [a, b] : tail)
+        if (a >= groups * kGroup)
+          for (int v = 0; v < V; ++v) Compare(S[a * V + v], S[b * V + v]);
+      for (const auto [a, b] : pairs)
+        for (int v = 0; v < V; ++v) Compare(S[a * V + v], S[b * V + v]);
+      vf r[V];
+      for (int v = 0; v < V; ++v) r[v] = reduce(S.data() + v, V);
+      if (len == V * kLanes)
+        std::memcpy(out + c, r, sizeof r);
+      else
+        std::memcpy(out + c, r, sizeof(float) * len);
+    }
+  });
+}
+
+typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
+
+// Knuth's TwoSum (ops.two_sum): s = fl(a + b) and e with a + b = s + e exactly.
+inline std::pair<vf, vf> TwoSum(vf a, vf b) {
+  const vf s = a + b, bb = s - a;
+  return {s, (a - (s - bb)) + (b - bb)};
+}
+
+// Σ_r w_r S_r per column over the ranks with w_r ≠ 0, added in rank order (ops.sorted_sum).
+void SortedSum(const float* x, int64_t n, int64_t d, const float* valid, const float* fill,
+               const float* w, int64_t threads, float* out) {
+  SortedColumns(x, n, d, valid, fill, threads, out, [&](const vf* S, int64_t V) {
+    vf acc = {};
+    bool first = true;
+    for (int64_t r = 0; r < n; ++r) {
+      if (w[r] == 0.f) continue;
+      const vf term = w[r] * S[r * V];
+      acc = first ? term : acc + term;
+      first = false;
+    }
+    return acc;
+  });
+}
+
+// Per column, the mean of the k values closest to the median (S_lo + S_hi)/2, lo = (n − 1)/2,
+// hi = n/2 (aggregators.coordinate.closest_mean): the window S_c .. S_{c+k−1} starts at c, the
+// number of s < starts with S_s + S_{s+k} < S_lo + S_hi (exact sums, S_{s+k} = +inf past
+// S_{n−1}), and its values are added in rank order.
+void ClosestMean(const float* x, int64_t n, int64_t d, const float* valid, const float* fill,
+                 int64_t k, int64_t starts, int64_t threads, float* out) {
+  k = std::clamp<int64_t>(k, 1, n);
+  const vf inf = vf{} + INFINITY;
+  SortedColumns(x, n, d, valid, fill, threads, out, [&](const vf* S, int64_t V) {
+    const auto [ms, me] = TwoSum(S[(n - 1) / 2 * V], S[n / 2 * V]);
+    vi c = {};
+    for (int64_t s = 0; s < starts; ++s) {
+      const auto [as, ae] = TwoSum(S[s * V], s + k < n ? S[(s + k) * V] : inf);
+      c -= (as < ms) | ((as == ms) & (ae < me));  // a true comparison is −1
+    }
+    vf acc = {};
+    for (int64_t r = 0; r < n; ++r) {
+      const vi rank = vi{} + static_cast<int32_t>(r);
+      acc = acc + ((rank >= c) & (rank < c + static_cast<int32_t>(k)) ? S[r * V] : vf{});
+    }
+    return acc / static_cast<float>(k);
+  });
+}
+
 // A batch of matrices X [..., n, d] (leading dimensions from vmap, which broadcasts every
 // argument to them): how many, and each one's n and d.
 struct Batch {
@@ -517,6 +655,51 @@ ffi::Error MomentProductsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
   return ffi::Error::Success();
 }
 
+// The rows to replace: valid [n] and fill [n] per matrix, both given or both empty.
+bool ReadFill(ffi::Buffer<ffi::F32>& valid, ffi::Buffer<ffi::F32>& fill, const Batch& B,
+              const float*& v, const float*& f) {
+  bool ok = true;
+  v = Vector(valid, B.n, B, true, ok);
+  f = Vector(fill, B.n, B, true, ok);
+  return ok && (v == nullptr) == (f == nullptr);
+}
+
+ffi::Error SortedSumImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> valid,
+                         ffi::Buffer<ffi::F32> fill, ffi::Buffer<ffi::F32> w,
+                         ffi::ResultBuffer<ffi::F32> out, int64_t threads) {
+  Batch B;
+  if (!ReadBatch(x, B)) return ffi::Error::InvalidArgument("sorted_sum: X must be [..., n, d]");
+  const int64_t n = B.n, d = B.d;
+  const float *v, *f;
+  bool ok = ReadFill(valid, fill, B, v, f);
+  const float* rank_w = Vector(w, n, B, false, ok);
+  if (!ok)
+    return ffi::Error::InvalidArgument("sorted_sum: valid and fill [n] or neither, weights [n]");
+  for (int64_t e = 0; e < B.count; ++e)
+    SortedSum(x.typed_data() + e * n * d, n, d, Part(v, e, n), Part(f, e, n), rank_w + e * n,
+              std::max<int64_t>(1, threads), out->typed_data() + e * d);
+  return ffi::Error::Success();
+}
+
+ffi::Error ClosestMeanImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> valid,
+                           ffi::Buffer<ffi::F32> fill, ffi::Buffer<ffi::F32> k,
+                           ffi::ResultBuffer<ffi::F32> out, int64_t threads, int64_t starts) {
+  Batch B;
+  if (!ReadBatch(x, B)) return ffi::Error::InvalidArgument("closest_mean: X must be [..., n, d]");
+  const int64_t n = B.n, d = B.d;
+  const float *v, *f;
+  bool ok = ReadFill(valid, fill, B, v, f);
+  const float* size = Vector(k, 1, B, false, ok);
+  if (!ok || starts < 0 || starts > n)
+    return ffi::Error::InvalidArgument(
+        "closest_mean: valid and fill [n] or neither, k [1], 0 <= starts <= n");
+  for (int64_t e = 0; e < B.count; ++e)
+    ClosestMean(x.typed_data() + e * n * d, n, d, Part(v, e, n), Part(f, e, n),
+                static_cast<int64_t>(size[e]), starts, std::max<int64_t>(1, threads),
+                out->typed_data() + e * d);
+  return ffi::Error::Success();
+}
+
 // `binding` with Args float32 buffer arguments, then Rets (at least one) float32 buffer
 // results. (Each step returns a new binding, which cannot be copied or moved.)
 template <int Args, int Rets, class Binding>
@@ -550,3 +733,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxByzMomentProducts, MomentProductsImpl,
                                    .Attr<int64_t>("factor")
                                    .Attr<bool>("sign")
                                    .Attr<float>("scale")));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxByzSortedSum, SortedSumImpl,
+                              (Buffers<4, 1>(ffi::Ffi::Bind()).Attr<int64_t>("threads")));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxByzClosestMean, ClosestMeanImpl,
+                              (Buffers<4, 1>(ffi::Ffi::Bind())
+                                   .Attr<int64_t>("threads")
+                                   .Attr<int64_t>("starts")));
