@@ -90,7 +90,7 @@ _SELECT_BUDGET = 3900
 # Where XLA's fused loop (``sorted_rows`` with its consumer) is estimated past _NATIVE_OPS
 # operations, the native kernel (``native.sorted_sum``, ``native.closest_mean``) sorts
 # faster: measured here, RB-TM at 100 x 100k 8.3 -> 5.7 ms, Meamed 13.4 -> 6.2, Bulyan's
-# window 25 -> 6, and at n = 128, past the network's limit, Meamed 975 -> 7.6. Below it,
+# window 25 -> 4.8, and at n = 128, past the network's limit, Meamed 975 -> 7.6. Below it,
 # XLA's network, its values held in registers, was faster (median at 25 x 500k: 2.8
 # against 5.0 ms; Meamed at 80 x 120k, an estimated 3,138 operations: 5.9 against 6.2).
 _NATIVE_OPS = 3300
@@ -108,6 +108,32 @@ def sorts_natively(G: jax.Array, loop_ops: int, fused_ops: int = 0) -> bool:
     (``fused_ops > 0``, ``base.compose``): the kernel would need the mapped matrix written
     whole."""
     return fused_ops == 0 and loop_ops > _NATIVE_OPS and native.available(G.dtype)
+
+
+class MixedRows(NamedTuple):
+    """The rows ``M G`` (``M [m, n]``, ``G [n, d]``, shape ``[m, d]``) as ``sorted_sum``
+    and ``native_closest_mean`` take them: the native kernels form them column by column
+    and never write them (NNM in front of a coordinate rule, ``base.compose``); without
+    the kernels they are written (``rows``)."""
+
+    M: jax.Array
+    G: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.M.shape[0], self.G.shape[1]
+
+    @property
+    def dtype(self):
+        return self.G.dtype
+
+    def rows(self) -> jax.Array:
+        return jnp.matmul(self.M, self.G, precision=_HI)
+
+
+def _unmixed(G) -> tuple[jax.Array, jax.Array | None]:
+    """``(G, None)``, or ``(G, M)`` for ``MixedRows(M, G)``."""
+    return (G.G, G.M) if isinstance(G, MixedRows) else (G, None)
 
 
 def sorted_rows(
@@ -188,9 +214,13 @@ def sorted_sum(
     static = isinstance(w, np.ndarray)
     ranks = [r for r in range(n) if w[r] != 0] if static else range(n)
     consumer_ops = (2 if static else 4 if finite else 8) * len(ranks) + fused_ops
-    if sorts_natively(G, network_ops(n, valid is not None) + consumer_ops, fused_ops):
-        rows = (jnp.asarray(w, G.dtype), *replaced_rows(n, valid))
-        return _native(_native_sorted_sum, G, (), rows, summed=False)[0]
+    mixed = isinstance(G, MixedRows) and native.available(G.dtype)
+    if mixed or sorts_natively(G, network_ops(n, valid is not None) + consumer_ops, fused_ops):
+        X, M = _unmixed(G)
+        rows = (jnp.asarray(w, G.dtype), M, *replaced_rows(n, valid))
+        return _native(_native_sorted_sum, X, (), rows, summed=False)[0]
+    if isinstance(G, MixedRows):
+        G = G.rows()
     S = sorted_rows(G, valid, consumer_ops=consumer_ops)
     if static:
         terms = [float(w[r]) * S[r] for r in ranks]
@@ -213,6 +243,21 @@ def replaced_rows(n: int, valid=None, below=None) -> tuple[jax.Array | None, jax
         return None, None
     fill = jnp.full(n, jnp.inf) if below is None else jnp.where(below, -jnp.inf, jnp.inf)
     return valid.astype(jnp.float32), fill
+
+
+def native_closest_mean(
+    G: jax.Array, k: ArrayLike, *, starts: int, valid=None, below=None
+) -> jax.Array:
+    """``aggregators.coordinate.closest_mean`` on the native kernel
+    (``native.closest_mean``), on all cores or on each CPU device's own columns: per
+    coordinate, the mean of the ``k`` values (traced) closest to the median, the window's
+    start counted over ``starts`` positions, rows replaced as in ``sorted_rows``.
+    ``-> [d]``."""
+    X, M = _unmixed(G)
+    rows = (jnp.asarray(k, jnp.float32)[None], M, *replaced_rows(G.shape[0], valid, below))
+    return _native(
+        functools.partial(_native_closest_mean, starts=starts), X, (), rows, summed=False
+    )[0]
 
 
 def shift_ranks(
@@ -387,8 +432,13 @@ def _native_moment_products(G, columns, weights, *, direction, gram, threads):
 
 
 def _native_sorted_sum(G, columns, rows, *, threads):
-    w, valid, fill = rows
-    return (native.sorted_sum(G, w, valid, fill, threads=threads),)
+    w, mix, valid, fill = rows
+    return (native.sorted_sum(G, w, valid, fill, mix=mix, threads=threads),)
+
+
+def _native_closest_mean(G, columns, rows, *, starts, threads):
+    k, mix, valid, fill = rows
+    return (native.closest_mean(G, k, valid, fill, mix=mix, starts=starts, threads=threads),)
 
 
 def _native(kernel, G: jax.Array, columns=(), rows=None, *, summed: bool | tuple = True):

@@ -434,7 +434,9 @@ def test_large_sorts_are_native_and_agree_with_xla(monkeypatch, rule):
     def run():  # traced afresh
         agg = get(rule)
         fn = jax.jit(
-            lambda G: agg.update(G, agg.init(300), AggregatorContext.create(f, jax.random.key(1)))[0]
+            lambda G: agg.update(G, agg.init(300), AggregatorContext.create(f, jax.random.key(1)))[
+                0
+            ]
         )
         return fn(G), fn.lower(G).as_text()
 
@@ -444,3 +446,45 @@ def test_large_sorts_are_native_and_agree_with_xla(monkeypatch, rule):
     xla, hlo = run()
     assert native._SORTED_SUM_TARGET not in hlo and native._CLOSEST_TARGET not in hlo
     np.testing.assert_allclose(out, xla, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("n, p, d", [(1, 3, 40), (7, 7, 130), (20, 13, 257), (100, 100, 300)])
+def test_sorting_kernels_form_mixed_rows(n, p, d):
+    """``mix = M``: the kernels sort the rows ``M G`` (NNM's), formed in registers."""
+    rng = np.random.default_rng(n * p)
+    G = skewed(p, d)
+    M = rng.dirichlet(np.ones(p), n).astype(np.float32)
+    Y = M.astype(np.float64) @ G.astype(np.float64)
+    S = np.sort(Y, axis=0)
+    tol = 1e-5 * np.abs(G).max()
+    for r in sorted({0, (n - 1) // 2, n - 1}):
+        got = native.sorted_sum(G, np.eye(n, dtype=np.float32)[r], mix=M, threads=2)
+        np.testing.assert_allclose(got, S[r], rtol=1e-5, atol=tol)
+    k = (n + 1) // 2
+    got = native.closest_mean(G, jnp.float32([k]), mix=M, starts=n - k, threads=2)
+    np.testing.assert_allclose(got, closest_mean_loop(Y, k), rtol=1e-5, atol=tol)
+
+
+@pytest.mark.parametrize("rule", ["median", "trmean", "meamed", "rbtm"])
+def test_nnm_composites_mix_on_the_kernel_and_agree_with_xla(monkeypatch, rule):
+    """NNM in front of a coordinate rule hands the rule ``ops.MixedRows``: one sorting
+    kernel call, no ``[n, d]`` product in the program, XLA's blocked result."""
+    from fedjax_byz.aggregators import _unguarded
+    from fedjax_byz.aggregators.base import AggregatorContext
+
+    n, d, f = 13, 3000, 3
+    G = jnp.asarray(skewed(n, d))
+
+    def run():  # traced afresh
+        agg, _ = _unguarded(f"nnm+{rule}")  # the guard's rerun holds a zeroed copy
+        ctx = AggregatorContext.create(f, jax.random.key(1))
+        fn = jax.jit(lambda G: agg.update(G, agg.init(d), ctx)[0])
+        return fn(G), fn.lower(G).compile()
+
+    out, compiled = run()
+    hlo = compiled.as_text()
+    assert native._SORTED_SUM_TARGET in hlo or native._CLOSEST_TARGET in hlo
+    assert compiled.memory_analysis().temp_size_in_bytes < G.nbytes
+    monkeypatch.setattr(native, "available", lambda dtype: False)
+    xla, _ = run()
+    np.testing.assert_allclose(out, xla, rtol=1e-5, atol=1e-5 * float(jnp.abs(G).max()))

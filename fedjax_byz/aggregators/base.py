@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.custom_batching import custom_vmap
 
-from fedjax_byz import ops
+from fedjax_byz import native, ops
 
 State = Any
 _HI = jax.lax.Precision.HIGHEST
@@ -55,7 +55,8 @@ class Aggregator(NamedTuple):
         mixes rows (``PreAggregator.gram_mixing``) without forming the mixed rows.
       columns: set by ``coordinate_rule`` for a stateless rule whose aggregate works on
         each coordinate separately: ``(B[m, c], ctx, fused_ops=0) -> [c]``, the
-        aggregate of any block of columns (``fused_ops``: see ``ops.sorted_sum``).
+        aggregate of any block of columns (``fused_ops``: see ``ops.sorted_sum``); ``B``
+        may be ``ops.MixedRows``.
         ``compose`` then runs it behind a pre-aggregator with a ``row_map`` without
         writing the pre-aggregated rows.
       reports_sq_norms: ``update`` also returns the rows' squared norms ``‖g_i‖²`` in
@@ -196,17 +197,23 @@ def compose(*stages: PreAggregator | Aggregator) -> Aggregator:
     ``wide``), the rule on each block while it is in cache.
     Here at 25 x 500k, NNM+median 40 -> 32 ms, ARC+trimmed mean 20 -> 7 ms; wide blocks
     rather than 2048 columns: NNM+median at 100 x 100k 31 -> 25 ms, at 50 x 1M 113 -> 87
-    ms (Intel Xeon, 2 cores; the same at 25 x 500k).
+    ms (Intel Xeon, 2 cores; the same at 25 x 500k). On a CPU with the native kernels,
+    NNM's rows go to the rule as ``ops.MixedRows``: the sorting kernel forms them a few
+    columns at a time in registers (NNM+median at 25 x 500k 16.5 -> MIXA ms, 50 x 1M
+    84 -> MIXB, 100 x 100k 26 -> MIXC).
     And a rule that weights rows from a few sampled columns (``sampled_weights``: DnC)
     behind a ``row_map`` reads only those columns of the pre-aggregated rows ``M G``
     (``M = apply(I)``, as the map is linear) and the aggregate is ``(wM) G``, one pass
     (bucketing+DnC at 50 x 1M: 102 -> 15 ms here).
     """
     *pres, rule = stages
-    fused = bool(pres) and pres[-1].gram_mixing is not None and rule.gram_weights is not None
+    mixes = bool(pres) and pres[-1].gram_mixing is not None
+    fused = mixes and rule.gram_weights is not None
     mapped = bool(pres) and pres[-1].row_map is not None
     columnwise = mapped and rule.columns is not None
     sampled = mapped and rule.sampled_weights is not None
+    # the one Gram product behind NNM also gives the client rows' squared norms
+    reports_sq_norms = len(pres) == 1 and mixes and (fused or columnwise)
 
     def init(d):
         return tuple(s.init(d) for s in stages)
@@ -223,11 +230,24 @@ def compose(*stages: PreAggregator | Aggregator) -> Aggregator:
             G, s, M = pre.update(G, s, stage_ctx(i))
             mixing = M @ mixing
             new_state.append(s)
-        if fused:  # the stateless last pre-aggregator and rule keep their states
-            K = ops.centred_gram(G)
+        if mixes and (fused or columnwise):  # the stateless pre-aggregator and rule
+            K, sq = ops.centred_gram(G, sq_norms=True)  # keep their states
             W = pres[-1].gram_mixing(K, stage_ctx(len(pres) - 1))  # [m, n]
-            w = rule.gram_weights(mixed_gram(K, W), ctx) @ W  # [n]
-            return ops.weighted_sum(w, G), (*new_state, *state[-2:]), {"weights": w @ mixing}
+            if fused:
+                w = rule.gram_weights(mixed_gram(K, W), ctx) @ W  # [n]
+                out, aux = ops.weighted_sum(w, G), {"weights": w @ mixing}
+            elif native.available(G.dtype):
+                out, aux = rule.columns(ops.MixedRows(W, G), ctx), {"weights": no_weights(n)}
+            else:
+
+                def block(B, vs, carry):
+                    return (rule.columns(jnp.matmul(W, B, precision=_HI), ctx),), carry
+
+                out = ops.scan_columns(block, G, wide=True)[0][0]
+                aux = {"weights": no_weights(n)}
+            if reports_sq_norms:
+                aux["sq_norms"] = sq
+            return out, (*new_state, *state[-2:]), aux
         if sampled:  # likewise stateless
             apply, attribution = pres[-1].row_map(G, stage_ctx(len(pres) - 1))
             M = apply(jnp.eye(G.shape[0], dtype=G.dtype))  # [m, n]: apply(B) = M B
@@ -255,7 +275,7 @@ def compose(*stages: PreAggregator | Aggregator) -> Aggregator:
         aux = dict(aux, weights=aux["weights"] @ mixing)
         return out, (*new_state, s), aux
 
-    return Aggregator(init, update)
+    return Aggregator(init, update, reports_sq_norms=reports_sq_norms)
 
 
 def switch(index: jax.Array, rules: Sequence[Aggregator]) -> Aggregator:

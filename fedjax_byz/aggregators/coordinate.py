@@ -8,13 +8,11 @@ network fused into one pass over the matrix). They keep values, not rows, so the
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_byz import native, ops
+from fedjax_byz import ops
 from fedjax_byz.aggregators.base import Aggregator, coordinate_rule, stateless
 
 
@@ -126,8 +124,8 @@ def closest_mean(
     stays at ``lo, hi``, windows reaching ``−inf`` always slide on and windows reaching
     ``+inf`` never do.
 
-    On the native kernel (``native.closest_mean``) where XLA's loop would be large
-    (``ops.sorts_natively``: Meamed from n ≈ 90, Bulyan from n ≈ 70), where ``k`` is a
+    On the native kernel (``ops.native_closest_mean``) where XLA's loop would be large
+    (``ops.sorts_natively``: Meamed from n = 84, Bulyan from n = 71); there ``k`` is a
     number at run time and needs no shifter. Otherwise one fused pass over ``G`` when it
     fits XLA's CPU loop budget (``_plan``): with per-row masks, or on the masked matrix
     written once; past about n = 105 the columns are sorted once by ``jnp.sort`` instead
@@ -148,10 +146,8 @@ def closest_mean(
     k = jnp.maximum(k, kmin)
     window_ops = _window_ops(n, kmin, starts, step) + fused_ops
     loop = ops.network_ops(n, valid is not None) + window_ops
-    if ops.sorts_natively(G, loop, fused_ops):
-        rows = (jnp.asarray(k, jnp.float32)[None], *ops.replaced_rows(n, valid, below))
-        kernel = functools.partial(_native_closest_mean, starts=starts)
-        return ops._native(kernel, G, (), rows, summed=False)[0]
+    if isinstance(G, ops.MixedRows) or ops.sorts_natively(G, loop, fused_ops):
+        return ops.native_closest_mean(G, k, starts=starts, valid=valid, below=below)
 
     def count(S):
         two_m = ops.two_sum(S[(n - 1) // 2], S[n // 2])
@@ -179,11 +175,6 @@ def closest_mean(
     else:
         S = ops.sorted_rows(G, consumer_ops=window_ops)
     return window(S, count(S))
-
-
-def _native_closest_mean(G, columns, rows, *, starts, threads):
-    k, valid, fill = rows
-    return (native.closest_mean(G, k, valid, fill, starts=starts, threads=threads),)
 
 
 def meamed() -> Aggregator:

@@ -153,28 +153,30 @@ def moment_products(
 
 
 def sorted_sum(
-    G: jax.Array, w: jax.Array, valid=None, fill=None, *, threads: int
+    G: jax.Array, w: jax.Array, valid=None, fill=None, *, mix=None, threads: int
 ) -> jax.Array:
     """``Σ_r w_r S_r`` per coordinate over the ranks with ``w_r ≠ 0``, ``S_0 <= ... <=
-    S_{n−1}`` the column's values sorted by a sorting network on ``threads`` cores, rows
-    where ``valid [n]`` is false replaced by ``fill [n]`` first. ``f32[n, d] -> f32[d]``
-    (``ops.sorted_sum``). Raises where the kernels are not ``available``; the result does
-    not depend on ``threads``."""
+    S_{n−1}`` the column's values sorted by a sorting network on ``threads`` cores: the
+    values of ``G``'s rows, or of the mixed rows ``M G`` for ``mix = M [n, p]`` (formed
+    column by column, never written), rows where ``valid [n]`` is false replaced by
+    ``fill [n]`` first. ``f32[p, d] -> f32[d]`` (``ops.sorted_sum``). Raises where the
+    kernels are not ``available``; the result does not depend on ``threads``."""
     call = _ffi_call(_SORTED_SUM_TARGET, (jax.ShapeDtypeStruct(G.shape[1:], G.dtype),))
-    return call(G, _or_empty(valid), _or_empty(fill), w, threads=int(threads))[0]
+    rows = (_or_empty(mix), _or_empty(valid), _or_empty(fill))
+    return call(G, *rows, w, threads=int(threads))[0]
 
 
 def closest_mean(
-    G: jax.Array, k: jax.Array, valid=None, fill=None, *, starts: int, threads: int
+    G: jax.Array, k: jax.Array, valid=None, fill=None, *, mix=None, starts: int, threads: int
 ) -> jax.Array:
     """Per coordinate, the mean of the ``k`` sorted values closest to the median, the
     window found by comparing ``starts`` exact sums (``aggregators.coordinate.closest_mean``),
-    rows replaced as in ``sorted_sum``; ``k`` is ``f32[1]``. ``f32[n, d] -> f32[d]``.
-    Raises where the kernels are not ``available``; the result does not depend on
+    the rows mixed and replaced as in ``sorted_sum``; ``k`` is ``f32[1]``. ``f32[p, d] ->
+    f32[d]``. Raises where the kernels are not ``available``; the result does not depend on
     ``threads``."""
     call = _ffi_call(_CLOSEST_TARGET, (jax.ShapeDtypeStruct(G.shape[1:], G.dtype),))
-    attrs = dict(starts=int(starts), threads=int(threads))
-    return call(G, _or_empty(valid), _or_empty(fill), k, **attrs)[0]
+    rows = (_or_empty(mix), _or_empty(valid), _or_empty(fill))
+    return call(G, *rows, k, starts=int(starts), threads=int(threads))[0]
 
 
 def _or_empty(v: jax.Array | None) -> jax.Array:

@@ -443,36 +443,82 @@ inline void Compare(vf& a, vf& b) {
   b = lower ? q : p;
 }
 
-// out[c] = reduce(S)[c] for every column c, S [n] the column's values in increasing order
-// (S_0 <= ... <= S_{n−1}): kSortVectors x kLanes columns at a time, the rows' vectors are
-// sorted by compare-and-select comparators (ops.sorted_rows' exact form: ties and NaN
-// swap) in a buffer of n x kSortVectors vectors that stays in L1. Rows with valid[i] == 0
-// (valid non-null) are replaced by fill[i] first. The columns are independent, so threads
-// split them freely.
-template <class Reduce>
-void SortedColumns(const float* x, int64_t n, int64_t d, const float* valid, const float* fill,
-                   int64_t threads, float* out, Reduce reduce) {
+// The rows a sorting kernel sorts, n of them: X's rows, or the mixed rows M X for a
+// mixing matrix M [n, p] (p = X's rows; null: none), each formed for kSortVectors x kLanes
+// columns at a time and never written. Rows with valid[i] == 0 (valid non-null) are then
+// replaced by fill[i].
+struct SortInput {
+  const float* x;
+  int64_t p, d;     // X [p, d]
+  const float* mix;  // M [n, p], or null (then n = p)
+  int64_t n;
+  const float* valid;
+  const float* fill;
+};
+
+// S[i] = Σ_j M[i, j] X[j] for R rows i of M (at m, row stride p), on the buffered rows
+// X [p][kSortVectors]: each of X's vectors is loaded once for R rows and each M[i, j]
+// once for kSortVectors vectors, as in Gram's tiles; summed over j in order in float32.
+template <int R>
+void MixTile(const vf* X, int64_t p, const float* m, vf* S) {
   constexpr int V = kSortVectors;
+  vf acc[R][V] = {};
+  for (int64_t j = 0; j < p; ++j) {
+    vf x[V];
+    for (int v = 0; v < V; ++v) x[v] = Row(reinterpret_cast<const float*>(X + j * V + v));
+    for (int r = 0; r < R; ++r) {
+      const float w = m[r * p + j];
+      for (int v = 0; v < V; ++v) acc[r][v] += w * x[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) S[r * V + v] = acc[r][v];
+}
+
+constexpr int kMixRows = 6;
+
+template <int... R>
+constexpr auto MixTiles(std::integer_sequence<int, R...>) {
+  return std::array{MixTile<R + 1>...};
+}
+
+// out[c] = reduce(S)[c] for every column c, S [n] the column's values of the input's rows
+// in increasing order (S_0 <= ... <= S_{n−1}): kSortVectors x kLanes columns at a time,
+// the rows' vectors are sorted by compare-and-select comparators (ops.sorted_rows' exact
+// form: ties and NaN swap), in registers within aligned groups of kGroup rows, then in a
+// buffer of n x kSortVectors vectors that stays in L1. The columns are independent, so
+// threads split them freely.
+template <class Reduce>
+void SortedColumns(const SortInput& in, int64_t threads, float* out, Reduce reduce) {
+  constexpr int V = kSortVectors;
+  constexpr auto kMix = MixTiles(std::make_integer_sequence<int, kMixRows>());
+  const int64_t n = in.n, p = in.p, d = in.d;
   const int64_t groups = n / kGroup;  // full groups, sorted in registers
   const auto pairs = SortingNetwork(n, kGroup);
   const auto tail = SortingNetwork(n, 1, kGroup);  // the partial group's are among these
   const int64_t vectors = (d + kLanes - 1) / kLanes;
   ParallelFor((vectors + kSortTask - 1) / kSortTask, threads, [&](int64_t task) {
-    std::vector<vf> S(n * V);
+    std::vector<vf> S(n * V), X(in.mix != nullptr ? p * V : 0);
+    vf* rows = in.mix != nullptr ? X.data() : S.data();  // where X's rows are read to
     const int64_t end = std::min(vectors, (task + 1) * kSortTask);
     for (int64_t t = task * kSortTask; t < end; t += V) {
       const int64_t c = t * kLanes, len = std::min<int64_t>(V * kLanes, d - c);
-      for (int64_t i = 0; i < n; ++i) {
-        vf* row = S.data() + i * V;
-        if (valid != nullptr && valid[i] == 0.f) {
-          for (int v = 0; v < V; ++v) row[v] = vf{} + fill[i];
-        } else if (len == V * kLanes) {
-          for (int v = 0; v < V; ++v) row[v] = load(x + i * d + c + v * kLanes);
+      for (int64_t i = 0; i < p; ++i) {
+        vf* row = rows + i * V;
+        if (len == V * kLanes) {
+          for (int v = 0; v < V; ++v) row[v] = load(in.x + i * d + c + v * kLanes);
         } else {
           for (int v = 0; v < V; ++v) row[v] = vf{};
-          std::memcpy(row, x + i * d + c, sizeof(float) * len);
+          std::memcpy(row, in.x + i * d + c, sizeof(float) * len);
         }
       }
+      for (int64_t i = 0; in.mix != nullptr && i < n; i += kMixRows) {
+        const int64_t r = std::min<int64_t>(kMixRows, n - i);
+        kMix[r - 1](X.data(), p, in.mix + i * p, S.data() + i * V);
+      }
+      for (int64_t i = 0; in.valid != nullptr && i < n; ++i)
+        if (in.valid[i] == 0.f)
+          for (int v = 0; v < V; ++v) S[i * V + v] = vf{} + in.fill[i];
       for (int64_t g = 0; g < groups; ++g)
         for (int v = 0; v < V; ++v) {
           vf R[kGroup];
@@ -505,9 +551,9 @@ inline std::pair<vf, vf> TwoSum(vf a, vf b) {
 }
 
 // Σ_r w_r S_r per column over the ranks with w_r ≠ 0, added in rank order (ops.sorted_sum).
-void SortedSum(const float* x, int64_t n, int64_t d, const float* valid, const float* fill,
-               const float* w, int64_t threads, float* out) {
-  SortedColumns(x, n, d, valid, fill, threads, out, [&](const vf* S, int64_t V) {
+void SortedSum(const SortInput& in, const float* w, int64_t threads, float* out) {
+  const int64_t n = in.n;
+  SortedColumns(in, threads, out, [&](const vf* S, int64_t V) {
     vf acc = {};
     bool first = true;
     for (int64_t r = 0; r < n; ++r) {
@@ -524,11 +570,11 @@ void SortedSum(const float* x, int64_t n, int64_t d, const float* valid, const f
 // hi = n/2 (aggregators.coordinate.closest_mean): the window S_c .. S_{c+k−1} starts at c, the
 // number of s < starts with S_s + S_{s+k} < S_lo + S_hi (exact sums, S_{s+k} = +inf past
 // S_{n−1}), and its values are added in rank order.
-void ClosestMean(const float* x, int64_t n, int64_t d, const float* valid, const float* fill,
-                 int64_t k, int64_t starts, int64_t threads, float* out) {
+void ClosestMean(const SortInput& in, int64_t k, int64_t starts, int64_t threads, float* out) {
+  const int64_t n = in.n;
   k = std::clamp<int64_t>(k, 1, n);
   const vf inf = vf{} + INFINITY;
-  SortedColumns(x, n, d, valid, fill, threads, out, [&](const vf* S, int64_t V) {
+  SortedColumns(in, threads, out, [&](const vf* S, int64_t V) {
     const auto [ms, me] = TwoSum(S[(n - 1) / 2 * V], S[n / 2 * V]);
     vi c = {};
     for (int64_t s = 0; s < starts; ++s) {
@@ -655,48 +701,62 @@ ffi::Error MomentProductsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
   return ffi::Error::Success();
 }
 
-// The rows to replace: valid [n] and fill [n] per matrix, both given or both empty.
-bool ReadFill(ffi::Buffer<ffi::F32>& valid, ffi::Buffer<ffi::F32>& fill, const Batch& B,
-              const float*& v, const float*& f) {
-  bool ok = true;
-  v = Vector(valid, B.n, B, true, ok);
-  f = Vector(fill, B.n, B, true, ok);
-  return ok && (v == nullptr) == (f == nullptr);
+// A sorting kernel's input for every matrix of the batch: X [..., p, d], the mixing
+// matrix M [..., n, p] or empty (then n = p), and valid, fill [..., n] or both empty.
+// Null where the arguments do not fit.
+std::vector<SortInput> ReadSortInputs(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& mix,
+                                      ffi::Buffer<ffi::F32>& valid, ffi::Buffer<ffi::F32>& fill,
+                                      Batch& B) {
+  if (!ReadBatch(x, B)) return {};
+  const auto dims = mix.dimensions();
+  const bool mixed = mix.element_count() > 0;
+  const int64_t n = mixed ? dims[dims.size() - 2] : B.n;
+  bool ok = !mixed || (dims.size() >= 2 && dims[dims.size() - 1] == B.n);
+  const float* m = Vector(mix, n * B.n, B, true, ok);
+  const float* v = Vector(valid, n, B, true, ok);
+  const float* f = Vector(fill, n, B, true, ok);
+  if (!ok || (v == nullptr) != (f == nullptr) || n < 1) return {};
+  std::vector<SortInput> inputs;
+  for (int64_t e = 0; e < B.count; ++e)
+    inputs.push_back({x.typed_data() + e * B.n * B.d, B.n, B.d, Part(m, e, n * B.n), n,
+                      Part(v, e, n), Part(f, e, n)});
+  return inputs;
 }
 
-ffi::Error SortedSumImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> valid,
-                         ffi::Buffer<ffi::F32> fill, ffi::Buffer<ffi::F32> w,
-                         ffi::ResultBuffer<ffi::F32> out, int64_t threads) {
+ffi::Error SortedSumImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mix,
+                         ffi::Buffer<ffi::F32> valid, ffi::Buffer<ffi::F32> fill,
+                         ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out,
+                         int64_t threads) {
   Batch B;
-  if (!ReadBatch(x, B)) return ffi::Error::InvalidArgument("sorted_sum: X must be [..., n, d]");
-  const int64_t n = B.n, d = B.d;
-  const float *v, *f;
-  bool ok = ReadFill(valid, fill, B, v, f);
+  const auto inputs = ReadSortInputs(x, mix, valid, fill, B);
+  bool ok = !inputs.empty();
+  const int64_t n = ok ? inputs[0].n : 0;
   const float* rank_w = Vector(w, n, B, false, ok);
   if (!ok)
-    return ffi::Error::InvalidArgument("sorted_sum: valid and fill [n] or neither, weights [n]");
+    return ffi::Error::InvalidArgument(
+        "sorted_sum: X [..., p, d], mixing [..., n, p] or none, valid and fill [n] or "
+        "neither, weights [n]");
   for (int64_t e = 0; e < B.count; ++e)
-    SortedSum(x.typed_data() + e * n * d, n, d, Part(v, e, n), Part(f, e, n), rank_w + e * n,
-              std::max<int64_t>(1, threads), out->typed_data() + e * d);
+    SortedSum(inputs[e], rank_w + e * n, std::max<int64_t>(1, threads),
+              out->typed_data() + e * B.d);
   return ffi::Error::Success();
 }
 
-ffi::Error ClosestMeanImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> valid,
-                           ffi::Buffer<ffi::F32> fill, ffi::Buffer<ffi::F32> k,
-                           ffi::ResultBuffer<ffi::F32> out, int64_t threads, int64_t starts) {
+ffi::Error ClosestMeanImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mix,
+                           ffi::Buffer<ffi::F32> valid, ffi::Buffer<ffi::F32> fill,
+                           ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> out,
+                           int64_t threads, int64_t starts) {
   Batch B;
-  if (!ReadBatch(x, B)) return ffi::Error::InvalidArgument("closest_mean: X must be [..., n, d]");
-  const int64_t n = B.n, d = B.d;
-  const float *v, *f;
-  bool ok = ReadFill(valid, fill, B, v, f);
+  const auto inputs = ReadSortInputs(x, mix, valid, fill, B);
+  bool ok = !inputs.empty();
   const float* size = Vector(k, 1, B, false, ok);
-  if (!ok || starts < 0 || starts > n)
+  if (!ok || starts < 0 || starts > inputs[0].n)
     return ffi::Error::InvalidArgument(
-        "closest_mean: valid and fill [n] or neither, k [1], 0 <= starts <= n");
+        "closest_mean: X [..., p, d], mixing [..., n, p] or none, valid and fill [n] or "
+        "neither, k [1], 0 <= starts <= n");
   for (int64_t e = 0; e < B.count; ++e)
-    ClosestMean(x.typed_data() + e * n * d, n, d, Part(v, e, n), Part(f, e, n),
-                static_cast<int64_t>(size[e]), starts, std::max<int64_t>(1, threads),
-                out->typed_data() + e * d);
+    ClosestMean(inputs[e], static_cast<int64_t>(size[e]), starts, std::max<int64_t>(1, threads),
+                out->typed_data() + e * B.d);
   return ffi::Error::Success();
 }
 
@@ -735,9 +795,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxByzMomentProducts, MomentProductsImpl,
                                    .Attr<float>("scale")));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxByzSortedSum, SortedSumImpl,
-                              (Buffers<4, 1>(ffi::Ffi::Bind()).Attr<int64_t>("threads")));
+                              (Buffers<5, 1>(ffi::Ffi::Bind()).Attr<int64_t>("threads")));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxByzClosestMean, ClosestMeanImpl,
-                              (Buffers<4, 1>(ffi::Ffi::Bind())
+                              (Buffers<5, 1>(ffi::Ffi::Bind())
                                    .Attr<int64_t>("threads")
                                    .Attr<int64_t>("starts")));
