@@ -60,7 +60,8 @@ class Aggregator(NamedTuple):
         ``compose`` then runs it behind a pre-aggregator with a ``row_map`` without
         writing the pre-aggregated rows.
       reports_sq_norms: ``update`` also returns the rows' squared norms ``‖g_i‖²`` in
-        ``aux["sq_norms"]``, from a pass it makes anyway (``gram_rule``'s Gram product);
+        ``aux["sq_norms"]``, from a pass it makes anyway (``gram_rule``'s Gram product,
+        NNM's in ``compose``);
         ``guard_nonfinite`` then checks the rows from them, not with a pass of its own.
       sampled_weights: set by a stateless rule whose aggregate is ``Σ_i w_i g_i`` with
         ``w`` a function of a few of the matrix's columns (DnC):
@@ -199,8 +200,10 @@ def compose(*stages: PreAggregator | Aggregator) -> Aggregator:
     rather than 2048 columns: NNM+median at 100 x 100k 31 -> 25 ms, at 50 x 1M 113 -> 87
     ms (Intel Xeon, 2 cores; the same at 25 x 500k). On a CPU with the native kernels,
     NNM's rows go to the rule as ``ops.MixedRows``: the sorting kernel forms them a few
-    columns at a time in registers (NNM+median at 25 x 500k 16.5 -> MIXA ms, 50 x 1M
-    84 -> MIXB, 100 x 100k 26 -> MIXC).
+    columns at a time in registers (NNM+median at 25 x 500k 16.5 -> 11.1 ms, 50 x 1M
+    84 -> 63, 100 x 100k 26 -> 21). Behind NNM alone, either kind of rule reports the
+    client rows' squared norms from NNM's Gram product (``reports_sq_norms``), so the
+    guard makes no pass of its own.
     And a rule that weights rows from a few sampled columns (``sampled_weights``: DnC)
     behind a ``row_map`` reads only those columns of the pre-aggregated rows ``M G``
     (``M = apply(I)``, as the map is linear) and the aggregate is ``(wM) G``, one pass
