@@ -102,12 +102,13 @@ def network_ops(n: int, masked: bool = False) -> int:
     return 2 * len(sorting_network(n)) + (5 if masked else 2) * n
 
 
-def sorts_natively(G: jax.Array, loop_ops: int, fused_ops: int = 0) -> bool:
+def sorts_natively(G, loop_ops: int, fused_ops: int = 0) -> bool:
     """Whether a sort of ``G``'s columns whose fused loop is estimated at ``loop_ops``
-    operations runs on the native kernels (``_NATIVE_OPS``). Never under a fused producer
-    (``fused_ops > 0``, ``base.compose``): the kernel would need the mapped matrix written
-    whole."""
-    return fused_ops == 0 and loop_ops > _NATIVE_OPS and native.available(G.dtype)
+    operations runs on the native kernels (``_NATIVE_OPS``), as ``MixedRows`` always do
+    where the kernels are available. Never under a fused producer (``fused_ops > 0``,
+    ``base.compose``): the kernel would need the mapped matrix written whole."""
+    large = isinstance(G, MixedRows) or (fused_ops == 0 and loop_ops > _NATIVE_OPS)
+    return large and native.available(G.dtype)
 
 
 class MixedRows(NamedTuple):
@@ -129,6 +130,11 @@ class MixedRows(NamedTuple):
 
     def rows(self) -> jax.Array:
         return jnp.matmul(self.M, self.G, precision=_HI)
+
+
+def written(G) -> jax.Array:
+    """``G``, or the rows of ``MixedRows`` written out (where no native kernel sorts)."""
+    return G.rows() if isinstance(G, MixedRows) else G
 
 
 def _unmixed(G) -> tuple[jax.Array, jax.Array | None]:
@@ -166,6 +172,7 @@ def sorted_rows(
       consumer_ops: estimated operations of what consumes ``S`` in the same fused loop
         (see ``_SELECT_BUDGET``; ``sorted_sum``).
     """
+    G = written(G)
     n = G.shape[0]
     fill = None
     if valid is not None:
@@ -214,13 +221,10 @@ def sorted_sum(
     static = isinstance(w, np.ndarray)
     ranks = [r for r in range(n) if w[r] != 0] if static else range(n)
     consumer_ops = (2 if static else 4 if finite else 8) * len(ranks) + fused_ops
-    mixed = isinstance(G, MixedRows) and native.available(G.dtype)
-    if mixed or sorts_natively(G, network_ops(n, valid is not None) + consumer_ops, fused_ops):
+    if sorts_natively(G, network_ops(n, valid is not None) + consumer_ops, fused_ops):
         X, M = _unmixed(G)
         rows = (jnp.asarray(w, G.dtype), M, *replaced_rows(n, valid))
         return _native(_native_sorted_sum, X, (), rows, summed=False)[0]
-    if isinstance(G, MixedRows):
-        G = G.rows()
     S = sorted_rows(G, valid, consumer_ops=consumer_ops)
     if static:
         terms = [float(w[r]) * S[r] for r in ranks]

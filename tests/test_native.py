@@ -488,3 +488,22 @@ def test_nnm_composites_mix_on_the_kernel_and_agree_with_xla(monkeypatch, rule):
     monkeypatch.setattr(native, "available", lambda dtype: False)
     xla, _ = run()
     np.testing.assert_allclose(out, xla, rtol=1e-5, atol=1e-5 * float(jnp.abs(G).max()))
+
+
+def test_mixed_rows_without_the_kernels_are_written(monkeypatch):
+    from fedjax_byz.aggregators import coordinate
+
+    G = jnp.asarray(skewed(9, 50))
+    M = jnp.asarray(np.random.default_rng(1).dirichlet(np.ones(9), 7).astype(np.float32))
+    w = np.eye(7)[3]
+
+    def both():
+        rows = ops.MixedRows(M, G)
+        return ops.sorted_sum(rows, w), coordinate.closest_mean(rows, 4, kmin=4, starts=3)
+
+    kernel = both()
+    monkeypatch.setattr(native, "available", lambda dtype: False)
+    for got, want in zip(kernel, both(), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    Y = np.asarray(M, np.float64) @ np.asarray(G, np.float64)
+    np.testing.assert_allclose(kernel[0], np.sort(Y, 0)[3], rtol=1e-5, atol=1e-5)

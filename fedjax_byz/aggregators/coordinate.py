@@ -146,8 +146,9 @@ def closest_mean(
     k = jnp.maximum(k, kmin)
     window_ops = _window_ops(n, kmin, starts, step) + fused_ops
     loop = ops.network_ops(n, valid is not None) + window_ops
-    if isinstance(G, ops.MixedRows) or ops.sorts_natively(G, loop, fused_ops):
+    if ops.sorts_natively(G, loop, fused_ops):
         return ops.native_closest_mean(G, k, starts=starts, valid=valid, below=below)
+    G = ops.written(G)
 
     def count(S):
         two_m = ops.two_sum(S[(n - 1) // 2], S[n // 2])
