@@ -507,3 +507,17 @@ def test_mixed_rows_without_the_kernels_are_written(monkeypatch):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     Y = np.asarray(M, np.float64) @ np.asarray(G, np.float64)
     np.testing.assert_allclose(kernel[0], np.sort(Y, 0)[3], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        dict(mix=np.ones((3, 4), np.float32)),  # M's columns are not G's rows
+        dict(valid=np.ones(5, np.float32)),  # valid without fill
+        dict(valid=np.ones(4, np.float32), fill=np.ones(4, np.float32)),  # not [n]
+    ],
+)
+def test_sorting_kernels_refuse_mismatched_arguments(args):
+    G = skewed(5, 40)
+    with pytest.raises(Exception, match="sorted_sum: X"):
+        jax.block_until_ready(native.sorted_sum(G, np.ones(5, np.float32), threads=1, **args))

@@ -710,8 +710,9 @@ std::vector<SortInput> ReadSortInputs(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi:
   if (!ReadBatch(x, B)) return {};
   const auto dims = mix.dimensions();
   const bool mixed = mix.element_count() > 0;
+  if (mixed && (dims.size() < 2 || dims[dims.size() - 1] != B.n)) return {};
   const int64_t n = mixed ? dims[dims.size() - 2] : B.n;
-  bool ok = !mixed || (dims.size() >= 2 && dims[dims.size() - 1] == B.n);
+  bool ok = true;
   const float* m = Vector(mix, n * B.n, B, true, ok);
   const float* v = Vector(valid, n, B, true, ok);
   const float* f = Vector(fill, n, B, true, ok);
