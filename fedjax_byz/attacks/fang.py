@@ -9,6 +9,8 @@ where ĝ is the aggregate the server would compute without the attack.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -32,15 +34,22 @@ def unattacked_aggregate(G: jax.Array, ctx: AttackContext) -> jax.Array | None:
 
 def _honest_range(G: jax.Array, honest: jax.Array, g_hat: jax.Array | None):
     """``(ĝ or μ_H, g_max, g_min)``: the direction and the coordinate-wise extremes of the
-    honest rows, in one column-blocked pass. ``-> [d] x 3``."""
+    honest rows, in one pass over wide column blocks. The extremes are taken row by row
+    (elementwise over ``[1, c]`` rows, which XLA fuses into the pass): as a reduction over
+    the rows, XLA's CPU backend took 2-2.5x as long (at 25 x 500k 15.4 -> 6.9 ms here).
+    ``-> [d] x 3``."""
+
+    def extreme(B, pick, fill):
+        rows = [jnp.where(honest[i], B[i : i + 1], fill) for i in range(B.shape[0])]
+        return functools.reduce(pick, rows)[0]
 
     def fn(B, vs, carry):
         direction = vs[0] if vs else ops.masked_mean(B, honest)
-        hi = jnp.max(jnp.where(honest[:, None], B, -jnp.inf), axis=0)
-        lo = jnp.min(jnp.where(honest[:, None], B, jnp.inf), axis=0)
+        hi = extreme(B, jnp.maximum, -jnp.inf)
+        lo = extreme(B, jnp.minimum, jnp.inf)
         return (direction, hi, lo), carry
 
-    return ops.scan_columns(fn, G, () if g_hat is None else (g_hat,))[0]
+    return ops.scan_columns(fn, G, () if g_hat is None else (g_hat,), wide=True)[0]
 
 
 def _trmean_attack(b: ArrayLike) -> Attack:
