@@ -205,7 +205,7 @@ def sorted_sum(
     fused_ops: int = 0,
 ) -> jax.Array:
     """``Σ_r w_r S_r`` per coordinate, ``S = sorted_rows(G, valid)``, in one fused pass.
-    ``-> [d]``.
+    ``G``: ``[n, d]``, or ``MixedRows``. ``-> [d]``.
 
     A concrete (numpy) ``w`` skips its zero terms at trace time, so XLA keeps only the
     comparators those ranks need; a traced ``w`` selects with ``where`` so that

@@ -132,7 +132,7 @@ def closest_mean(
     (slower, never off the cliff).
 
     Args:
-      G: ``[n, d]`` matrix.
+      G: ``[n, d]`` matrix, or ``ops.MixedRows`` (NNM's rows behind ``compose``).
       k: window size (traced), at least ``kmin`` (smaller values act as ``kmin``).
       kmin: static lower bound of ``k``.
       starts: static bound on the number of starts ``c`` can skip (``n − k`` at most).
