@@ -174,9 +174,7 @@ def sorted_rows(
     """
     G = written(G)
     n = G.shape[0]
-    fill = None
-    if valid is not None:
-        fill = jnp.where(below, -jnp.inf, jnp.inf) if below is not None else jnp.full(n, jnp.inf)
+    fill = None if valid is None else replaced_rows(n, valid, below)[1]
     if n > _NETWORK_MAX_N:
         S = jnp.sort(G if fill is None else jnp.where(valid[:, None], G, fill[:, None]), axis=0)
         return [S[i : i + 1] for i in range(n)]

@@ -233,6 +233,13 @@ def compose(*stages: PreAggregator | Aggregator) -> Aggregator:
             G, s, M = pre.update(G, s, stage_ctx(i))
             mixing = M @ mixing
             new_state.append(s)
+
+        def blocked(apply):  # the rule on apply(B), a wide block B of G's columns at a time
+            def block(B, vs, carry):
+                return (rule.columns(apply(B), ctx),), carry
+
+            return ops.scan_columns(block, G, wide=True)[0][0]
+
         if mixes and (fused or columnwise):  # the stateless pre-aggregator and rule
             K, sq = ops.centred_gram(G, sq_norms=True)  # keep their states
             W = pres[-1].gram_mixing(K, stage_ctx(len(pres) - 1))  # [m, n]
@@ -242,11 +249,7 @@ def compose(*stages: PreAggregator | Aggregator) -> Aggregator:
             elif native.available(G.dtype):
                 out, aux = rule.columns(ops.MixedRows(W, G), ctx), {"weights": no_weights(n)}
             else:
-
-                def block(B, vs, carry):
-                    return (rule.columns(jnp.matmul(W, B, precision=_HI), ctx),), carry
-
-                out = ops.scan_columns(block, G, wide=True)[0][0]
+                out = blocked(lambda B: jnp.matmul(W, B, precision=_HI))
                 aux = {"weights": no_weights(n)}
             if reports_sq_norms:
                 aux["sq_norms"] = sq
@@ -268,11 +271,7 @@ def compose(*stages: PreAggregator | Aggregator) -> Aggregator:
             if row_ops is not None and row_ops <= _FUSED_ROW_OPS:
                 out = rule.columns(apply(G, fused=True), ctx, fused_ops=row_ops)
             else:
-
-                def block(B, vs, carry):
-                    return (rule.columns(apply(B), ctx),), carry
-
-                out = ops.scan_columns(block, G, wide=True)[0][0]
+                out = blocked(apply)
             return out, (*new_state, *state[-2:]), {"weights": no_weights(n)}
         out, s, aux = rule.update(G, state[-1], ctx)
         aux = dict(aux, weights=aux["weights"] @ mixing)

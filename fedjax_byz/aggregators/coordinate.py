@@ -169,7 +169,7 @@ def closest_mean(
         S = ops.sorted_rows(G, valid, below, consumer_ops=window_ops)
         return window(S, count(S))
     if valid is not None:
-        G = jnp.where(valid[:, None], G, jnp.where(below, -jnp.inf, jnp.inf)[:, None])
+        G = jnp.where(valid[:, None], G, ops.replaced_rows(n, valid, below)[1][:, None])
     if plan == "sort":
         S = jnp.sort(G, axis=0)
         S = [S[i : i + 1] for i in range(n)]
