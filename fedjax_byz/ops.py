@@ -621,7 +621,7 @@ def to_matrix(updates):
     """
     leaves = jax.tree.leaves(updates)
     if len(leaves) == 1 and not isinstance(updates, dict | list | tuple):
-        G = jnp.asarray(updates)
+        G = updates if isinstance(updates, jax.Array) else jnp.asarray(updates)
         if G.ndim != 2:
             raise ValueError(f"updates: expected an [n, d] matrix, got shape {G.shape}")
         return G, lambda x: x

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import inspect
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -101,16 +103,19 @@ class Entry:
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     traced: bool = False
 
-    @property
-    def defaults(self) -> dict[str, Any]:
-        """Keyword defaults of the factory, in signature order."""
+    @functools.cached_property
+    def defaults(self) -> Mapping[str, Any]:
+        """Keyword defaults of the factory, in signature order (read once: every eager
+        call checks its keywords against them)."""
         sig = inspect.signature(self.factory)
         hidden = self.meta.get("hidden", ())
-        return {
-            k: p.default
-            for k, p in sig.parameters.items()
-            if p.default is not inspect.Parameter.empty and k not in hidden
-        }
+        return types.MappingProxyType(
+            {
+                k: p.default
+                for k, p in sig.parameters.items()
+                if p.default is not inspect.Parameter.empty and k not in hidden
+            }
+        )
 
     @property
     def doc(self) -> str:
