@@ -856,8 +856,8 @@ def moment_products(
 ):
     """``masked_mean_std`` and then ``centred_products`` on the mean and a direction: ``μ``,
     ``u = direction(μ, σ, reference)``, and for ``x_i = g_i − μ`` the projections
-    ``⟨x_i, u⟩`` with ``X Xᵀ`` (``gram_matrix``) or ``‖x_i‖²``. ``-> ([d], [d], [n], [n, n]
-    | [n])``.
+    ``⟨x_i, u⟩`` with ``X Xᵀ`` between the masked rows (``gram_matrix``; zero where either
+    row is not masked) or ``‖x_i‖²``. ``-> ([d], [d], [n], [n, n] | [n])``.
 
     On CPU, for float32, one native kernel reads ``G`` once: each block of columns gets
     its moments, its direction and its share of the products while it is in cache (the
@@ -872,4 +872,7 @@ def moment_products(
         return mu, u, xu, second
     mu, sigma = masked_mean_std(G, mask, ddof)
     u = direction(mu, sigma, reference)
-    return mu, u, *centred_products(G, mu, u, gram_matrix=gram_matrix)
+    xu, second = centred_products(G, mu, u, gram_matrix=gram_matrix)
+    if gram_matrix:
+        second = jnp.where(mask[:, None] & mask[None, :], second, 0.0)
+    return mu, u, xu, second

@@ -138,8 +138,9 @@ def moment_products(
     """``moments`` and the products of the search attacks in one read of ``G``: ``μ = aᵀG``,
     ``σ = √(bᵀ(G − 1μᵀ)²)``, the direction ``u = scale · F ⊙ sign(μ − r)`` (F = 1, μ, σ or
     μ − r by ``factor``; the sign only with ``sign``; ``r = reference`` or zero), and for ``x_i =
-    g_i − μ`` the projections ``⟨x_i, u⟩`` with ``X Xᵀ`` (``gram``) or ``‖x_i‖²``, each
-    block of columns read while in cache. ``f32[n, d] -> (f32[d], f32[d], f32[n, n] |
+    g_i − μ`` the projections ``⟨x_i, u⟩`` with ``X Xᵀ`` (``gram``; only between the rows
+    with ``a_i ≠ 0``, zero elsewhere) or ``‖x_i‖²``, each block of columns read while in
+    cache. ``f32[n, d] -> (f32[d], f32[d], f32[n, n] |
     f32[n], f32[n])``. Raises where the kernels are not ``available``; the results do not
     depend on ``threads``."""
     n, d = G.shape
@@ -210,7 +211,7 @@ def _build() -> pathlib.Path:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         raise OSError("no C++ compiler (set CXX)")
-    flags = ["-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-w"]
+    flags = ["-O3", "-march=native", "-fno-math-errno", "-std=c++20", "-shared", "-fPIC", "-w"]
     key = hashlib.sha256()
     for part in (_SOURCE.read_bytes(), jaxlib.__version__, compiler, " ".join(flags), _cpu()):
         key.update(part if isinstance(part, bytes) else part.encode())

@@ -10,7 +10,8 @@
 // RowSqDists: ‖x_i − c‖² and, given v, ⟨x_i − c, v⟩ for every row, one pass.
 // Moments: μ = aᵀX and σ² = bᵀ(X − 1μᵀ)², coordinate-wise, for row weights a and b.
 // MomentProducts: Moments, a direction u made from them coordinate-wise, and Gram's (or
-// RowSqDists') products centred on μ and projected on u, each block of columns read once.
+// RowSqDists') products centred on μ and projected on u, each block of columns read once;
+// its Gram matrix is of the rows with a_i ≠ 0 only.
 // SortedSum, ClosestMean: each column's values sorted by a sorting network, then a
 // weighted sum of the ranks, or the mean of the k values closest to the median.
 //
@@ -90,29 +91,34 @@ inline vf Row(const float* p) {
   return v;
 }
 
-// For the R rows x, x + d, ...: sq[r] += Σ_{c < len} (x_r[c] − m[c])² and
-// proj[r] += Σ_c (x_r[c] − m[c]) v[c] (m null: m = 0; sq or v null: that sum skipped), in
-// one read of the rows, each vector of m and v loaded once for all R; float32 in kLanes-float
-// lanes, the last len % kLanes terms and the totals in float64.
+// For the R rows x, x + d, ...: sq[r] += Σ_{c < len} (x_r[c] − s[c])², s = m where
+// `sq_centred`, else 0, proj[r] += Σ_c (x_r[c] − m[c]) v[c] (m null: m = 0; sq or v null:
+// that sum skipped) and copy[r] = x_r − m where copy[r] is not null, in one read of the
+// rows, each vector of m and v loaded once for all R; float32 in kLanes-float lanes, the
+// last len % kLanes terms and the totals in float64.
 template <int R>
-void RowGroup(const float* x, int64_t d, const float* m, const float* v, int64_t len,
-              double* sq, double* proj) {
+void RowGroup(const float* x, int64_t d, const float* m, bool sq_centred, const float* v,
+              int64_t len, double* sq, double* proj, float* const* copy) {
   const int64_t vec = len / kLanes * kLanes;
   vf s[R] = {}, p[R] = {};
   for (int64_t c = 0; c < vec; c += kLanes) {
     const vf mc = m != nullptr ? load(m + c) : vf{};
     const vf vc = v != nullptr ? load(v + c) : vf{};
     for (int r = 0; r < R; ++r) {
-      const vf a = load(x + r * d + c) - mc;
-      if (sq != nullptr) s[r] += a * a;
+      const vf xr = load(x + r * d + c), a = xr - mc;
+      if (copy[r] != nullptr) std::memcpy(copy[r] + c, &a, sizeof a);
+      const vf e = sq_centred ? a : xr;
+      if (sq != nullptr) s[r] += e * e;
       if (v != nullptr) p[r] += a * vc;
     }
   }
   for (int r = 0; r < R; ++r) {
     double ts = hsum(s[r]), tp = hsum(p[r]);
     for (int64_t c = vec; c < len; ++c) {
-      const float a = x[r * d + c] - (m != nullptr ? m[c] : 0.f);
-      ts += double(a) * a;
+      const float xr = x[r * d + c], a = xr - (m != nullptr ? m[c] : 0.f);
+      if (copy[r] != nullptr) copy[r][c] = a;
+      const float e = sq_centred ? a : xr;
+      ts += double(e) * e;
       if (v != nullptr) tp += double(a) * v[c];
     }
     if (sq != nullptr) sq[r] += ts;
@@ -120,16 +126,29 @@ void RowGroup(const float* x, int64_t d, const float* m, const float* v, int64_t
   }
 }
 
+// Where Rows copies the rows: row i to row dest[i] of a buffer (row stride `stride`), none
+// where dest[i] < 0; dest null: row i to row i.
+struct Copy {
+  float* rows;  // or null: no copy
+  int64_t stride;
+  const int64_t* dest;
+};
+
 // RowGroup over all n rows of x (row stride d), four at a time.
-void Rows(const float* x, int64_t n, int64_t d, const float* m, const float* v, int64_t len,
-          double* sq, double* proj) {
-  using Fn = void (*)(const float*, int64_t, const float*, const float*, int64_t, double*,
-                      double*);
+void Rows(const float* x, int64_t n, int64_t d, const float* m, bool sq_centred, const float* v,
+          int64_t len, double* sq, double* proj, Copy copy = {}) {
+  using Fn = void (*)(const float*, int64_t, const float*, bool, const float*, int64_t, double*,
+                      double*, float* const*);
   constexpr Fn kGroup[] = {RowGroup<1>, RowGroup<2>, RowGroup<3>, RowGroup<4>};
   for (int64_t i = 0; i < n; i += 4) {
     const int rows = static_cast<int>(std::min<int64_t>(4, n - i));
-    kGroup[rows - 1](x + i * d, d, m, v, len, sq != nullptr ? sq + i : nullptr,
-                     proj != nullptr ? proj + i : nullptr);
+    float* to[4] = {};
+    for (int r = 0; copy.rows != nullptr && r < rows; ++r) {
+      const int64_t row = copy.dest != nullptr ? copy.dest[i + r] : i + r;
+      to[r] = row >= 0 ? copy.rows + row * copy.stride : nullptr;
+    }
+    kGroup[rows - 1](x + i * d, d, m, sq_centred, v, len, sq != nullptr ? sq + i : nullptr,
+                     proj != nullptr ? proj + i : nullptr, to);
   }
 }
 
@@ -190,41 +209,57 @@ void Tiles(const float* x0, int64_t n, int64_t d, int64_t len, double* out) {
     }
 }
 
-// The block x0 [n, len] (row stride d) less its centre m0 [len], into this thread's buffer
-// with a row stride that keeps every row on a 64-byte boundary (as XLA aligns its buffers:
-// a vector load across two cache lines costs two): the centred Gram matrix's tiles then
-// read it as they read an uncentred block, and each value is centred once rather than in
-// every tile that loads it. Returns the buffer and its row stride.
-std::pair<const float*, int64_t> Centred(const float* x0, int64_t n, int64_t d,
-                                         const float* m0, int64_t len) {
+// A buffer for a block of n rows of `len` floats in this thread, with a row stride that
+// keeps every row on a 64-byte boundary (as XLA aligns its buffers: a vector load across
+// two cache lines costs two). Rows then centres the block into it once, rather than every
+// tile that loads a value centring it, and the tiles read rows that lie close together.
+// Returns the buffer and its row stride.
+std::pair<float*, int64_t> Buffer(int64_t n, int64_t len) {
   constexpr int64_t kLine = 64 / sizeof(float);
   const int64_t stride = (len + kLine - 1) / kLine * kLine;
   thread_local std::vector<float> buffer;
   buffer.resize(std::max<size_t>(buffer.size(), n * stride + kLine));
   const auto start = reinterpret_cast<uintptr_t>(buffer.data());
-  float* out = buffer.data() + ((-start) % 64) / sizeof(float);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t c = 0; c < len; ++c) out[i * stride + c] = x0[i * d + c] - m0[c];
-  return {out, stride};
+  return {buffer.data() + ((-start) % 64) / sizeof(float), stride};
 }
 
-// mean[c] = Σ_i w_i x0[i, c] for the block's `len` columns, summed over the rows in order.
-void BlockMean(const float* __restrict x0, int64_t n, int64_t d, const float* __restrict w,
-               int64_t len, float* __restrict mean) {
-  std::fill(mean, mean + len, 0.f);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t c = 0; c < len; ++c) mean[c] += w[i] * x0[i * d + c];
-}
+constexpr int kStrip = 4;  // column vectors whose moments are summed in registers together
 
-// var[c] = Σ_i w_i (x0[i, c] − mean[c])², summed over the rows in order.
-void BlockVar(const float* __restrict x0, int64_t n, int64_t d, const float* __restrict w,
-              const float* __restrict mean, int64_t len, float* __restrict var) {
-  std::fill(var, var + len, 0.f);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t c = 0; c < len; ++c) {
-      const float t = x0[i * d + c] - mean[c];
-      var[c] += w[i] * (t * t);
+// mean[c] = Σ_i a_i x0[i, c] and, given b, var[c] = Σ_i b_i (x0[i, c] − mean[c])² for the
+// block's `len` columns, summed over the rows in order in float32, kStrip vectors of
+// columns at a time in registers: the strip's rows are read for the mean and again, from
+// L1, for the variance (at 25 x 500k here, 1.8 -> 1.2 ms against a pass over the whole
+// block for each, the sums loaded and stored for every row).
+void BlockMoments(const float* __restrict x0, int64_t n, int64_t d, const float* __restrict a,
+                  const float* __restrict b, int64_t len, float* __restrict mean,
+                  float* __restrict var) {
+  constexpr int64_t kWidth = kStrip * kLanes;
+  int64_t c = 0;
+  for (; c + kWidth <= len; c += kWidth) {
+    vf mu[kStrip] = {};
+    for (int64_t i = 0; i < n; ++i)
+      for (int v = 0; v < kStrip; ++v) mu[v] += a[i] * load(x0 + i * d + c + v * kLanes);
+    std::memcpy(mean + c, mu, sizeof mu);
+    if (b == nullptr) continue;
+    vf acc[kStrip] = {};
+    for (int64_t i = 0; i < n; ++i)
+      for (int v = 0; v < kStrip; ++v) {
+        const vf t = load(x0 + i * d + c + v * kLanes) - mu[v];
+        acc[v] += b[i] * (t * t);
+      }
+    std::memcpy(var + c, acc, sizeof acc);
+  }
+  for (; c < len; ++c) {
+    float mu = 0.f, acc = 0.f;
+    for (int64_t i = 0; i < n; ++i) mu += a[i] * x0[i * d + c];
+    mean[c] = mu;
+    if (b == nullptr) continue;
+    for (int64_t i = 0; i < n; ++i) {
+      const float t = x0[i * d + c] - mu;
+      acc += b[i] * (t * t);
     }
+    var[c] = acc;
+  }
 }
 
 // A block's centre and projection vector (each null for none), from its first column.
@@ -234,30 +269,29 @@ struct Centre {
 };
 
 // The share of columns [lo, hi), a cache-sized block at a time, each block's centre and
-// projection vector from prepare(x0, c0, len). With `gram`: of K (Tiles, centred where
-// the block has a centre) into out, of the rows' uncentred squared norms into sq (unless
-// null) and of the projections ⟨x_i − centre, v⟩ into proj; without: of the rows'
-// squared distances to the centre into sq and of the projections into proj (one read).
+// projection vector from prepare(x0, c0, len). With `gram`: of the Gram matrix of the
+// block's rows less its centre (where it has one) into out, of the rows' uncentred squared
+// norms into sq (unless null) and of the projections ⟨x_i − centre, v⟩ into proj; the
+// Gram matrix is of the rows i with dest[i] >= 0 only (dest null: all), as row dest[i]
+// of a [count, count] matrix. Without: of the rows' squared distances to the centre into
+// sq and of the projections into proj (one read).
 template <class Prepare>
 void Share(const float* x, int64_t n, int64_t d, int64_t lo, int64_t hi, bool gram,
-           Prepare prepare, double* out, double* sq, double* proj) {
+           Prepare prepare, double* out, double* sq, double* proj,
+           const int64_t* dest = nullptr, int64_t count = -1) {
   const int64_t block = BlockColumns(n);
   for (int64_t c0 = lo; c0 < hi; c0 += block) {
     const int64_t len = std::min(block, hi - c0);
     const float* x0 = x + c0;
     const Centre at = prepare(x0, c0, len);
     if (!gram) {
-      Rows(x0, n, d, at.m, at.v, len, sq, at.v != nullptr ? proj : nullptr);
+      Rows(x0, n, d, at.m, true, at.v, len, sq, at.v != nullptr ? proj : nullptr);
       continue;
     }
-    if (sq != nullptr) Rows(x0, n, d, nullptr, nullptr, len, sq, nullptr);
-    if (at.v != nullptr) Rows(x0, n, d, at.m, at.v, len, nullptr, proj);
-    if (at.m != nullptr) {
-      const auto [centred, stride] = Centred(x0, n, d, at.m, len);
-      Tiles(centred, n, stride, len, out);
-    } else {
-      Tiles(x0, n, d, len, out);
-    }
+    const auto [rows, stride] = Buffer(n, len);
+    Rows(x0, n, d, at.m, false, at.v, len, sq, at.v != nullptr ? proj : nullptr,
+         {rows, stride, dest});
+    Tiles(rows, dest != nullptr ? count : n, stride, len, out);
   }
 }
 
@@ -322,7 +356,7 @@ void Gram(const float* x, int64_t n, int64_t d, const float* m, const float* w, 
   const auto sum = SumOverChunks(d, size, threads, [&](int64_t lo, int64_t hi, double* out) {
     std::vector<float> mean(w != nullptr ? block : 0);
     auto prepare = [&](const float* x0, int64_t c0, int64_t len) {
-      if (w != nullptr) BlockMean(x0, n, d, w, len, mean.data());
+      if (w != nullptr) BlockMoments(x0, n, d, w, nullptr, len, mean.data(), nullptr);
       const float* m0 = w != nullptr ? mean.data() : m != nullptr ? m + c0 : nullptr;
       return Centre{m0, v != nullptr ? v + c0 : nullptr};
     };
@@ -346,7 +380,7 @@ void RowSqDists(const float* x, int64_t n, int64_t d, const float* m, const floa
   }
   const auto sum = SumOverChunks(d, 2 * n, threads, [&](int64_t lo, int64_t hi, double* part) {
     const float* ml = m != nullptr ? m + lo : nullptr;
-    Rows(x + lo, n, d, ml, v != nullptr ? v + lo : nullptr, hi - lo, part,
+    Rows(x + lo, n, d, ml, true, v != nullptr ? v + lo : nullptr, hi - lo, part,
          v != nullptr ? part + n : nullptr);
   });
   for (int64_t i = 0; i < n; ++i) {
@@ -363,22 +397,48 @@ void Moments(const float* x, int64_t n, int64_t d, const float* a, const float* 
   const int64_t block = BlockColumns(n);
   ParallelFor((d + block - 1) / block, threads, [&](int64_t k) {
     const int64_t c0 = k * block, len = std::min(block, d - c0);
-    BlockMean(x + c0, n, d, a, len, mu + c0);
-    BlockVar(x + c0, n, d, b, mu + c0, len, var + c0);
+    BlockMoments(x + c0, n, d, a, b, len, mu + c0, var + c0);
   });
 }
+
+// u[c] = scale · F[c] ⊙ sign(t[c]) (the sign where Sign), t = μ − r (r null: 0), F the
+// factor numbered F in Direction, for the block's `len` columns. One loop per (F, Sign),
+// which the compiler vectorizes: a loop choosing both per column ran 1.5 ms slower at
+// 25 x 500k here, its branches mispredicted on the signs.
+template <int F, bool Sign>
+void BlockDirection(const float* __restrict m, const float* __restrict var,
+                    const float* __restrict r, float scale, int64_t len, float* __restrict u) {
+  for (int64_t c = 0; c < len; ++c) {
+    const float t = m[c] - (r != nullptr ? r[c] : 0.f);
+    float f = F == 0 ? 1.f : F == 1 ? m[c] : F == 2 ? std::sqrt(var[c]) : t;
+    if (Sign) f *= t > 0.f ? 1.f : t < 0.f ? -1.f : t;  // XLA's sign: ±0, NaN kept
+    u[c] = scale * f;
+  }
+}
+
+using DirectionFn = void (*)(const float*, const float*, const float*, float, int64_t, float*);
+constexpr DirectionFn kDirections[4][2] = {
+    {BlockDirection<0, false>, BlockDirection<0, true>},
+    {BlockDirection<1, false>, BlockDirection<1, true>},
+    {BlockDirection<2, false>, BlockDirection<2, true>},
+    {BlockDirection<3, false>, BlockDirection<3, true>}};
 
 // Moments and the products of the search attacks, in one read of X: for every block of
 // columns, while it is in cache, μ and var as Moments does, σ = √var, the direction u
 // (Direction), and the block's share of ⟨x_i − μ, u⟩ and of K = (X − 1μᵀ)(X − 1μᵀ)ᵀ
-// (`gram`) or of ‖x_i − μ‖². μ and u are written column by column, the sums added over
-// chunks as in Gram.
+// (`gram`; only between rows with a_i ≠ 0, zero elsewhere: the searches need no more, and
+// STRIKE's n − 2f rows at n = 100 take a third of the work of all n) or of ‖x_i − μ‖².
+// μ and u are written column by column, the sums added over chunks as in Gram.
 void MomentProducts(const float* x, int64_t n, int64_t d, const float* a, const float* b,
                     Direction dir, bool gram, int64_t threads, float* mu, float* u,
                     float* second, float* proj) {
-  const int64_t size = (gram ? n * n : n) + n;
+  std::vector<int64_t> dest(n, -1);  // the rows with a_i ≠ 0, numbered in order
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (a[i] != 0.f) dest[i] = m++;
+  const int64_t size = (gram ? m * m : n) + n;
+  std::fill(second, second + (gram ? n * n : n), 0.f);
   if (n == 0 || d == 0) {
-    std::fill(second, second + size - n, 0.f);
     std::fill(proj, proj + n, 0.f);
     return;
   }
@@ -388,21 +448,18 @@ void MomentProducts(const float* x, int64_t n, int64_t d, const float* a, const 
     auto prepare = [&](const float* x0, int64_t c0, int64_t len) {
       float* m0 = mu + c0;
       float* u0 = u + c0;
-      BlockMean(x0, n, d, a, len, m0);
-      if (dir.factor == 2) BlockVar(x0, n, d, b, m0, len, var.data());
-      for (int64_t c = 0; c < len; ++c) {
-        const float t = m0[c] - (dir.ref != nullptr ? dir.ref[c0 + c] : 0.f);
-        const float factors[] = {1.f, m0[c], dir.factor == 2 ? std::sqrt(var[c]) : 0.f, t};
-        float f = factors[dir.factor];
-        if (dir.sign) f *= t > 0.f ? 1.f : t < 0.f ? -1.f : t;  // XLA's sign: ±0, NaN kept
-        u0[c] = dir.scale * f;
-      }
+      BlockMoments(x0, n, d, a, dir.factor == 2 ? b : nullptr, len, m0, var.data());
+      const float* r0 = dir.ref != nullptr ? dir.ref + c0 : nullptr;
+      kDirections[dir.factor][dir.sign](m0, var.data(), r0, dir.scale, len, u0);
       return Centre{m0, u0};
     };
-    Share(x, n, d, lo, hi, gram, prepare, out, gram ? nullptr : out, out + size - n);
+    Share(x, n, d, lo, hi, gram, prepare, out, gram ? nullptr : out, out + size - n,
+          dest.data(), m);
   });
-  if (gram) Symmetric(sum.data(), n, second);
   for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = i; gram && dest[i] >= 0 && j < n; ++j)
+      if (dest[j] >= 0)
+        second[i * n + j] = second[j * n + i] = static_cast<float>(sum[dest[i] * m + dest[j]]);
     if (!gram) second[i] = static_cast<float>(sum[i]);
     proj[i] = static_cast<float>(sum[size - n + i]);
   }
