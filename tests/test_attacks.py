@@ -289,6 +289,24 @@ def test_fang_krum_matches_oracle():
         )
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_fang_krum_matches_oracle_with_tied_rows(seed):
+    """Krum's check at each λ comes from sorted honest distances, not from Krum on the
+    attacked matrix: the same λ as the oracle's Krum, also where honest rows coincide
+    (tied distances and scores) and at several f."""
+    rng = np.random.default_rng(seed)
+    n, d = int(rng.integers(7, 16)), int(rng.integers(4, 40))
+    f = int(rng.integers(1, (n - 1) // 2))
+    G = (0.3 * rng.standard_normal((n, d)) + rng.standard_normal(d)).astype(np.float32)
+    G[1 : 1 + n // 3] = G[0]  # tied rows
+    byz = rng.permutation(n) < f
+    out = run("fang", G, byz, rule="krum")
+    G64 = G.astype(np.float64)
+    direc = O.mean(G64, O.rows(byz))
+    lam = O.fang_krum_lambda(G64, byz, direc)
+    np.testing.assert_allclose(out[byz][0], -lam * np.sign(direc), rtol=1e-4)
+
+
 def test_fang_krum_fools_the_real_krum():
     # Where the halving succeeds (λ above the threshold), the server's Krum returns the
     # Byzantine vector itself; with f = 1 the lone copy is never selected (λ < 1e-5).

@@ -96,17 +96,33 @@ def _krum_attack(threshold: ArrayLike) -> Attack:
             jnp.min(jnp.where(honest, near, jnp.inf)) / (jnp.maximum(n - 2 * f - 1, 1) * sqrt_d)
             + jnp.max(jnp.where(honest, jnp.sqrt(gg), 0.0)) / sqrt_d
         )
-        # ‖−λ s − g_i‖² = λ²‖s‖² + 2λ⟨s, g_i⟩ + ‖g_i‖²: Krum's scores cost O(n²) per λ.
+        # ‖−λ s − g_i‖² = λ²‖s‖² + 2λ⟨s, g_i⟩ + ‖g_i‖² (e_i): an honest row's Krum score
+        # is the sum of its k = n − f − 2 smallest distances among the other honest rows'
+        # (sorted once, as prefix sums P_i) and f copies of e_i, i.e. min over the copies
+        # taken m of P_i[k − m] + m·e_i; a Byzantine row's is its f − 1 zeros and the
+        # smallest e_j. O(n·f) per λ, where Krum's own scores on the attacked matrix cost
+        # O(n³) (about 0.3 ms per halving at n = 100 here).
         q = Quadratic(ss, 2.0 * gs, gg)
+        k = jnp.maximum(n - f - 2, 0)  # Krum's neighbours (none: every score 0, as Krum's)
+        pair = honest[:, None] & honest[None, :] & ~jnp.eye(n, dtype=bool)
+        prefix = jnp.cumsum(jnp.sort(jnp.where(pair, D, jnp.inf), axis=1), axis=1)
+        prefix = jnp.concatenate([jnp.zeros((n, 1), D.dtype), prefix], axis=1)  # [n, n + 1]
+        copies = jnp.arange(n)[None, :]  # m, of which 0..min(f, k) are possible
 
         def krum_picks_byzantine(lam):
             e = q(lam)
-            A = jnp.where(
-                byz[:, None] & byz[None, :],
-                0.0,
-                jnp.where(byz[:, None], e[None, :], jnp.where(byz[None, :], e[:, None], D)),
+            taken = jnp.take_along_axis(prefix, jnp.clip(k - copies, 0, n), axis=1)
+            splits = jnp.where(copies <= jnp.minimum(f, k), taken + copies * e[:, None], jnp.inf)
+            scores = jnp.where(honest, splits.min(axis=1), jnp.inf)
+            e_sorted = jnp.sort(jnp.where(honest, e, jnp.inf))
+            e_taken = jnp.clip(k - (f - 1), 0, n)  # after the f − 1 zeros
+            byz_score = jnp.where(jnp.arange(n) < e_taken, e_sorted, 0.0).sum()
+            first_byz = jnp.argmax(byz)
+            best_honest = jnp.argmin(scores)
+            return byz.any() & (
+                (byz_score < scores[best_honest])
+                | ((byz_score == scores[best_honest]) & (first_byz < best_honest))
             )
-            return byz[jnp.argmin(krum_scores(A, f))]
 
         def cond(state):
             lam, it = state
