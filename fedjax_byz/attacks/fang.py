@@ -155,7 +155,7 @@ def fang(rule: str = "trmean", *, b: ArrayLike = 2.0, threshold: ArrayLike = 1e-
     (Γ̃_i: the n − f − 2 honest updates nearest to g_i) until Krum (Blanchard et al.,
     score = sum of squared distances to the n − f − 2 nearest other rows, f the true
     count) selects a Byzantine row, or λ < ``threshold``. The check uses Krum's scores
-    computed from precomputed inner products, O(n²) per halving.
+    computed from precomputed inner products and sorted distances, O(n·f) per halving.
 
     Args:
       rule: the rule attacked (static): ``"trmean"``, ``"median"`` or ``"krum"``.
