@@ -349,10 +349,15 @@ std::vector<double> SumOverChunks(int64_t d, int64_t size, int64_t threads, Shar
   return sum;
 }
 
-// K [n, n] in float32 from the upper triangle of the float64 sums s (row-major n x n).
-void Symmetric(const double* s, int64_t n, float* k) {
+// K [n, n] in float32 from the upper triangle of the float64 sums s (row-major m x m) of
+// the rows i with dest[i] >= 0, row i being row dest[i] of s (dest null: all, m = n);
+// zero between the other rows.
+void Symmetric(const double* s, int64_t n, const int64_t* dest, int64_t m, float* k) {
+  const auto row = [&](int64_t i) { return dest != nullptr ? dest[i] : i; };
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = i; j < n; ++j) k[i * n + j] = k[j * n + i] = static_cast<float>(s[i * n + j]);
+    for (int64_t j = i; j < n; ++j)
+      k[i * n + j] = k[j * n + i] =
+          row(i) >= 0 && row(j) >= 0 ? static_cast<float>(s[row(i) * m + row(j)]) : 0.f;
 }
 
 void Gram(const float* x, int64_t n, int64_t d, const float* m, const float* w, const float* v,
@@ -374,7 +379,7 @@ void Gram(const float* x, int64_t n, int64_t d, const float* m, const float* w, 
     };
     Share(x, n, d, lo, hi, true, prepare, out, out + n * n, out + n * n + n);
   });
-  Symmetric(sum.data(), n, k);
+  Symmetric(sum.data(), n, nullptr, n, k);
   for (int64_t i = 0; i < n; ++i) {
     sq[i] = static_cast<float>(sum[n * n + i]);
     if (v != nullptr) proj[i] = static_cast<float>(sum[n * n + n + i]);
@@ -449,8 +454,8 @@ void MomentProducts(const float* x, int64_t n, int64_t d, const float* a, const 
   for (int64_t i = 0; i < n; ++i)
     if (a[i] != 0.f) dest[i] = m++;
   const int64_t size = (gram ? m * m : n) + n;
-  std::fill(second, second + (gram ? n * n : n), 0.f);
   if (n == 0 || d == 0) {
+    std::fill(second, second + (gram ? n * n : n), 0.f);
     std::fill(proj, proj + n, 0.f);
     return;
   }
@@ -468,10 +473,8 @@ void MomentProducts(const float* x, int64_t n, int64_t d, const float* a, const 
     Share(x, n, d, lo, hi, gram, prepare, out, gram ? nullptr : out, out + size - n,
           dest.data(), m);
   });
+  if (gram) Symmetric(sum.data(), n, dest.data(), m, second);
   for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = i; gram && dest[i] >= 0 && j < n; ++j)
-      if (dest[j] >= 0)
-        second[i * n + j] = second[j * n + i] = static_cast<float>(sum[dest[i] * m + dest[j]]);
     if (!gram) second[i] = static_cast<float>(sum[i]);
     proj[i] = static_cast<float>(sum[size - n + i]);
   }
