@@ -567,6 +567,35 @@ def smallest_mask(scores: jax.Array, k: ArrayLike) -> jax.Array:
     return ranks(scores) < k
 
 
+def sorted_row_sums(X: jax.Array, w: jax.Array) -> jax.Array:
+    """``Σ_r w_r S_ir`` for each row, ``S_i`` row ``i`` of ``X`` sorted ascending (a
+    finite ``X`` where ``w_r != 0``); ``w`` may be traced. ``[n, m], [m] -> [n]``.
+
+    With the native kernels, the sorting kernel on ``Xᵀ``'s columns, always (at n = 100:
+    0.04 ms against 0.3 ms counting ranks): XLA's own network, where ``sorted_sum``
+    would choose it, is fused into every elementwise consumer of the sums and computed
+    again for each element (Multi-Krum's selection of rows by score: 4 ms). Without
+    them, each entry's rank among its row (``ranks``) picks its weight.
+    """
+    if native.available(X.dtype):
+        rows = (jnp.asarray(w, X.dtype), None, None, None)
+        return _native(_native_sorted_sum, X.T, (), rows, summed=False)[0]
+    r = jax.vmap(ranks)(X)  # [n, m]
+    return jnp.where(w[r] != 0, w[r] * X, 0.0).sum(axis=1)
+
+
+def smallest_in_rows(X: jax.Array, k: ArrayLike) -> jax.Array:
+    """``bool[n, m]`` marking the ``k`` smallest entries of each row of a finite ``X``
+    (``1 <= k <= m``, may be traced), ties to the lowest index: ``smallest_mask`` on
+    every row, from each row's ``k``-th smallest entry (``sorted_row_sums``) in O(n m)
+    more (NNM's neighbours at n = 100: 0.36 -> 0.07 ms here)."""
+    rank = (jnp.arange(X.shape[1]) == k - 1).astype(X.dtype)
+    kth = sorted_row_sums(X, rank)[:, None]  # [n, 1]
+    less, tie = X < kth, X == kth
+    room = k - less.sum(axis=1, keepdims=True)  # the ties to take, by index
+    return less | (tie & (jnp.cumsum(tie, axis=1) <= room))
+
+
 def eigh(A: jax.Array, vectors: bool = True):
     """``jnp.linalg.eigh(A)`` (or ``eigvalsh`` without ``vectors``) for symmetric
     ``A [..., m, m]``, one matrix per LAPACK call on CPU.

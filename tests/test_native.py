@@ -377,6 +377,30 @@ def test_sorted_sum_picks_order_statistics(n, d, replaced):
     assert np.all(np.abs(run(G, w) - terms.sum(0)) <= 1e-6 * np.abs(terms).sum(0))
 
 
+@pytest.mark.parametrize("n, m", [(1, 1), (7, 5), (30, 30), (100, 100), (9, 131)])
+def test_rows_by_rank_on_the_kernel_and_without(monkeypatch, n, m):
+    """``sorted_row_sums``: each row's rank-weighted sum, +inf entries where the weight
+    is 0; ``smallest_in_rows``: the k smallest entries of each row by its k-th smallest,
+    every k, traced, on rows with many ties: the stable argsort's mask. On the sorting
+    kernel, and without it (ranks)."""
+    rng = np.random.default_rng(n + m)
+    X = rng.integers(0, 4, (n, m)).astype(np.float32)
+    X[: n // 2] += rng.standard_normal((n // 2, m)).astype(np.float32)
+    order = np.argsort(np.argsort(X, axis=1, kind="stable"), axis=1, kind="stable")
+    w = (rng.random(m) * (np.arange(m) < m - 1)).astype(np.float32)
+    Xinf = np.where(order == m - 1, np.inf, X)  # each row's largest: weight 0
+    want = (np.sort(X, axis=1)[:, : m - 1] * w[: m - 1]).sum(1)
+    ks = sorted(k for k in {1, 2, m // 2, m - 1, m} if 1 <= k <= m)
+    assert native._SORTED_SUM_TARGET in jax.jit(ops.smallest_in_rows).lower(X, 1).as_text()
+    for available in (True, False):
+        monkeypatch.setattr(native, "available", lambda dtype, a=available: a)
+        sums = jax.jit(lambda X, w: ops.sorted_row_sums(X, w))  # traced afresh
+        smallest = jax.jit(lambda X, k: ops.smallest_in_rows(X, k))
+        np.testing.assert_allclose(sums(Xinf, w), want, rtol=1e-6, atol=1e-6)
+        for k in ks:
+            np.testing.assert_array_equal(smallest(X, jnp.int32(k)), order < k)
+
+
 @pytest.mark.parametrize("n, d", SORT_SHAPES)
 def test_closest_mean_is_the_window_nearest_the_median(n, d):
     rng = np.random.default_rng(n + d)

@@ -32,14 +32,14 @@ def krum_scores(D: jax.Array, f: ArrayLike, valid: jax.Array | None = None) -> j
 
     ``score_i = Σ_{j ∈ N_i} ‖g_i − g_j‖²`` over the ``r − f − 2`` nearest other rows
     ``N_i`` among the ``r`` valid rows; invalid rows score +inf. ``f`` may be traced.
+    The sums are by rank (``ops.sorted_row_sums``).
     """
     n = D.shape[0]
     valid = jnp.ones(n, bool) if valid is None else valid
     pair = valid[:, None] & valid[None, :] & ~jnp.eye(n, dtype=bool)
     D = jnp.where(pair, D, jnp.inf)
-    nearest = jax.vmap(ops.smallest_mask, (0, None))(D, valid.sum() - f - 2)  # [n, n]
-    scores = jnp.where(nearest, D, 0.0).sum(axis=1)
-    return jnp.where(valid, scores, jnp.inf)
+    nearest = (jnp.arange(n) < valid.sum() - f - 2).astype(D.dtype)  # [n] by rank
+    return jnp.where(valid, ops.sorted_row_sums(D, nearest), jnp.inf)
 
 
 def krum() -> Aggregator:
