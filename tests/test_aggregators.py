@@ -251,6 +251,23 @@ def test_mean_shift_matches_sklearn_alone_and_vmapped():
     np.testing.assert_array_equal(got, np.stack(want))
 
 
+@pytest.mark.parametrize("n", [2, 7, 30, 50, 64])
+def test_bandwidth_and_median_of_others_by_rank(n):
+    """``estimate_bandwidth`` as scikit-learn's on all rows (``n_samples >= n``), and
+    SignGuard's median over the other rows as numpy's, on values with ties."""
+    from sklearn.cluster import estimate_bandwidth
+
+    rng = np.random.default_rng(n)
+    X = rng.integers(0, 3, (n, 4)).astype(np.float32) + 0.1 * rng.standard_normal((n, 4))
+    X = X.astype(np.float32)
+    for q in (0.1, 0.5, 1.0):
+        got = clustering.estimate_bandwidth(jnp.asarray(X), KEY, q, n_samples=64)
+        np.testing.assert_allclose(got, estimate_bandwidth(X, quantile=q), rtol=1e-5)
+    S = rng.integers(0, 4, (n, n)).astype(np.float32)
+    off = [np.delete(S[i], i) for i in range(n)]
+    np.testing.assert_array_equal(jax.jit(signguard._median_others)(S), np.median(off, axis=1))
+
+
 @pytest.mark.parametrize("n,d,f", SIZES)
 def test_clippedclustering_matches_oracle(n, d, f):
     G = updates(n, d, f)

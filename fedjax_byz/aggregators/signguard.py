@@ -32,10 +32,11 @@ def sign_features(G: jax.Array, key: jax.Array, frac: float) -> jax.Array:
 
 
 def _median_others(S: jax.Array) -> jax.Array:
-    """Median over ``j ≠ i`` of ``S_ij`` for every row ``i``."""
+    """Median over ``j ≠ i`` of ``S_ij`` for every row ``i``, by rank
+    (``ops.sorted_row_sums``: at n = 100, 0.05 against 0.9 ms for ``jnp.nanmedian`` here)."""
     n = S.shape[0]
-    off = jnp.where(jnp.eye(n, dtype=bool), jnp.nan, S)
-    return jnp.nanmedian(off, axis=1)
+    off = jnp.where(jnp.eye(n, dtype=bool), jnp.inf, S)  # the diagonal sorts last
+    return ops.sorted_row_sums(off, ops.median_weights(n - 1, n))
 
 
 def similarity_feature(K: jax.Array, norms: jax.Array, kind: str) -> jax.Array:
