@@ -106,13 +106,13 @@ def yardsticks(G: jax.Array, Gn: np.ndarray, byz: jax.Array, f: int, repeats: in
     return {label: timeit(lambda fn=fn, a=a: fn(*a), repeats) for label, (fn, a) in fns.items()}
 
 
-def yardsticks_in_place(byz: jax.Array, repeats: int, copy, spread=None, mesh=None):
+def yardsticks_in_place(byz: jax.Array, repeats: int, copy, spread, mesh=None):
     """The yardstick timed as the attacks in place are: on a fresh copy of the matrix
     for every call (``copy()``, made outside the timed interval), whose first read is
-    slower than that of a matrix read again and again; with ``spread``, on the cores as
-    devices. ``-> {"placed": s[, "split": s]}``."""
+    slower than that of a matrix read again and again; with a ``mesh``, also on the
+    cores as devices (``spread()``). ``-> {"placed": s[, "split": s]}``."""
     times = {"placed": timeit_donating(jax.jit(ops.masked_mean_std), copy, (~byz,), repeats)}
-    if spread is not None:
+    if mesh is not None:
         moments = cores.on_columns(ops.masked_mean_std, mesh)
         times["split"] = timeit_donating(moments, spread, (~byz,), repeats)
     return times
